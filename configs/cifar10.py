@@ -1,0 +1,100 @@
+r"""CIFAR-10, jointly trained multi-exit ResNets.
+
+Presets (the `:arg` after the file name):
+
+  (none)  ResNet-18, 4 exits (after each stage), 200 epochs: the GPU recipe.
+            python -m eejax.main --config configs/cifar10.py --workdir /tmp/r18 \
+              --config.data.source=folder:../shared/data/cifar10
+          Result: not yet measured on a GPU (README.md states it once it is).
+  cpu     ResNet-8 (16/32/64 channels), 3 exits, 8 epochs: trains on a 2-core CPU.
+            python -m eejax.main --config configs/cifar10.py:cpu --workdir /tmp/cpu \
+              --config.data.source=folder:../shared/data/cifar10
+          Result (README.md): about 73% final-exit test accuracy in about 12 minutes.
+  smoke   A few steps of a tiny ResNet-8 on a few images: seconds, for tests.
+
+Every leaf can be overridden, e.g. `--config.train.epochs=10`.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.scheme = "joint"  # joint: weighted sum of per-exit cross-entropies
+  config.init_from = ""  # a workdir whose latest parameters start this run (unless resuming)
+  config.distributed = False  # True: jax.distributed.initialize() for a multi-host job
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "resnet18"  # resnet8/20/56/110 (thin) or resnet18/34/50
+  config.model.width = 1.0  # channel multiplier
+  config.model.exit_after = config_dict.placeholder(tuple)  # 1-based block numbers; None: after each stage
+  config.model.head = "linear"  # linear | pool_conv, for every exit but the last (always linear)
+  config.model.head_width = 128  # channels of heads with a hidden layer
+  config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds:cifar10"  # tfds:NAME | folder:PATH (class-per-folder train/ and test/)
+  config.data.max_images = 0  # per split, a seeded random subset for quick runs; 0: all
+  config.data.val_size = 5000  # images carved from train when the source has no validation split
+  config.data.val_seed = 0
+  config.data.image_size = config_dict.placeholder(int)  # resize to NxN; None keeps the source's size
+  config.data.cache_dir = "~/.cache/eejax"  # decoded uint8 arrays; '' disables the cache
+  config.data.tfds_data_dir = config_dict.placeholder(str)  # None: tfds's default (~/tensorflow_datasets)
+  config.data.download = False  # tfds: download and prepare when missing (needs network and TensorFlow)
+  config.data.crop_pad = 4  # pixels of zero padding for the random crop; 0 disables the crop
+  config.data.flip = True  # random horizontal flip
+
+  config.train = ml_collections.ConfigDict()
+  config.train.epochs = 200
+  config.train.batch_size = 128  # global, over all devices
+  config.train.learning_rate = 0.1  # peak, for this batch size
+  config.train.schedule = "cosine"  # cosine (to 0) | step
+  config.train.warmup_epochs = 1.0  # linear warm-up from 0
+  config.train.step_epochs = (100, 150)  # step schedule: epochs at which lr *= step_factor
+  config.train.step_factor = 0.1
+  config.train.momentum = 0.9  # Nesterov
+  config.train.nesterov = True
+  config.train.weight_decay = 5e-4  # on conv and dense kernels only
+  config.train.label_smoothing = 0.0
+  config.train.exit_weights = config_dict.placeholder(tuple)  # per-exit loss weights; None: all 1
+  config.train.steps_per_call = 50  # training steps per jitted call (lax.scan)
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 1000
+  config.eval.num_thresholds = 200  # points on the accuracy-against-MACs curve
+  config.eval.budgets = (0.25, 0.5, 0.75, 1.0)  # fractions of the full network's MACs
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 2000
+  config.checkpoint.max_to_keep = 2
+
+  config.log = ml_collections.ConfigDict()
+  config.log.every_s = 10.0  # progress line interval when not in a terminal
+  config.log.tensorboard = True
+
+  if arg == "cpu":
+    config.model.name = "resnet8"
+    config.train.epochs = 8
+    config.train.batch_size = 128
+    config.train.learning_rate = 0.2
+    config.train.warmup_epochs = 0.5
+    config.train.label_smoothing = 0.1
+    config.train.steps_per_call = 2  # unrolled on CPU (see eejax.train.make_train_chunk)
+    config.checkpoint.every_steps = 500
+  elif arg == "smoke":
+    config.model.name = "resnet8"
+    config.model.width = 0.25
+    config.data.max_images = 96
+    config.data.val_size = 16
+    config.train.epochs = 2
+    config.train.batch_size = 16
+    config.train.learning_rate = 0.05
+    config.train.steps_per_call = 2
+    config.eval.batch_size = 32
+    config.eval.num_thresholds = 10
+    config.checkpoint.every_steps = 4
+    config.log.every_s = 0.0
+  elif arg:
+    raise ValueError(f"unknown preset {arg!r} for configs/cifar10.py; valid: cpu, smoke")
+  return config

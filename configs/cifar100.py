@@ -1,0 +1,23 @@
+r"""CIFAR-100, jointly trained multi-exit ResNets (tfds:cifar100, or a class-per-folder copy).
+
+Presets:
+
+  (none)  ResNet-18, 4 exits, 200 epochs: the GPU recipe.
+            python -m eejax.main --config configs/cifar100.py --workdir /tmp/c100
+          Result: not measured yet (CIFAR-100 is not on the development machines).
+  cpu     ResNet-8, 3 exits, 8 epochs, as configs/cifar10.py:cpu.
+            python -m eejax.main --config configs/cifar100.py:cpu --workdir /tmp/c100cpu
+          Result: not measured yet.
+
+tfds:cifar100 must be prepared in tfds's data_dir, or downloaded on first use
+with --config.data.download=True (network access and `pip install 'eejax[tfds]'`).
+"""
+from configs import cifar10
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "", "cpu"):
+    raise ValueError(f"unknown preset {arg!r} for configs/cifar100.py; valid: cpu")
+  config = cifar10.get_config(arg or None)
+  config.data.source = "tfds:cifar100"
+  return config

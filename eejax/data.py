@@ -1,0 +1,240 @@
+"""Datasets as uint8 numpy arrays on the host: class-per-folder trees and tfds.
+
+`load(source, ...)` returns a `Dataset` with train / val / test splits:
+
+* `folder:PATH`: `PATH/train/<class>/*` and `PATH/test/<class>/*` (JPEG or
+  PNG, RGB or greyscale, one size), the layout CINIC-10 ships in. The
+  validation split is `PATH/valid/` or `PATH/val/` when present, else carved
+  from train.
+* `tfds:NAME`: a TensorFlow Datasets dataset already prepared in
+  `data_dir` (read without TensorFlow), or downloaded and prepared on first use
+  when `download=True` (that needs network access and TensorFlow).
+
+Decoded arrays are cached in `cache_dir` so a second run does not decode again.
+Everything that happens on the accelerator lives in `eejax.input_pipeline`.
+"""
+import concurrent.futures
+import dataclasses
+import hashlib
+import os
+import socket
+
+import numpy as np
+
+from eejax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  images_NxHxWx3: np.ndarray  # uint8
+  labels_N: np.ndarray  # int32
+
+  def __len__(self):
+    return len(self.labels_N)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  train: Split
+  val: Split
+  test: Split
+  class_names: tuple[str, ...]
+  val_source: str  # where the validation split came from, for the report
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return self.train.images_NxHxWx3.shape[1:]
+
+
+def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: int | None = None,
+         cache_dir: str | None = None, tfds_data_dir: str | None = None, download: bool = False,
+         max_images: int = 0) -> Dataset:
+  """Loads `source` ('folder:PATH' or 'tfds:NAME'); see the module docstring.
+
+  max_images > 0 keeps a random subset (seeded by val_seed) of at most that many
+  images in every split, for quick runs; the validation split is then carved
+  from the reduced train split.
+  """
+  kind, _, arg = source.partition(":")
+  if kind == "folder" and arg:
+    splits, class_names = _cached(lambda: _read_folder(arg, image_size), _folder_key(arg, image_size), cache_dir)
+  elif kind == "tfds" and arg:
+    key = f"tfds:{arg}:{tfds_data_dir}:{image_size}"
+    splits, class_names = _cached(lambda: _read_tfds(arg, tfds_data_dir, download, image_size), key, cache_dir)
+  else:
+    raise UserError(f"data.source={source!r}: expected 'folder:PATH' or 'tfds:NAME' (e.g. tfds:cifar10)")
+  if max_images:
+    splits = {name: subset(split, max_images, val_seed) for name, split in splits.items()}
+  if "val" in splits:
+    return Dataset(splits["train"], splits["val"], splits["test"], class_names, "the dataset's own validation split")
+  train, val = carve_validation(splits["train"], val_size, val_seed)
+  return Dataset(train, val, splits["test"], class_names, f"{len(val)} images carved from train (seed {val_seed})")
+
+
+def carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
+  """Splits `val_size` images off `train`, chosen by a fixed permutation of `seed`."""
+  if not 0 < val_size < len(train):
+    raise UserError(f"data.val_size={val_size} must be between 1 and {len(train) - 1} (the training set size - 1)")
+  order = np.random.default_rng(seed).permutation(len(train))
+  val_idx, train_idx = np.sort(order[:val_size]), np.sort(order[val_size:])
+  take = lambda idx: Split(train.images_NxHxWx3[idx], train.labels_N[idx])
+  return take(train_idx), take(val_idx)
+
+
+def subset(split: Split, n: int, seed: int) -> Split:
+  """At most n images of `split`, a seeded random choice kept in the original order."""
+  if n >= len(split):
+    return split
+  idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+  return Split(split.images_NxHxWx3[idx], split.labels_N[idx])
+
+
+# ---------------------------------------------------------------- caching
+
+
+def _cached(read, key: str, cache_dir: str | None):
+  """Returns read() -> (splits, class_names), through an .npz cache keyed by `key`."""
+  if not cache_dir:
+    return read()
+  cache_dir = os.path.expanduser(cache_dir)
+  path = os.path.join(cache_dir, hashlib.sha256(key.encode()).hexdigest()[:16] + ".npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as f:
+        names = [str(n) for n in f["class_names"]]
+        splits = {s: Split(f[f"{s}_images"], f[f"{s}_labels"]) for s in ("train", "val", "test") if f"{s}_labels" in f}
+      return splits, tuple(names)
+    except Exception:  # a corrupt or partial cache is rebuilt, never trusted
+      os.remove(path)
+  splits, class_names = read()
+  os.makedirs(cache_dir, exist_ok=True)
+  arrays = {"class_names": np.array(class_names)}
+  for s, split in splits.items():
+    arrays[f"{s}_images"], arrays[f"{s}_labels"] = split.images_NxHxWx3, split.labels_N
+  tmp = f"{path}.{os.getpid()}.tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)
+  return splits, class_names
+
+
+def _folder_key(root: str, image_size) -> str:
+  """Cache key: the tree's path, file names, sizes and modification times."""
+  digest = hashlib.sha256(f"{os.path.abspath(root)}:{image_size}".encode())
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames.sort()
+    for name in sorted(filenames):
+      st = os.stat(os.path.join(dirpath, name))
+      digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+  return "folder:" + digest.hexdigest()
+
+
+# ---------------------------------------------------------------- folder trees
+
+
+def _read_folder(root: str, image_size):
+  if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, "test")):
+    raise UserError(
+        f"data folder {root!r} not found or incomplete: expected {root}/train/<class>/*.jpg|png and "
+        f"{root}/test/<class>/*.jpg|png; set --config.data.source=folder:PATH or tfds:NAME")
+  class_names = tuple(sorted(d for d in os.listdir(os.path.join(root, "train"))
+                             if os.path.isdir(os.path.join(root, "train", d))))
+  splits = {"train": _read_folder_split(root, "train", class_names, image_size),
+            "test": _read_folder_split(root, "test", class_names, image_size)}
+  for name in ("valid", "val"):
+    if os.path.isdir(os.path.join(root, name)):
+      splits["val"] = _read_folder_split(root, name, class_names, image_size)
+      break
+  return splits, class_names
+
+
+def _read_folder_split(root, split, class_names, image_size) -> Split:
+  paths, labels = [], []
+  for label, cls in enumerate(class_names):
+    folder = os.path.join(root, split, cls)
+    if not os.path.isdir(folder):
+      raise UserError(f"{folder} is missing: every class in {root}/train must also be in {root}/{split}")
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
+    paths += [os.path.join(folder, n) for n in names]
+    labels += [label] * len(names)
+  if not paths:
+    raise UserError(f"no .jpg/.png images under {root}/{split}/<class>/")
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    images = list(pool.map(lambda p: _decode(p, image_size), paths, chunksize=256))
+  shapes = {im.shape for im in images}
+  if len(shapes) > 1:
+    raise UserError(f"images under {root}/{split} have different sizes {sorted(shapes)[:3]}...; "
+                    "set --config.data.image_size=N to resize them all to NxN")
+  return Split(np.stack(images), np.asarray(labels, np.int32))
+
+
+def _decode(path, image_size) -> np.ndarray:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as im:
+    im = im.convert("RGB")
+    if image_size and im.size != (image_size, image_size):
+      im = im.resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(im, np.uint8)
+
+
+# ---------------------------------------------------------------- tfds
+
+
+def _read_tfds(name, data_dir, download, image_size):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:
+    raise UserError(f"tfds dataset {name!r} is unknown to tensorflow-datasets ({e.__class__.__name__})") from None
+  try:
+    sources = {s: tfds.data_source(name, split=s, data_dir=data_dir, download=False) for s in ("train", "test")}
+  except Exception:  # not prepared, or prepared as TFRecord (no random access without TensorFlow)
+    sources = _prepare_tfds(name, builder, data_dir, download)
+  class_names = tuple(builder.info.features["label"].names)
+  return {s: _split_from_records(src, image_size) for s, src in sources.items()}, class_names
+
+
+def _prepare_tfds(name, builder, data_dir, download):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  where = data_dir or "~/tensorflow_datasets"
+  how = (f"either run once with network access and TensorFlow (pip install 'eejax[tfds]') and "
+         f"--config.data.download=True, or give a class-per-folder copy with --config.data.source=folder:PATH")
+  if not download:
+    raise UserError(f"tfds dataset {name!r} is not prepared in {where} (as array_record); {how}")
+  if not _online():
+    raise UserError(f"tfds dataset {name!r} is not in {where} and there is no network access to download it; {how}")
+  try:
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    raise UserError(f"preparing tfds dataset {name!r} needs TensorFlow: pip install 'eejax[tfds]'") from None
+  builder.download_and_prepare(file_format="array_record")
+  return {s: tfds.data_source(name, split=s, data_dir=data_dir, download=False) for s in ("train", "test")}
+
+
+def _online(host="storage.googleapis.com", port=443, timeout_s=3.0) -> bool:
+  """Whether the tfds download host answers within seconds (no retry loops)."""
+  try:
+    socket.create_connection((host, port), timeout=timeout_s).close()
+    return True
+  except OSError:
+    return False
+
+
+def _split_from_records(source, image_size) -> Split:
+  images, labels = [], []
+  for i in range(len(source)):
+    record = source[i]
+    image = np.asarray(record["image"], np.uint8)
+    if image.ndim == 2 or image.shape[-1] == 1:
+      image = np.repeat(image.reshape(image.shape[:2] + (1,)), 3, axis=-1)
+    if image_size and image.shape[:2] != (image_size, image_size):
+      from PIL import Image  # pylint: disable=g-import-not-at-top
+      image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+    images.append(image)
+    labels.append(record["label"])
+  return Split(np.stack(images), np.asarray(labels, np.int32))

@@ -1,0 +1,73 @@
+"""Exit heads: each maps features_BxHxWxC to logits_BxC.
+
+A head is one `nn.Module` class with fields `num_classes`, `width`, `dtype`,
+`__call__(h_BxHxWxC, train) -> logits_BxC` (float32), and a static
+`macs(hwc, num_classes, width, count_padding)` giving its multiply-accumulates for one image.
+Adding a head design is adding one class to `HEADS`.
+
+MACs count convolutions and dense layers only. BatchNorm (foldable into the
+preceding convolution at inference), ReLU, pooling and additions are not counted.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from eejax.models.resnet import conv_macs
+
+
+def global_avg_pool(h_BxHxWxC):
+  return jnp.mean(h_BxHxWxC, axis=(1, 2))
+
+
+class LinearHead(nn.Module):
+  """Global average pool, then one dense layer (the ResNet classifier)."""
+  num_classes: int
+  width: int = 0  # unused; kept so every head takes the same fields
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    del train
+    logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(global_avg_pool(h_BxHxWxC))
+    return logits_BxC.astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=0, count_padding=True):
+    del width, count_padding
+    return hwc[2] * num_classes
+
+
+def _pool_size(hw: int, target: int) -> int:
+  """Window of the average pool that brings an hw x hw map down to at most target x target."""
+  return max(1, hw // target)
+
+
+class PoolConvHead(nn.Module):
+  """SDN-like head: avg-pool to about 4x4, 3x3 conv (width), BN, ReLU, pool, dense.
+
+  Pooling first keeps the convolution cheap even on early, high-resolution
+  feature maps: its cost is 16 * 9 * C * width MACs whatever H and W are.
+  """
+  num_classes: int
+  width: int = 128
+  dtype: Any = jnp.float32
+  grid: int = 4
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    p = _pool_size(h_BxHxWxC.shape[1], self.grid)
+    h = nn.avg_pool(h_BxHxWxC, (p, p), strides=(p, p))
+    h = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(h)
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
+    h = nn.relu(h)
+    logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(global_avg_pool(h))
+    return logits_BxC.astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=128, count_padding=True, grid=4):
+    conv, _ = conv_macs(hwc[0] // _pool_size(hwc[0], grid), hwc[2], width, 3, 1, count_padding)
+    return conv + width * num_classes
+
+
+HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead}

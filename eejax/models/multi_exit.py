@@ -1,0 +1,72 @@
+"""The multi-exit network: stem, blocks, and one head after each exit point.
+
+`MultiExitNet.__call__` returns `(logits_ExBxC, aux)` for all exits at once,
+`aux["features"]` holding the feature map at every exit point. `stem` and
+`segment` run the network one exit at a time (real early exit, MACs checks).
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from eejax.errors import unknown_name
+from eejax.models.heads import HEADS, LinearHead
+from eejax.models.resnet import block_plan, exit_points, get_arch
+
+
+class MultiExitNet(nn.Module):
+  """A CIFAR-style ResNet with classifier heads part-way through.
+
+  Attributes:
+    arch: a name in `eejax.models.resnet.ARCHS`.
+    num_classes: C.
+    width: channel multiplier applied to every stage.
+    exit_after: 1-based block numbers after which an exit sits (None: after
+      each stage). The last block always carries the final classifier.
+    head: a name in `HEADS`, for every exit but the last, which is `linear`.
+    head_width: channels of heads that have a hidden layer.
+    dtype: compute dtype (parameters stay float32).
+  """
+  arch: str
+  num_classes: int
+  width: float = 1.0
+  exit_after: Sequence[int] | None = None
+  head: str = "linear"
+  head_width: int = 128
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    arch = get_arch(self.arch)
+    if self.head not in HEADS:
+      raise unknown_name("head", self.head, HEADS)
+    self.points = exit_points(arch, self.exit_after)
+    stem_width = max(1, round(arch.stem_width * self.width))
+    self.stem_conv = nn.Conv(stem_width, (3, 3), use_bias=False, dtype=self.dtype)
+    self.stem_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
+    self.blocks = [arch.block(f, s, dtype=self.dtype) for f, s in block_plan(arch, self.width)]
+    head_cls = [HEADS[self.head]] * (len(self.points) - 1) + [LinearHead]
+    self.heads = [cls(self.num_classes, width=self.head_width, dtype=self.dtype) for cls in head_cls]
+
+  @property
+  def num_exits(self) -> int:
+    return len(exit_points(get_arch(self.arch), self.exit_after))
+
+  def stem(self, x_BxHxWx3, train: bool = False):
+    h = self.stem_conv(x_BxHxWx3.astype(self.dtype))
+    return nn.relu(self.stem_norm(h, use_running_average=not train))
+
+  def segment(self, k: int, h, train: bool = False):
+    """Blocks between exit k-1 and exit k (0-based k), then head k: (h, logits_BxC)."""
+    start = 0 if k == 0 else self.points[k - 1]
+    for block in self.blocks[start:self.points[k]]:
+      h = block(h, train)
+    return h, self.heads[k](h, train)
+
+  def __call__(self, x_BxHxWx3, train: bool = False):
+    h = self.stem(x_BxHxWx3, train)
+    logits, features = [], []
+    for k in range(len(self.points)):
+      h, logits_BxC = self.segment(k, h, train)
+      logits.append(logits_BxC)
+      features.append(h)
+    return jnp.stack(logits), {"features": tuple(features)}

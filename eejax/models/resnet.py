@@ -1,0 +1,157 @@
+"""CIFAR-style multi-exit ResNets as pure-functional Flax (linen) modules.
+
+All backbones use a 3x3 stride-1 stem (no max-pool), so 32x32 inputs keep full
+resolution in the first stage, and projection shortcuts (1x1 conv + BN) where
+the shape changes. Each block class has a static `macs(hwc, features, strides, count_padding)`
+giving (MACs for one image, output hwc); see `eejax.flops`.
+"""
+import dataclasses
+import functools
+import itertools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from eejax.errors import UserError, unknown_name
+
+
+def conv_macs(hw, c_in, c_out, k, strides=1, count_padding=True):
+  """(MACs, output size) of a k x k SAME convolution on an hw x hw x c_in map.
+
+  count_padding=True counts every kernel tap, as papers do (H_out W_out k^2
+  C_in C_out); False counts only taps that land inside the input, as XLA's
+  cost analysis does.
+  """
+  hw_out = -(-hw // strides)
+  if count_padding:
+    taps = hw_out * k
+  else:
+    pad_lo = max((hw_out - 1) * strides + k - hw, 0) // 2
+    taps = sum(0 <= o * strides + t - pad_lo < hw for o in range(hw_out) for t in range(k))
+  return taps * taps * c_in * c_out, hw_out
+
+
+def _norm(train, dtype, **kw):
+  # Statistics are computed in float32 by flax whatever `dtype` is.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, **kw)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convolutions (ResNet-18/34 and the thin ResNet-20/56/110)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  expansion = 1
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    h = conv(self.features, (3, 3), self.strides)(x_BxHxWxC)
+    h = nn.relu(_norm(train, self.dtype)(h))
+    h = conv(self.features, (3, 3))(h)
+    h = _norm(train, self.dtype, scale_init=nn.initializers.zeros)(h)
+    shortcut = x_BxHxWxC
+    if shortcut.shape != h.shape:
+      shortcut = conv(self.features, (1, 1), self.strides)(x_BxHxWxC)
+      shortcut = _norm(train, self.dtype)(shortcut)
+    return nn.relu(h + shortcut)
+
+  @staticmethod
+  def macs(hwc, features, strides, count_padding=True):
+    hw, c = hwc[0], hwc[2]
+    m1, hw_out = conv_macs(hw, c, features, 3, strides, count_padding=count_padding)
+    m2, _ = conv_macs(hw_out, features, features, 3, 1, count_padding=count_padding)
+    proj = 0
+    if strides != 1 or c != features:
+      proj, _ = conv_macs(hw, c, features, 1, strides, count_padding=count_padding)
+    return m1 + m2 + proj, (hw_out, hw_out, features)
+
+
+class BottleneckBlock(nn.Module):
+  """1x1 reduce, 3x3, 1x1 expand by 4 (ResNet-50)."""
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+  expansion = 4
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC, train: bool = False):
+    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
+    h = nn.relu(_norm(train, self.dtype)(conv(self.features, (1, 1))(x_BxHxWxC)))
+    h = nn.relu(_norm(train, self.dtype)(conv(self.features, (3, 3), self.strides)(h)))
+    h = conv(self.features * 4, (1, 1))(h)
+    h = _norm(train, self.dtype, scale_init=nn.initializers.zeros)(h)
+    shortcut = x_BxHxWxC
+    if shortcut.shape != h.shape:
+      shortcut = conv(self.features * 4, (1, 1), self.strides)(x_BxHxWxC)
+      shortcut = _norm(train, self.dtype)(shortcut)
+    return nn.relu(h + shortcut)
+
+  @staticmethod
+  def macs(hwc, features, strides, count_padding=True):
+    hw, c = hwc[0], hwc[2]
+    m1, _ = conv_macs(hw, c, features, 1, 1, count_padding=count_padding)
+    m2, hw_out = conv_macs(hw, features, features, 3, strides, count_padding=count_padding)
+    m3, _ = conv_macs(hw_out, features, features * 4, 1, 1, count_padding=count_padding)
+    proj = 0
+    if strides != 1 or c != features * 4:
+      proj, _ = conv_macs(hw, c, features * 4, 1, strides, count_padding=count_padding)
+    return m1 + m2 + m3 + proj, (hw_out, hw_out, features * 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  block: type
+  stage_sizes: Sequence[int]
+  stage_widths: Sequence[int]
+
+  @property
+  def stem_width(self):
+    return self.stage_widths[0]
+
+
+ARCHS = {
+    # Thin CIFAR ResNets (He et al. 2016, 6n+2 layers).
+    "resnet8": Arch(BasicBlock, (1, 1, 1), (16, 32, 64)),
+    "resnet20": Arch(BasicBlock, (3, 3, 3), (16, 32, 64)),
+    "resnet56": Arch(BasicBlock, (9, 9, 9), (16, 32, 64)),
+    "resnet110": Arch(BasicBlock, (18, 18, 18), (16, 32, 64)),
+    # CIFAR variants of the ImageNet ResNets.
+    "resnet18": Arch(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512)),
+    "resnet34": Arch(BasicBlock, (3, 4, 6, 3), (64, 128, 256, 512)),
+    "resnet50": Arch(BottleneckBlock, (3, 4, 6, 3), (64, 128, 256, 512)),
+}
+
+
+def get_arch(name: str) -> Arch:
+  if name not in ARCHS:
+    raise unknown_name("model", name, ARCHS)
+  return ARCHS[name]
+
+
+def block_plan(arch: Arch, width: float):
+  """[(features, strides)] for every block, in order."""
+  plan = []
+  for stage, (n, w) in enumerate(zip(arch.stage_sizes, arch.stage_widths)):
+    for i in range(n):
+      plan.append((max(1, round(w * width)), 2 if (stage > 0 and i == 0) else 1))
+  return plan
+
+
+def exit_points(arch: Arch, exit_after: Sequence[int] | None) -> tuple[int, ...]:
+  """1-based block counts after which exits sit; the last block always has one.
+
+  >>> exit_points(ARCHS["resnet20"], None)
+  (3, 6, 9)
+  >>> exit_points(ARCHS["resnet20"], [2, 5])
+  (2, 5, 9)
+  """
+  num_blocks = sum(arch.stage_sizes)
+  if exit_after is None:
+    exit_after = list(itertools.accumulate(arch.stage_sizes))
+  points = sorted(set(int(b) for b in exit_after) | {num_blocks})
+  if points[0] < 1 or points[-1] > num_blocks:
+    raise UserError(f"model.exit_after={list(exit_after)} must hold block numbers in 1..{num_blocks}")
+  return tuple(points)
+

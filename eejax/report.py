@@ -1,0 +1,61 @@
+"""report.json, report.md and curve.png from a report dict (see `eejax.evaluate`)."""
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _pct(x):
+  return "n/a" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(report: dict) -> str:
+  full = report["full_macs"]
+  lines = [f"# {report['method']}: {report['model']} on {report['dataset']}", "",
+           f"Test split, {report['splits']['test']} images. MACs are multiply-accumulates per image "
+           f"(FLOPs = 2 x MACs); full network: {full / 1e6:.2f} M MACs.", "",
+           "| exit | accuracy (%) | MACs (M) | % of full |", "|---:|---:|---:|---:|"]
+  for e in report["exits"]:
+    lines.append(f"| {e['exit']} | {_pct(e['accuracy'])} | {e['macs'] / 1e6:.2f} | {100 * e['macs'] / full:.1f} |")
+  for name, policy in report["policies"].items():
+    lines += ["", f"## Policy `{name}`: accuracy (%) at a MACs budget", "",
+              "Best test accuracy among thresholds whose mean cost is within the budget.", "",
+              "| budget (% of full MACs) | accuracy (%) |", "|---:|---:|"]
+    for budget, acc in policy["budgets"].items():
+      lines.append(f"| {100 * float(budget):.0f} | {_pct(acc)} |")
+  if report.get("train_images_per_s"):
+    lines += ["", f"Training throughput: {report['train_images_per_s']:,.0f} images/s "
+              f"(steady state, compilation excluded), {report.get('train_steps')} steps."]
+  return "\n".join(lines) + "\n"
+
+
+def plot_curve(report: dict, path: str) -> None:
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for name, policy in report["policies"].items():
+    curve = sorted(policy["curve"], key=lambda p: p["macs"])
+    ax.plot([p["macs"] / 1e6 for p in curve], [100 * p["accuracy"] for p in curve], ".-", ms=3, lw=1,
+            label=f"{name} (one point per threshold)")
+  ax.scatter([e["macs"] / 1e6 for e in report["exits"]], [100 * e["accuracy"] for e in report["exits"]],
+             marker="*", s=120, c="k", zorder=3, label="each exit alone")
+  for e in report["exits"]:
+    ax.annotate(f"exit {e['exit']}", (e["macs"] / 1e6, 100 * e["accuracy"]), textcoords="offset points",
+                xytext=(4, -12), fontsize=8)
+  ax.set_xlabel("mean MACs per image (millions)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"{report['model']} ({report['method']}) on {report['dataset']}", fontsize=9)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def write_all(report: dict, workdir: str) -> None:
+  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2)
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(report))
+  plot_curve(report, os.path.join(workdir, "curve.png"))

@@ -1,0 +1,89 @@
+"""Metrics to JSONL and TensorBoard, and a progress line for long work.
+
+clu's metric writers import TensorFlow at import time (even the TensorBoard
+writer), which eejax must not need, so this module writes TensorBoard event
+files with tensorboardX (protobuf only) and JSONL with the standard library.
+Only process 0 writes.
+"""
+import json
+import os
+import sys
+import time
+
+import jax
+
+
+class MetricWriter:
+  """`write(step, {name: scalar})` to workdir/metrics.jsonl and workdir/tb/."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self._active = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if self._active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+
+  def write(self, step: int, scalars: dict) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for name, value in scalars.items():
+        self._tb.add_scalar(name, value, int(step))
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _hms(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+  """Step, loss, images/s and ETA on one line (rewritten in a terminal, else printed at intervals).
+
+  The rate and ETA count from the first `update` on, so compilation of the
+  first chunk is not in the rate.
+  """
+
+  def __init__(self, total_steps: int, batch_size: int, every_s: float = 10.0, stream=None):
+    self.total, self.batch_size, self.every_s = total_steps, batch_size, every_s
+    self.stream = stream or sys.stderr
+    self.tty = self.stream.isatty()
+    self._start = self._start_step = None
+    self._last_print = 0.0
+    self.active = jax.process_index() == 0
+
+  def update(self, step: int, loss: float, force: bool = False) -> None:
+    now = time.perf_counter()
+    if self._start is None:
+      self._start, self._start_step = now, step
+    if not self.active or (not force and not self.tty and now - self._last_print < self.every_s):
+      return
+    self._last_print = now
+    done = step - self._start_step
+    rate = done / (now - self._start) if done else 0.0
+    eta = (self.total - step) / rate if rate else float("nan")
+    line = (f"step {step}/{self.total} ({100 * step / self.total:.0f}%) loss {loss:.4f} "
+            f"{rate * self.batch_size:,.0f} img/s ETA {_hms(eta) if rate else '?'}")
+    self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+    self.stream.flush()
+
+  def images_per_second(self, step: int) -> float:
+    if self._start is None or step == self._start_step:
+      return float("nan")
+    return (step - self._start_step) * self.batch_size / (time.perf_counter() - self._start)
+
+  def close(self) -> None:
+    if self.active and self.tty:
+      self.stream.write("\n")

@@ -1,0 +1,121 @@
+"""Host-side datasets: folder trees, the cache, validation splits, tfds (mocked), errors."""
+import os
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from conftest import SHARED_CIFAR10, make_tree
+from eejax import data
+from eejax.errors import UserError
+
+
+def test_folder_png_with_greyscale_and_own_valid_split(tmp_path):
+  root = str(tmp_path / "t")
+  written = make_tree(root, splits=("train", "valid", "test"), per_class=(5, 2, 3), size=20, grey_every=2)
+  ds = data.load(f"folder:{root}", cache_dir="")
+  assert ds.class_names == ("cat", "dog", "ship")
+  assert ds.image_shape == (20, 20, 3)
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (15, 6, 9)
+  assert ds.val_source == "the dataset's own validation split"
+  np.testing.assert_array_equal(ds.train.images_NxHxWx3, written["train"][0])  # PNG is lossless
+  np.testing.assert_array_equal(ds.test.labels_N, written["test"][1])
+  assert ds.train.labels_N.dtype == np.int32
+
+
+def test_jpeg_resize_and_carved_validation(tmp_path):
+  root = str(tmp_path / "t")
+  make_tree(root, per_class=(10, 2), size=24, fmt="jpg")
+  ds = data.load(f"folder:{root}", image_size=32, val_size=6, val_seed=3, cache_dir="")
+  assert ds.image_shape == (32, 32, 3)
+  assert (len(ds.train), len(ds.val)) == (24, 6)
+  assert "6 images carved from train (seed 3)" == ds.val_source
+  again = data.load(f"folder:{root}", image_size=32, val_size=6, val_seed=3, cache_dir="")
+  np.testing.assert_array_equal(ds.val.images_NxHxWx3, again.val.images_NxHxWx3)
+
+
+def test_carve_validation_is_a_disjoint_partition():
+  split = data.Split(np.arange(50, dtype=np.uint8).reshape(50, 1, 1, 1).repeat(3, -1), np.arange(50, dtype=np.int32))
+  train, val = data.carve_validation(split, 10, seed=0)
+  assert sorted(np.concatenate([train.labels_N, val.labels_N]).tolist()) == list(range(50))
+  assert len(val) == 10
+  with pytest.raises(UserError, match="val_size=50"):
+    data.carve_validation(split, 50, seed=0)
+
+
+def test_cache_avoids_decoding_and_notices_changes(tmp_path, monkeypatch):
+  root, cache = str(tmp_path / "t"), str(tmp_path / "cache")
+  make_tree(root, per_class=(4, 2), size=8)
+  first = data.load(f"folder:{root}", val_size=2, cache_dir=cache)
+  assert len(os.listdir(cache)) == 1
+
+  def no_decode(*args):
+    raise AssertionError("decoded although cached")
+
+  monkeypatch.setattr(data, "_decode", no_decode)
+  second = data.load(f"folder:{root}", val_size=2, cache_dir=cache)
+  np.testing.assert_array_equal(first.train.images_NxHxWx3, second.train.images_NxHxWx3)
+  monkeypatch.undo()
+  make_tree(root, per_class=(5, 2), size=8, seed=1)  # the tree changes: one more image per class
+  third = data.load(f"folder:{root}", val_size=2, cache_dir=cache)
+  assert len(third.train) == len(first.train) + 3
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path):
+  root, cache = str(tmp_path / "t"), str(tmp_path / "cache")
+  make_tree(root, per_class=(4, 2), size=8)
+  first = data.load(f"folder:{root}", val_size=2, cache_dir=cache)
+  path = os.path.join(cache, os.listdir(cache)[0])
+  with open(path, "wb") as f:
+    f.write(b"not an npz")
+  second = data.load(f"folder:{root}", val_size=2, cache_dir=cache)
+  np.testing.assert_array_equal(first.test.images_NxHxWx3, second.test.images_NxHxWx3)
+
+
+def test_max_images_subsets_every_split(tmp_path):
+  root = str(tmp_path / "t")
+  make_tree(root, per_class=(10, 10), size=8)
+  ds = data.load(f"folder:{root}", max_images=12, val_size=4, cache_dir="")
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (8, 4, 12)
+
+
+def test_folder_errors(tmp_path):
+  with pytest.raises(UserError, match="not found or incomplete"):
+    data.load(f"folder:{tmp_path}/nothing", cache_dir="")
+  root = str(tmp_path / "t")
+  make_tree(root, per_class=(2, 1), size=8)
+  make_tree(root, splits=("train",), per_class=(1,), size=10, classes=("cat",), seed=5)  # overwrites one image
+  with pytest.raises(UserError, match="different sizes.*image_size"):
+    data.load(f"folder:{root}", val_size=1, cache_dir="")
+  with pytest.raises(UserError, match="expected 'folder:PATH' or 'tfds:NAME'"):
+    data.load("cifar10", cache_dir="")
+
+
+def test_tfds_mock_data_without_tensorflow():
+  with tfds.testing.mock_data(num_examples=20):
+    ds = data.load("tfds:cifar10", val_size=5, cache_dir="")
+  assert ds.num_classes == 10  # (the mock has no label names)
+  assert ds.image_shape == (32, 32, 3)
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (15, 5, 20)
+  assert ds.train.images_NxHxWx3.dtype == np.uint8
+
+
+def test_tfds_missing_fails_fast_with_both_remedies(tmp_path):
+  start = time.perf_counter()
+  with pytest.raises(UserError, match=r"not prepared.*eejax\[tfds\].*folder:PATH"):
+    data.load("tfds:cifar10", tfds_data_dir=str(tmp_path), cache_dir="")
+  with pytest.raises(UserError, match="(no network access|needs TensorFlow)"):
+    data.load("tfds:cifar10", tfds_data_dir=str(tmp_path), cache_dir="", download=True)
+  assert time.perf_counter() - start < 30
+  with pytest.raises(UserError, match="unknown to tensorflow-datasets"):
+    data.load("tfds:no_such_dataset", tfds_data_dir=str(tmp_path), cache_dir="")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_CIFAR10), reason="../shared/data/cifar10 is absent (a user's clone)")
+def test_real_cifar10_tree(tmp_path):
+  ds = data.load(f"folder:{SHARED_CIFAR10}", max_images=200, val_size=50, cache_dir=str(tmp_path))
+  assert ds.class_names == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+  assert ds.image_shape == (32, 32, 3)
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (150, 50, 200)
+  assert 50 < ds.train.images_NxHxWx3.mean() < 200

@@ -1,0 +1,46 @@
+"""Evaluation maths on fixed logits, and the report files."""
+import json
+import os
+
+import numpy as np
+
+from eejax import evaluate, report
+from eejax.flops import ExitMacs
+
+
+def test_budget_accuracy_by_hand():
+  macs = [10, 40, 60, 100]
+  acc = [0.5, 0.7, 0.65, 0.9]
+  out = evaluate.budget_accuracy(macs, acc, full_macs=100, budgets=(0.05, 0.5, 0.75, 1.0))
+  assert out == {"0.05": None, "0.5": 0.7, "0.75": 0.7, "1.0": 0.9}
+
+
+def test_max_prob_report_on_fixed_logits():
+  # 2 exits, 4 images. Exit 1 is confident on images 0, 1 (right on 0, wrong on 1) and flat (so
+  # predicting class 0, wrong) on 2, 3; exit 2 is always right.
+  big, flat, one = [5.0, 0.0], [0.0, 0.0], [0.0, 5.0]
+  logits = np.array([[big, big, flat, flat], [big, one, one, one]], np.float32)
+  labels = np.array([0, 1, 1, 1])
+  macs = ExitMacs(backbone=(10, 20), head=(1, 1), cumulative=(11, 22), full=21)
+  out = evaluate.max_prob_report(logits, labels, macs, num_thresholds=5, budgets=(0.5, 0.8, 1.0))
+  points = {(p["accuracy"], p["macs"]) for p in out["curve"]}
+  assert (0.25, 11.0) in points  # threshold 0: everyone exits at 1; only image 0 is right there
+  assert (0.75, 16.5) in points  # confident ones (0, 1) exit at 1, the flat ones go on: 3 right
+  assert (1.0, 22.0) in points  # threshold above 1: all at exit 2
+  assert out["budgets"] == {"0.5": None, "0.8": 0.75, "1.0": 0.75}  # the all-final point costs 22 > 21
+  np.testing.assert_allclose(evaluate.exit_accuracy(logits, labels), [0.25, 1.0])
+
+
+def test_report_files(tmp_path):
+  rep = {"method": "joint", "model": "resnet8", "dataset": "folder:x", "full_macs": 2_000_000,
+         "exits": [{"exit": 1, "accuracy": 0.5, "macs": 1_000_000}, {"exit": 2, "accuracy": 0.8, "macs": 2_000_100}],
+         "policies": {"max_prob": {"curve": [{"threshold": 0.5, "accuracy": 0.6, "macs": 1_500_000}],
+                                   "budgets": {"0.5": 0.5, "1.0": None}}},
+         "splits": {"test": 10}}
+  report.write_all(rep, str(tmp_path))
+  assert json.load(open(tmp_path / "report.json", encoding="utf-8")) == rep
+  md = open(tmp_path / "report.md", encoding="utf-8").read()
+  assert "| 1 | 50.00 | 1.00 | 50.0 |" in md and "| 100 | n/a |" in md
+  with open(tmp_path / "curve.png", "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert os.path.getsize(tmp_path / "curve.png") > 10_000

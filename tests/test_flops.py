@@ -1,0 +1,84 @@
+"""Analytic MACs: hand-computed values, and agreement with XLA's compiled cost analysis.
+
+Tolerance: XLA's count also holds the element-wise work (BatchNorm, ReLU,
+residual adds) that MACs leave out, so XLA's FLOPs / 2 must lie between the
+analytic MACs (in-bounds taps only, as XLA counts convolutions) and that plus
+the per-architecture margin in TOLERANCE, for every exit of every model. A
+head alone is checked with an absolute margin: at most one MAC-equivalent per
+element of its input (the pooling).
+"""
+import jax
+import jax.numpy as jnp
+import pytest
+
+from eejax.flops import exit_macs
+from eejax.models import ARCHS, MultiExitNet
+from eejax.models.resnet import conv_macs
+
+# Measured excess of XLA over analytic (jax 0.10.2, CPU): 0.4-0.6% for ResNet-18/34, 1.3-1.6% for
+# ResNet-50, 2.0-2.7% for ResNet-8/20, 3.5-9.2% for ResNet-56/110 (16 channels: element-wise work is
+# a larger share of each layer, and deeper nets have more of it per MAC).
+TOLERANCE = {"resnet18": 0.01, "resnet34": 0.01, "resnet50": 0.02, "resnet8": 0.03, "resnet20": 0.03,
+             "resnet56": 0.06, "resnet110": 0.10}
+
+
+def test_resnet8_by_hand():
+  model = MultiExitNet("resnet8", 10, head="linear")
+  m = exit_macs(model, (32, 32, 3))
+  stem = 32 * 32 * 9 * 3 * 16
+  block1 = 2 * 32 * 32 * 9 * 16 * 16
+  block2 = 16 * 16 * 9 * 16 * 32 + 16 * 16 * 9 * 32 * 32 + 16 * 16 * 16 * 32  # + 1x1 projection
+  block3 = 8 * 8 * 9 * 32 * 64 + 8 * 8 * 9 * 64 * 64 + 8 * 8 * 32 * 64
+  assert m.backbone == (stem + block1, stem + block1 + block2, stem + block1 + block2 + block3)
+  assert m.head == (160, 320, 640)
+  assert m.cumulative == (m.backbone[0] + 160, m.backbone[1] + 480, m.backbone[2] + 1120)
+  assert m.full == m.backbone[2] + 640
+
+
+def test_resnet18_matches_the_usual_figure():
+  # CIFAR ResNet-18 is usually quoted at 0.56 G MACs (e.g. 556.65 M by thop, which counts the same layers).
+  m = exit_macs(MultiExitNet("resnet18", 10), (32, 32, 3))
+  assert 555e6 < m.full < 557e6
+
+
+def test_conv_macs_valid_taps_by_hand():
+  # 3x3 SAME on 4x4: per dimension 2 border outputs see 2 taps, 2 inner see 3: 10 taps, squared.
+  assert conv_macs(4, 1, 1, 3, 1, count_padding=False) == (100, 4)
+  assert conv_macs(4, 1, 1, 3, 1, count_padding=True) == (144, 4)
+  # stride 2 on 4x4: outputs 2, XLA pads (0, 1): taps per dim 3 + 2.
+  assert conv_macs(4, 2, 3, 3, 2, count_padding=False) == (25 * 6, 2)
+
+
+def _xla_flops(fn, *args):
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return cost["flops"]
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_analytic_equals_xla_within_tolerance(arch):
+  head = "pool_conv" if arch in ("resnet20", "resnet50") else "linear"
+  model = MultiExitNet(arch, 10, head=head, head_width=32)
+  x = jnp.zeros((1, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+  analytic = exit_macs(model, (32, 32, 3), count_padding=False)
+  h = jax.eval_shape(lambda v, x: model.apply(v, x, method=lambda m, x: m.stem(x)), variables, x)
+  for k in range(len(analytic.cumulative)):
+
+    def prefix(m, x, k=k):  # the network up to exit k: stem, segments 1..k with their heads
+      h, out = m.stem(x), []
+      for j in range(k + 1):
+        h, logits = m.segment(j, h)
+        out.append(logits)
+      return out
+
+    total = _xla_flops(lambda v, x: model.apply(v, x, method=prefix), variables, x)
+    assert 0 <= total / 2 / analytic.cumulative[k] - 1 <= TOLERANCE[arch], (k, total / 2, analytic.cumulative[k])
+    seg = lambda v, h, k=k: model.apply(v, h, method=lambda m, h: m.segment(k, h))
+    h = jax.eval_shape(seg, variables, jnp.zeros(h.shape))[0]
+    head_flops = _xla_flops(lambda v, f, k=k: model.apply(v, f, method=lambda m, f: m.heads[k](f)), variables,
+                            jnp.zeros(h.shape))
+    # A head alone is tiny next to the pooling of its input, which XLA counts and MACs do not:
+    # allow at most 2 FLOPs (one MAC) per input element on top of the analytic count.
+    assert 0 <= head_flops / 2 - analytic.head[k] <= h.size, (k, head_flops / 2, analytic.head[k])

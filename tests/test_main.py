@@ -1,0 +1,55 @@
+"""The command line: mistakes end in one clear line (status 2), never a traceback."""
+import os
+import time
+
+import pytest
+
+from conftest import run_main, smoke_args
+
+
+def assert_one_line_error(out, *fragments):
+  assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
+  assert "Traceback" not in out.stderr
+  last = out.stderr.strip().splitlines()[-1]
+  assert last.startswith("eejax: error: "), last
+  for fragment in fragments:
+    assert fragment in last, (fragment, last)
+
+
+@pytest.mark.parametrize("override,fragments", [
+    ("--config.model.nmae=resnet8", ("bad --config override", "Did you mean \"name\"")),
+    ("--config.model.name=resnet19", ("unknown model 'resnet19'; valid:", "resnet18")),
+    ("--config.model.head=mlp", ("unknown head 'mlp'; valid: linear, pool_conv",)),
+    ("--config.train.epochs=many", ("--config.train.epochs=many",)),
+])
+def test_config_mistakes(tiny_tree, tmp_path, override, fragments):
+  out = run_main(smoke_args(tiny_tree, str(tmp_path / "w"), str(tmp_path / "c"), override))
+  assert_one_line_error(out, *fragments)
+
+
+def test_missing_data_folder(tmp_path):
+  out = run_main(smoke_args(str(tmp_path / "absent"), str(tmp_path / "w"), str(tmp_path / "c")))
+  assert_one_line_error(out, "not found or incomplete", "folder:PATH or tfds:NAME")
+
+
+def test_tfds_dataset_not_on_disk_fails_fast(tmp_path):
+  start = time.perf_counter()
+  out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}",
+                  "--config.data.source=tfds:cifar10", f"--config.data.tfds_data_dir={tmp_path}",
+                  "--config.data.download=True", "--config.data.cache_dir="])
+  assert_one_line_error(out, "tfds dataset 'cifar10'", "folder:PATH")
+  assert time.perf_counter() - start < 60
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(tiny_tree, tmp_path):
+  workdir, cache = str(tmp_path / "w"), str(tmp_path / "c")
+  assert run_main(smoke_args(tiny_tree, workdir, cache, "--config.train.epochs=1")).returncode == 0
+  ckpt = os.path.join(workdir, "checkpoints")
+  step = max(d for d in os.listdir(ckpt) if d.isdigit())
+  for dirpath, _, files in os.walk(os.path.join(ckpt, step)):
+    for name in files:
+      with open(os.path.join(dirpath, name), "wb") as f:
+        f.write(b"garbage")
+  out = run_main(smoke_args(tiny_tree, workdir, cache, "--config.train.epochs=2"))
+  assert_one_line_error(out, "cannot restore the checkpoint", "move that folder away")
+  assert os.path.isdir(os.path.join(ckpt, step))  # nothing deleted

@@ -1,0 +1,99 @@
+"""Multi-exit ResNets: shapes, parameter counts against published figures, errors."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eejax.errors import UserError
+from eejax.models import ARCHS, HEADS, MultiExitNet
+from eejax.models.resnet import exit_points
+
+
+def n_params(tree):
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_shapes_all_exits(arch, head):
+  model = MultiExitNet(arch, num_classes=7, width=0.125 if ARCHS[arch].stem_width == 64 else 0.5, head=head,
+                       head_width=8)
+  x = jnp.zeros((2, 32, 32, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), x)
+  (logits, aux) = jax.eval_shape(lambda v, x: model.apply(v, x), variables, x)
+  num_exits = len(ARCHS[arch].stage_sizes)
+  assert logits.shape == (num_exits, 2, 7)
+  assert logits.dtype == jnp.float32
+  assert len(aux["features"]) == num_exits
+  assert aux["features"][-1].shape[1] == 32 // 2 ** (num_exits - 1)
+
+
+@pytest.mark.parametrize("arch,expected", [("resnet18", 11_173_962), ("resnet50", 23_520_842)])
+def test_parameter_count_matches_published_single_exit(arch, expected):
+  # The widely used PyTorch CIFAR ResNet-18/50 (3x3 stem, projection shortcuts, 10 classes)
+  # has 11,173,962 / 23,520,842 parameters. Ours adds one dense layer per early exit.
+  model = MultiExitNet(arch, 10)
+  variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  expansion = ARCHS[arch].block.expansion
+  extra = sum(w * expansion * 10 + 10 for w in ARCHS[arch].stage_widths[:-1])
+  assert n_params(variables["params"]) == expected + extra
+
+
+def test_jit_and_eager_agree_and_train_updates_batch_stats():
+  model = MultiExitNet("resnet8", 5, width=0.5, head="pool_conv", head_width=8)
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  variables = model.init(jax.random.key(0), x)
+  eager, _ = model.apply(variables, x)
+  jitted, _ = jax.jit(model.apply)(variables, x)
+  chex.assert_shape(eager, (3, 4, 5))
+  np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+  _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables["batch_stats"], updates["batch_stats"])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_segments_reproduce_the_full_forward():
+  model = MultiExitNet("resnet20", 4, width=0.5, exit_after=(2, 5, 7))
+  x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  full, aux = model.apply(variables, x)
+
+  def stepwise(module, x):
+    h, out = module.stem(x), []
+    for k in range(4):
+      h, logits = module.segment(k, h)
+      out.append(logits)
+    return jnp.stack(out), h
+
+  staged, h_last = model.apply(variables, x, method=stepwise)
+  assert full.shape == (4, 3, 4)
+  np.testing.assert_allclose(full, staged, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(aux["features"][-1], h_last, rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = MultiExitNet("resnet8", 10, width=0.5, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert {p.dtype for p in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.float32)}
+  logits, aux = model.apply(variables, x)
+  assert logits.dtype == jnp.float32
+  assert aux["features"][0].dtype == jnp.bfloat16
+
+
+def test_exit_points():
+  assert exit_points(ARCHS["resnet18"], None) == (2, 4, 6, 8)
+  assert exit_points(ARCHS["resnet20"], [5, 2]) == (2, 5, 9)
+  with pytest.raises(UserError, match="1..9"):
+    exit_points(ARCHS["resnet20"], [0, 3])
+  with pytest.raises(UserError, match="1..9"):
+    exit_points(ARCHS["resnet20"], [10])
+
+
+def test_unknown_names_list_the_valid_ones():
+  x = jnp.zeros((1, 32, 32, 3))
+  with pytest.raises(UserError, match=r"unknown model 'resnet19'; valid: .*resnet18.*resnet20"):
+    MultiExitNet("resnet19", 10).init(jax.random.key(0), x)
+  with pytest.raises(UserError, match=r"unknown head 'mlp'; valid: linear, pool_conv"):
+    MultiExitNet("resnet8", 10, head="mlp").init(jax.random.key(0), x)

@@ -1,0 +1,130 @@
+"""End-to-end training on tiny made-up trees: the report, resume, signals, devices, NaN, init_from."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, run_main, smoke_args
+from configs import cifar10
+from eejax import train
+from eejax.errors import UserError
+
+
+def smoke_config(tree, cache_dir, **overrides):
+  config = cifar10.get_config("smoke")
+  config.data.source = f"folder:{tree}"
+  config.data.cache_dir = cache_dir
+  config.data.val_size = 8
+  config.log.every_s = 1e9
+  for key, value in overrides.items():
+    node = config
+    *path, leaf = key.split(".")
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def params_of(workdir, collections=("params", "batch_stats")):
+  _, _, variables = train.load_run(workdir)
+  return jax.tree.leaves(jax.device_get({c: variables[c] for c in collections}))
+
+
+def test_train_writes_the_report_and_learns(tiny_tree, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = smoke_config(tiny_tree, str(tmp_path / "c"), **{"train.epochs": 12, "train.learning_rate": 0.1})
+  result = train.train_and_evaluate(config, workdir)
+  for name in ("report.json", "report.md", "curve.png", "config.json", "run.json", "metrics.jsonl", "logits.npz"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  saved = json.load(open(os.path.join(workdir, "report.json"), encoding="utf-8"))
+  assert saved["method"] == "joint"
+  assert [e["exit"] for e in saved["exits"]] == [1, 2, 3]
+  assert {"threshold", "accuracy", "macs"} <= set(saved["policies"]["max_prob"]["curve"][0])
+  assert set(saved["policies"]["max_prob"]["budgets"]) == {"0.25", "0.5", "0.75", "1.0"}
+  # The classes differ in brightness: the final exit must beat chance (1/3) clearly.
+  assert result["exits"][-1]["accuracy"] > 0.6
+  logits = np.load(os.path.join(workdir, "logits.npz"))
+  assert logits["test_logits"].shape == (3, 24, 3)
+  lines = open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8").read().splitlines()
+  assert json.loads(lines[-1])["test/accuracy_exit3"] == result["exits"][-1]["accuracy"]
+
+
+def test_restart_resumes_and_nan_stops_with_the_step(tiny_tree, tmp_path):
+  workdir = str(tmp_path / "w")
+  config = smoke_config(tiny_tree, str(tmp_path / "c"))
+  train.train_and_evaluate(config, workdir)
+  first = params_of(workdir)
+  config.train.epochs = 3  # a longer schedule continues from the saved step, not from 0
+  train.train_and_evaluate(config, workdir)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps[-1] == 3 * (88 // 16) and any(a.shape and not np.array_equal(a, b)
+                                                  for a, b in zip(first, params_of(workdir)))
+  # Step 1's loss comes from the initial parameters; its NaN update makes step 2's loss the first NaN.
+  with pytest.raises(UserError, match=r"loss became nan at step 2; .*no checkpoint yet.*learning_rate"):
+    train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c"), **{"train.learning_rate": float("nan")}),
+                             str(tmp_path / "nan"))
+
+
+def test_init_from_checks_the_model(tiny_tree, tmp_path):
+  source = str(tmp_path / "src")
+  train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c"), **{"train.epochs": 1}), source)
+  config = smoke_config(tiny_tree, str(tmp_path / "c"), **{"init_from": source, "train.epochs": 1,
+                                                            "train.learning_rate": 0.0})
+  train.train_and_evaluate(config, str(tmp_path / "b"))
+  for a, b in zip(params_of(source, ["params"]), params_of(str(tmp_path / "b"), ["params"])):
+    np.testing.assert_array_equal(a, b)  # lr 0: the parameters (not the BN statistics) are the source's
+  config = smoke_config(tiny_tree, str(tmp_path / "c"), **{"init_from": source, "model.width": 0.5})
+  with pytest.raises(UserError, match="holds a different model"):
+    train.train_and_evaluate(config, str(tmp_path / "d"))
+
+
+def _wait_for_checkpoint(workdir, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    folder = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(folder) and any(d.isdigit() for d in os.listdir(folder)):
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"no checkpoint appeared: {proc.poll()}")
+
+
+def test_sigterm_then_restart_equals_an_uninterrupted_run(tiny_tree, tmp_path):
+  cache = str(tmp_path / "c")
+  extra = ["--config.train.epochs=60", "--config.checkpoint.every_steps=20"]
+  interrupted, reference = str(tmp_path / "int"), str(tmp_path / "ref")
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  proc = subprocess.Popen([sys.executable, "-m", "eejax.main", *smoke_args(tiny_tree, interrupted, cache, *extra)],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_checkpoint(interrupted, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err
+  assert "stopped by SIGTERM at step" in err and "Traceback" not in err
+  stopped_at = int(err.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert 0 < stopped_at < 300
+  resumed = run_main(smoke_args(tiny_tree, interrupted, cache, *extra))
+  assert resumed.returncode == 0, resumed.stderr
+  assert f"resuming from {interrupted} at step {stopped_at}" in resumed.stdout
+  assert run_main(smoke_args(tiny_tree, reference, cache, *extra)).returncode == 0
+  for a, b in zip(params_of(interrupted), params_of(reference)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_two_devices_match_one(tiny_tree, tmp_path):
+  cache = str(tmp_path / "c")
+  runs = {}
+  for devices in (1, 2):
+    workdir = str(tmp_path / f"d{devices}")
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    out = run_main(smoke_args(tiny_tree, workdir, cache), env_extra={"XLA_FLAGS": flags})
+    assert out.returncode == 0, out.stderr
+    assert f"on {devices} cpu device(s)" in out.stdout
+    runs[devices] = params_of(workdir)
+  for a, b in zip(runs[1], runs[2]):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,60 @@
+"""Metric files (JSONL, TensorBoard events readable without TensorFlow) and the progress line."""
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+
+from tensorboardX.proto import event_pb2
+
+from conftest import REPO
+from eejax.writers import MetricWriter, Progress
+
+
+def read_events(folder):
+  """Scalars from TensorBoard event files (TFRecord framing: length, crc, payload, crc)."""
+  out = []
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      blob = f.read()
+    i = 0
+    while i < len(blob):
+      (length,) = struct.unpack("<Q", blob[i:i + 8])
+      event = event_pb2.Event.FromString(blob[i + 12:i + 12 + length])
+      i += 12 + length + 4
+      out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+  return out
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+  writer = MetricWriter(str(tmp_path))
+  writer.write(3, {"train/loss": 1.5, "train/accuracy_exit1": 0.25})
+  writer.write(7, {"train/loss": 0.5})
+  writer.close()
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
+  assert lines == [{"step": 3, "train/loss": 1.5, "train/accuracy_exit1": 0.25}, {"step": 7, "train/loss": 0.5}]
+  assert sorted(read_events(tmp_path / "tb")) == [(3, "train/accuracy_exit1", 0.25), (3, "train/loss", 1.5),
+                                                 (7, "train/loss", 0.5)]
+
+
+def test_training_modules_do_not_import_tensorflow(tmp_path):
+  code = ("import sys, eejax.train, eejax.writers, eejax.evaluate, eejax.data; "
+          "eejax.writers.MetricWriter(sys.argv[1]).write(1, {'a': 1.0}); "
+          "print('tensorflow' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=REPO))
+  assert out.stdout.strip() == "False"
+
+
+def test_progress_reports_rate_and_eta_without_compile_time():
+  stream = io.StringIO()
+  progress = Progress(total_steps=100, batch_size=10, every_s=0.0, stream=stream)
+  progress.update(10, 2.0)  # first chunk: includes compilation, starts the clock
+  progress._start -= 2.0  # pretend 2 s passed since then  # pylint: disable=protected-access
+  progress.update(30, 1.5)
+  last = stream.getvalue().strip().splitlines()[-1]
+  assert last.startswith("step 30/100 (30%) loss 1.5000")
+  rate = float(last.split(" img/s")[0].split()[-1].replace(",", ""))
+  assert 95 < rate < 101  # 20 steps x 10 images in ~2 s
+  assert "ETA 0m" in last  # 70 steps at ~10 steps/s: about 7 s
