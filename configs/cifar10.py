@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 1000
   config.eval.num_thresholds = 200  # points on the accuracy-against-MACs curve
   config.eval.budgets = (0.25, 0.5, 0.75, 1.0)  # fractions of the full network's MACs
+  config.eval.policies = ("max_prob", "entropy", "patience")  # curves on test
+  config.eval.fit_policies = ("max_prob", "entropy")  # thresholds fitted on val per budget, reported on test
+  config.eval.real_inference = True  # time real batched early exit at the 50% budget's thresholds
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 2000

@@ -2,14 +2,17 @@
 
 Writes to the workdir: report.json, report.md, curve.png (see `eejax.report`)
 and logits.npz (val and test logits_ExNxC with labels, for later calibration).
+Thresholds and temperatures are fitted on the validation split and reported on
+test; the curves and their budget columns read the test split directly.
 """
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import input_pipeline, policies, report, sharding
+from eejax import calibration, inference, input_pipeline, policies, report, sharding
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
 
@@ -41,13 +44,6 @@ def exit_accuracy(logits_ExNxC, labels_N) -> np.ndarray:
   return (np.argmax(logits_ExNxC, -1) == labels_N[None]).mean(-1)
 
 
-def curve_thresholds(conf_ExN, num: int) -> np.ndarray:
-  """Quantiles of the early exits' confidences (points spread evenly in cost), plus 0 and 1.01."""
-  early = np.asarray(conf_ExN[:-1]).ravel()
-  quantiles = np.quantile(early, np.linspace(0, 1, num)) if early.size else np.zeros(0)
-  return np.unique(np.concatenate([[0.0], quantiles, [1.01]])).astype(np.float32)
-
-
 def budget_accuracy(macs_K, accuracy_K, full_macs: int, budgets) -> dict:
   """Best accuracy among curve points whose mean MACs <= budget * full_macs (None if none)."""
   out = {}
@@ -57,14 +53,79 @@ def budget_accuracy(macs_K, accuracy_K, full_macs: int, budgets) -> dict:
   return out
 
 
-def max_prob_report(logits_ExNxC, labels_N, macs: ExitMacs, num_thresholds: int, budgets) -> dict:
-  conf_ExN, pred_ExN = policies.max_prob(jnp.asarray(logits_ExNxC))
-  thresholds_K = curve_thresholds(conf_ExN, num_thresholds)
-  accuracy_K, macs_K = jax.device_get(policies.sweep(
-      conf_ExN, pred_ExN == jnp.asarray(labels_N)[None], np.asarray(macs.cumulative, np.float32), thresholds_K))
-  curve = [{"threshold": float(t), "accuracy": float(a), "macs": float(m)}
-           for t, a, m in zip(thresholds_K, accuracy_K, macs_K)]
+def policy_report(logits_ExNxC, labels_N, macs: ExitMacs, policy: str, num_thresholds: int, budgets) -> dict:
+  """A global-threshold policy on one split: its curve (with the Pareto front) and budget accuracies."""
+  score_ExN, pred_ExN = policies.scores(jnp.asarray(logits_ExNxC), policy)
+  thresholds_K = calibration.curve_thresholds(score_ExN, policy, num_thresholds)
+  accuracy_K, macs_K = jax.device_get(calibration.search(
+      score_ExN, pred_ExN, jnp.asarray(labels_N), np.asarray(macs.cumulative, np.float32), thresholds_K,
+      higher_passes=policies.HIGHER_PASSES[policy]))
+  front = calibration.pareto_front(macs_K, accuracy_K)
+  curve = [{"threshold": float(t), "accuracy": float(a), "macs": float(m), "pareto": bool(p)}
+           for t, a, m, p in zip(thresholds_K, accuracy_K, macs_K, front)]
   return {"curve": curve, "budgets": budget_accuracy(macs_K, accuracy_K, macs.full, budgets)}
+
+
+def fitted_report(val, test, macs: ExitMacs, policy: str, budgets) -> list[dict]:
+  """Per-exit and global thresholds fitted on val for each budget < 1, both evaluated on test."""
+  cost_E = np.asarray(macs.cumulative, np.float32)
+  (val_logits, val_labels), (test_logits, test_labels) = val, test
+  val_score, val_pred = policies.scores(jnp.asarray(val_logits), policy)
+  test_score, test_pred = policies.scores(jnp.asarray(test_logits), policy)
+  per_exit = calibration.per_exit_candidates(val_score, policy)
+  global_k = calibration.curve_thresholds(val_score, policy)
+  global_kxe = np.repeat(global_k[:, None], per_exit.shape[1], axis=1)
+  higher = policies.HIGHER_PASSES[policy]
+  out = []
+  for budget in (b for b in budgets if b < 1):
+    row = {"budget": float(budget)}
+    for name, candidates in (("per_exit", per_exit), ("global", global_kxe)):
+      t_E, val_acc, val_macs = calibration.fit_budget(val_score, val_pred, val_labels, cost_E, candidates,
+                                                      budget * macs.full, policy)
+      acc, spent = jax.device_get(calibration.search(test_score, test_pred, jnp.asarray(test_labels), cost_E,
+                                                     t_E[None], higher_passes=higher))
+      row[name] = {"thresholds": [float(t) for t in t_E[:-1]], "fits_budget_on_val": val_macs <= budget * macs.full,
+                   "val_accuracy": val_acc,
+                   "val_macs_fraction": val_macs / macs.full, "test_accuracy": float(acc[0]),
+                   "test_macs_fraction": float(spent[0]) / macs.full}
+    out.append(row)
+  return out
+
+
+def calibration_error_report(val, test) -> dict:
+  """Per-exit temperatures fitted on val, and test ECE before and after scaling."""
+  (val_logits, val_labels), (test_logits, test_labels) = val, test
+  temperature_E = calibration.fit_temperature(jnp.asarray(val_logits), jnp.asarray(val_labels))
+  before = calibration.expected_calibration_error(jnp.asarray(test_logits), jnp.asarray(test_labels))
+  after = calibration.expected_calibration_error(jnp.asarray(test_logits) / temperature_E[:, None, None],
+                                                 jnp.asarray(test_labels))
+  return {"temperature": np.asarray(temperature_E).tolist(), "test_ece": np.asarray(before).tolist(),
+          "test_ece_scaled": np.asarray(after).tolist()}
+
+
+def real_inference_report(model, variables, images_NxHxWx3, mean_C, std_C, macs: ExitMacs, threshold_E,
+                          batch_size: int, simulated_exit_N) -> dict:
+  """Measured images/s of real batched early exit against the full network (second pass, compiled)."""
+  batch_size = min(batch_size, images_NxHxWx3.shape[0])
+  runner = inference.BatchedEarlyExit(model, variables, mean_C, std_C, macs.cumulative, batch_size)
+  n = images_NxHxWx3.shape[0] // batch_size * batch_size
+  batches = [images_NxHxWx3[i:i + batch_size] for i in range(0, n, batch_size)]
+
+  def timed(fn):
+    fn(batches[0])  # compile
+    start = time.perf_counter()
+    outs = [fn(x) for x in batches]
+    jax.block_until_ready(outs)
+    return n / (time.perf_counter() - start), outs
+
+  full_rate, _ = timed(runner.full)
+  exit_rate, outs = timed(lambda x: runner(x, threshold_E, "max_prob"))
+  exits = np.concatenate([o[1] for o in outs])
+  mean_cost = float(np.asarray(macs.cumulative)[exits].mean())
+  return {"device": jax.devices()[0].device_kind, "batch_size": batch_size, "images": n,
+          "full_images_per_s": full_rate, "early_exit_images_per_s": exit_rate,
+          "measured_speedup": exit_rate / full_rate, "macs_predicted_speedup": macs.full / mean_cost,
+          "exit_mismatches_vs_simulated": int(np.sum(exits != simulated_exit_N[:n]))}
 
 
 def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, workdir: str, mesh,
@@ -75,6 +136,8 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
   logits = {name: predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size)
             for name, split in (("val", ds.val), ("test", ds.test))}
   acc_E = exit_accuracy(logits["test"], ds.test.labels_N)
+  val, test = (logits["val"], ds.val.labels_N), (logits["test"], ds.test.labels_N)
+  fitted = {p: fitted_report(val, test, macs, p, config.eval.budgets) for p in config.eval.fit_policies}
   result = {
       "method": method or config.scheme,
       "model": config.model.name,
@@ -83,11 +146,21 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
       "full_macs": macs.full,
       "exits": [{"exit": e + 1, "accuracy": float(a), "macs": macs.cumulative[e], "head_macs": macs.head[e]}
                 for e, a in enumerate(acc_E)],
-      "policies": {"max_prob": max_prob_report(logits["test"], ds.test.labels_N, macs,
-                                               config.eval.num_thresholds, config.eval.budgets)},
+      "policies": {p: policy_report(logits["test"], ds.test.labels_N, macs, p, config.eval.num_thresholds,
+                                    config.eval.budgets) for p in config.eval.policies},
+      "fitted_on_val": fitted,
+      "calibration": calibration_error_report(val, test),
       "splits": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test), "val_source": ds.val_source},
       **(extra or {}),
   }
+  if config.eval.real_inference and "max_prob" in fitted and fitted["max_prob"]:
+    row = min(fitted["max_prob"], key=lambda r: abs(r["budget"] - 0.5))
+    threshold_E = np.asarray(row["per_exit"]["thresholds"] + [0.0], np.float32)
+    score, pred = policies.scores(jnp.asarray(logits["test"]), "max_prob")
+    simulated = np.asarray(policies.first_exit(score, pred, threshold_E[None]))[0]
+    result["real_inference"] = {"budget": row["budget"], **real_inference_report(
+        model, variables, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_E,
+        config.eval.batch_size, simulated)}
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, "logits.npz"), val_logits=logits["val"], val_labels=ds.val.labels_N,
              test_logits=logits["test"], test_labels=ds.test.labels_N, cumulative_macs=np.asarray(macs.cumulative))

@@ -26,10 +26,55 @@ def markdown(report: dict) -> str:
               "| budget (% of full MACs) | accuracy (%) |", "|---:|---:|"]
     for budget, acc in policy["budgets"].items():
       lines.append(f"| {100 * float(budget):.0f} | {_pct(acc)} |")
+  lines += _fitted_lines(report) + _calibration_lines(report) + _real_inference_lines(report)
   if report.get("train_images_per_s"):
     lines += ["", f"Training throughput: {report['train_images_per_s']:,.0f} images/s "
               f"(steady state, compilation excluded), {report.get('train_steps')} steps."]
   return "\n".join(lines) + "\n"
+
+
+def _fitted_lines(report: dict) -> list[str]:
+  lines = []
+  for policy, rows in report.get("fitted_on_val", {}).items():
+    lines += ["", f"## Policy `{policy}`: thresholds fitted on validation for a budget, reported on test", "",
+              "Fitted on the validation split (never on test); accuracy and cost below are on test. "
+              "A budget marked * is below the cost of exit 1: the cheapest setting is shown.", "",
+              "| budget | per-exit thresholds | test accuracy (%) | test MACs (% of full) "
+              "| global threshold | test accuracy (%) | test MACs (% of full) |",
+              "|---:|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+      p, g = row["per_exit"], row["global"]
+      mark = "" if p["fits_budget_on_val"] else "*"
+      lines.append(f"| {100 * row['budget']:.0f}%{mark} | {', '.join(f'{t:.4f}' for t in p['thresholds'])} "
+                   f"| {_pct(p['test_accuracy'])} | {100 * p['test_macs_fraction']:.1f} "
+                   f"| {g['thresholds'][0]:.4f} | {_pct(g['test_accuracy'])} | {100 * g['test_macs_fraction']:.1f} |")
+  return lines
+
+
+def _calibration_lines(report: dict) -> list[str]:
+  cal = report.get("calibration")
+  if not cal:
+    return []
+  lines = ["", "## Calibration per exit", "",
+           "Temperature fitted on validation; expected calibration error (15 bins) on test.", "",
+           "| exit | temperature | ECE (%) | ECE after scaling (%) |", "|---:|---:|---:|---:|"]
+  for e, (t, before, after) in enumerate(zip(cal["temperature"], cal["test_ece"], cal["test_ece_scaled"])):
+    lines.append(f"| {e + 1} | {t:.3f} | {_pct(before)} | {_pct(after)} |")
+  return lines
+
+
+def _real_inference_lines(report: dict) -> list[str]:
+  real = report.get("real_inference")
+  if not real:
+    return []
+  return ["", "## Real early exit (images that exit are not computed further)", "",
+          f"`max_prob` per-exit thresholds fitted for {100 * real['budget']:.0f}% of the MACs; {real['images']} test "
+          f"images in batches of {real['batch_size']} on {real['device']}.", "",
+          "| full network (images/s) | early exit (images/s) | measured speedup | MACs-predicted speedup |",
+          "|---:|---:|---:|---:|",
+          f"| {real['full_images_per_s']:,.0f} | {real['early_exit_images_per_s']:,.0f} "
+          f"| {real['measured_speedup']:.2f}x | {real['macs_predicted_speedup']:.2f}x |", "",
+          f"Exit decisions differing from the simulated policy: {real['exit_mismatches_vs_simulated']}."]
 
 
 def plot_curve(report: dict, path: str) -> None:
@@ -38,6 +83,10 @@ def plot_curve(report: dict, path: str) -> None:
     curve = sorted(policy["curve"], key=lambda p: p["macs"])
     ax.plot([p["macs"] / 1e6 for p in curve], [100 * p["accuracy"] for p in curve], ".-", ms=3, lw=1,
             label=f"{name} (one point per threshold)")
+  for name, rows in report.get("fitted_on_val", {}).items():
+    ax.scatter([r["per_exit"]["test_macs_fraction"] * report["full_macs"] / 1e6 for r in rows],
+               [100 * r["per_exit"]["test_accuracy"] for r in rows], marker="D", s=30, zorder=4,
+               label=f"{name}, per-exit thresholds fitted on val")
   ax.scatter([e["macs"] / 1e6 for e in report["exits"]], [100 * e["accuracy"] for e in report["exits"]],
              marker="*", s=120, c="k", zorder=3, label="each exit alone")
   for e in report["exits"]:

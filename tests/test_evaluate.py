@@ -15,14 +15,14 @@ def test_budget_accuracy_by_hand():
   assert out == {"0.05": None, "0.5": 0.7, "0.75": 0.7, "1.0": 0.9}
 
 
-def test_max_prob_report_on_fixed_logits():
+def test_policy_report_on_fixed_logits():
   # 2 exits, 4 images. Exit 1 is confident on images 0, 1 (right on 0, wrong on 1) and flat (so
   # predicting class 0, wrong) on 2, 3; exit 2 is always right.
   big, flat, one = [5.0, 0.0], [0.0, 0.0], [0.0, 5.0]
   logits = np.array([[big, big, flat, flat], [big, one, one, one]], np.float32)
   labels = np.array([0, 1, 1, 1])
   macs = ExitMacs(backbone=(10, 20), head=(1, 1), cumulative=(11, 22), full=21)
-  out = evaluate.max_prob_report(logits, labels, macs, num_thresholds=5, budgets=(0.5, 0.8, 1.0))
+  out = evaluate.policy_report(logits, labels, macs, "max_prob", num_thresholds=5, budgets=(0.5, 0.8, 1.0))
   points = {(p["accuracy"], p["macs"]) for p in out["curve"]}
   assert (0.25, 11.0) in points  # threshold 0: everyone exits at 1; only image 0 is right there
   assert (0.75, 16.5) in points  # confident ones (0, 1) exit at 1, the flat ones go on: 3 right

@@ -1,38 +1,97 @@
-"""Max-probability exit policy against a plain numpy loop, ties and fallback included."""
+"""Exit policies against an independent plain-numpy loop: decisions, accuracy, cost, ties, fallback."""
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from eejax import policies
 
 
-def loop_reference(conf, correct, cost, thresholds):
-  acc, macs = [], []
-  for t in thresholds:
-    hits, spent = 0, 0.0
-    for b in range(conf.shape[1]):
-      e = next((e for e in range(conf.shape[0]) if conf[e, b] >= t), conf.shape[0] - 1)
-      hits += correct[e, b]
-      spent += cost[e]
-    acc.append(hits / conf.shape[1])
-    macs.append(spent / conf.shape[1])
-  return np.array(acc), np.array(macs)
+def np_scores(logits, policy):
+  """Independent numpy scores (E, B) and predictions."""
+  z = logits - logits.max(-1, keepdims=True)
+  p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+  pred = logits.argmax(-1)
+  if policy == "max_prob":
+    return p.max(-1), pred
+  if policy == "entropy":
+    return -(p * np.log(p)).sum(-1) / np.log(logits.shape[-1]), pred
+  run = np.ones_like(pred)
+  for e in range(1, len(pred)):
+    run[e] = np.where(pred[e] == pred[e - 1], run[e - 1] + 1, 1)
+  return run.astype(np.float64), pred
 
 
-def test_sweep_matches_loop_with_ties_and_fallback():
+def np_loop(score, pred, labels, cost, threshold, higher):
+  """For each setting and image, walk the exits in order: exit, prediction, then accuracy and mean cost."""
+  threshold = np.asarray(threshold)
+  acc, macs, exits = [], [], []
+  for k in range(threshold.shape[0]):
+    hits, spent, row = 0, 0.0, []
+    for b in range(score.shape[1]):
+      chosen = score.shape[0] - 1
+      for e in range(score.shape[0] - 1):
+        t = threshold[k] if threshold.ndim == 1 else (threshold[k, e] if threshold.ndim == 2
+                                                      else threshold[k, e, pred[e, b]])
+        if (score[e, b] >= t) if higher else (score[e, b] <= t):
+          chosen = e
+          break
+      hits += pred[chosen, b] == labels[b]
+      spent += cost[chosen]
+      row.append(chosen)
+    acc.append(hits / score.shape[1])
+    macs.append(spent / score.shape[1])
+    exits.append(row)
+  return np.array(acc), np.array(macs), np.array(exits)
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+@pytest.mark.parametrize("granularity", ["global", "per_exit", "per_class"])
+def test_policy_matches_numpy_loop(policy, granularity):
   rng = np.random.default_rng(0)
-  conf = rng.choice([0.2, 0.5, 0.8, 1.0], size=(4, 300)).astype(np.float32)  # many exact ties with thresholds
+  e, b, c = 4, 200, 3
+  logits = rng.normal(size=(e, b, c)).astype(np.float32) * 2
+  logits[:, :20] = logits[:1, :20]  # identical exits: ties in confidence, long agreement runs
+  labels = rng.integers(0, c, b)
+  cost = np.array([10.0, 25.0, 60.0, 100.0])
+  score_ref, pred_ref = np_scores(logits.astype(np.float64), policy)
+  score, pred = jax.device_get(policies.scores(jnp.asarray(logits), policy))
+  np.testing.assert_allclose(score, score_ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(pred, pred_ref)
+  # Thresholds drawn from the scores themselves, so many images sit exactly on a threshold.
+  picks = rng.choice(score[:-1].ravel(), size=(6, e, c))
+  threshold = {"global": picks[:, 0, 0], "per_exit": picks[:, :, 0], "per_class": picks}[granularity]
+  if policy == "patience":
+    threshold = np.round(threshold)
+  higher = policies.HIGHER_PASSES[policy]
+  exits = np.asarray(policies.first_exit(jnp.asarray(score), jnp.asarray(pred), threshold, higher))
+  acc, macs, _ = jax.device_get(policies.outcome(jnp.asarray(exits), jnp.asarray(pred), jnp.asarray(labels), cost))
+  ref_acc, ref_macs, ref_exits = np_loop(score, pred, labels, cost, threshold, higher)
+  np.testing.assert_array_equal(exits, ref_exits)
+  np.testing.assert_allclose(acc, ref_acc, rtol=1e-6)
+  np.testing.assert_allclose(macs, ref_macs, rtol=1e-5)
+
+
+def test_last_exit_always_answers():
+  score = jnp.zeros((3, 5))
+  pred = jnp.zeros((3, 5), jnp.int32)
+  assert (policies.first_exit(score, pred, jnp.array([1.0]), True) == 2).all()
+  assert (policies.first_exit(score, pred, jnp.array([-1.0]), False) == 2).all()
+  assert (policies.first_exit(score, pred, jnp.array([0.0]), True) == 0).all()  # ties pass
+
+
+def test_sweep_of_correctness_matches_loop():
+  rng = np.random.default_rng(0)
+  conf = rng.choice([0.2, 0.5, 0.8, 1.0], size=(4, 300)).astype(np.float32)
   correct = rng.random((4, 300)) < 0.7
   cost = np.array([10.0, 25.0, 60.0, 100.0], np.float32)
   thresholds = np.array([0.0, 0.2, 0.5, 0.8, 0.9, 1.0, 1.01], np.float32)
   acc, macs = jax.device_get(policies.sweep(conf, correct, cost, thresholds))
-  ref_acc, ref_macs = loop_reference(conf, correct, cost, thresholds)
+  pred = np.where(correct, 1, 0)  # correct iff pred == label 1
+  ref_acc, ref_macs, _ = np_loop(conf, pred, np.ones(300, int), cost, thresholds, True)
   np.testing.assert_allclose(acc, ref_acc, rtol=1e-6)
   np.testing.assert_allclose(macs, ref_macs, rtol=1e-5)
-  assert macs[0] == 10.0 and macs[-1] == 100.0  # threshold 0: all at exit 1; above 1: all at the last
 
 
-def test_max_prob_confidence_and_prediction():
-  logits = np.array([[[2.0, 0.0], [0.0, 0.0]]], np.float32)
-  conf, pred = policies.max_prob(logits)
-  np.testing.assert_allclose(conf, [[np.exp(2) / (1 + np.exp(2)), 0.5]], rtol=1e-6)
-  assert pred.tolist() == [[0, 0]]
+def test_agreement_run_doctest_values():
+  np.testing.assert_array_equal(policies.agreement_run(jnp.array([[1, 0], [1, 0], [2, 0]])), [[1, 1], [2, 2], [1, 3]])

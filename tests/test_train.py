@@ -47,6 +47,10 @@ def test_train_writes_the_report_and_learns(tiny_tree, tmp_path):
   assert [e["exit"] for e in saved["exits"]] == [1, 2, 3]
   assert {"threshold", "accuracy", "macs"} <= set(saved["policies"]["max_prob"]["curve"][0])
   assert set(saved["policies"]["max_prob"]["budgets"]) == {"0.25", "0.5", "0.75", "1.0"}
+  assert set(saved["policies"]) == {"max_prob", "entropy", "patience"}
+  assert [r["budget"] for r in saved["fitted_on_val"]["max_prob"]] == [0.25, 0.5, 0.75]
+  assert len(saved["calibration"]["temperature"]) == 3
+  assert saved["real_inference"]["exit_mismatches_vs_simulated"] == 0
   # The classes differ in brightness: the final exit must beat chance (1/3) clearly.
   assert result["exits"][-1]["accuracy"] > 0.6
   logits = np.load(os.path.join(workdir, "logits.npz"))

@@ -1,0 +1,89 @@
+"""Real batched early exit against the full network, on whatever device is present.
+
+  python bench/early_exit.py --workdir W            # a trained run: its val-fitted 50% thresholds, test images
+  python bench/early_exit.py --model resnet18       # untrained, random images, thresholds at exit medians
+
+Prints images/s of the full network (every exit computed) and of real early
+exit (images that exit are gathered out and not computed further), their ratio
+(the measured speedup) and the speedup the MACs predict for the same decisions.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eejax import inference, input_pipeline, policies
+from eejax.flops import exit_macs
+from eejax.models import MultiExitNet
+
+
+def from_workdir(workdir):
+  from eejax import train  # pylint: disable=g-import-not-at-top
+  config, model, variables = train.load_run(workdir)
+  ds = train.load_dataset(config.data)
+  with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+    fitted = json.load(f)["fitted_on_val"]["max_prob"]
+  row = min(fitted, key=lambda r: abs(r["budget"] - 0.5))
+  threshold = np.asarray(row["per_exit"]["thresholds"] + [0.0], np.float32)
+  mean, std = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  return model, variables, ds.test.images_NxHxWx3, mean, std, threshold
+
+
+def untrained(name, n, num_classes=10):
+  model = MultiExitNet(name, num_classes)
+  images = np.random.default_rng(0).integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+  variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  mean, std = input_pipeline.channel_stats(images)
+  logits = jax.jit(lambda v, x: model.apply(v, input_pipeline.normalize(x, mean, std))[0])(variables, images[:512])
+  conf, _ = policies.max_prob(logits)
+  threshold = np.append(np.median(np.asarray(conf[:-1]), axis=1), 0.0).astype(np.float32)
+  return model, variables, images, mean, std, threshold
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir")
+  parser.add_argument("--model", default="resnet18")
+  parser.add_argument("--batch-size", type=int, default=1000)
+  parser.add_argument("--images", type=int, default=10_000)
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+  model, variables, images, mean, std, threshold = (from_workdir(args.workdir) if args.workdir
+                                                    else untrained(args.model, args.images))
+  macs = exit_macs(model, images.shape[1:])
+  runner = inference.BatchedEarlyExit(model, variables, mean, std, macs.cumulative, args.batch_size)
+  n = images.shape[0] // args.batch_size * args.batch_size
+  batches = [images[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
+
+  def rate(fn):
+    for x in batches[:2]:
+      jax.block_until_ready(fn(x))  # compile every shape this path meets
+    best = 0.0
+    for _ in range(args.repeats):
+      start = time.perf_counter()
+      outs = [fn(x) for x in batches]
+      jax.block_until_ready(outs)
+      best = max(best, n / (time.perf_counter() - start))
+    return best, outs
+
+  full_rate, _ = rate(runner.full)
+  exit_rate, outs = rate(lambda x: runner(x, threshold))
+  exits = np.concatenate([o[1] for o in outs])
+  predicted = macs.full / np.asarray(macs.cumulative)[exits].mean()
+  print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()}), host {platform.machine()}, "
+        f"jax {jax.__version__}")
+  print(f"model: {model.arch} ({model.num_exits} exits), {n} images in batches of {args.batch_size}, "
+        f"{'trained: ' + args.workdir if args.workdir else 'untrained, random images'}")
+  print(f"exits taken: {np.bincount(exits, minlength=model.num_exits).tolist()}")
+  print(f"full network      : {full_rate:10,.0f} images/s")
+  print(f"real early exit   : {exit_rate:10,.0f} images/s")
+  print(f"measured speedup  : {exit_rate / full_rate:10.2f}x   MACs-predicted speedup: {predicted:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

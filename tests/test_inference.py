@@ -1,0 +1,82 @@
+"""Real early exit: batched with compaction and batch-1 with lax.cond equal the simulated policy."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eejax import inference, input_pipeline, policies
+from eejax.flops import exit_macs
+from eejax.models import MultiExitNet
+
+
+@pytest.fixture(scope="module")
+def setup():
+  model = MultiExitNet("resnet8", 4, width=0.5, head="pool_conv", head_width=8)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  # Move the BatchNorm statistics away from their initial values so every layer matters.
+  variables = {"params": variables["params"],
+               "batch_stats": jax.tree.map(lambda s: s + 0.1 * jax.random.uniform(jax.random.key(1), s.shape),
+                                           variables["batch_stats"])}
+  mean, std = input_pipeline.channel_stats(images)
+  cost = exit_macs(model, (16, 16, 3)).cumulative
+  logits = model.apply(variables, input_pipeline.normalize(images, mean, std))[0]
+  return model, variables, images, mean, std, np.asarray(cost), logits
+
+
+def simulated(logits, threshold, policy):
+  score, pred = policies.scores(logits, policy)
+  exit_b = np.asarray(policies.first_exit(score, pred, jnp.asarray(threshold)[None], policies.HIGHER_PASSES[policy]))[0]
+  return np.asarray(pred)[exit_b, np.arange(exit_b.size)], exit_b
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_batched_and_single_equal_simulation(setup, policy):
+  model, variables, images, mean, std, cost, logits = setup
+  score, _ = policies.scores(logits, policy)
+  # Per-exit thresholds at the exits' median scores: about half the images leave at each exit.
+  threshold = np.append(np.median(np.asarray(score[:-1]), axis=1), 0).astype(np.float32)
+  if policy == "patience":  # exit 1 can only answer with patience 1; exit 2 when it agrees with exit 1
+    threshold = np.array([3, 2, 0], np.float32)
+  want_pred, want_exit = simulated(logits, threshold, policy)
+  assert len(set(want_exit.tolist())) == (2 if policy == "patience" else 3)  # the exits share the work
+  runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=32, smallest_bucket=4)
+  preds, exits, costs = zip(*(runner(images[i:i + 32], threshold, policy) for i in (0, 32)))
+  np.testing.assert_array_equal(np.concatenate(preds), want_pred)
+  np.testing.assert_array_equal(np.concatenate(exits), want_exit)
+  np.testing.assert_array_equal(np.concatenate(costs), cost[want_exit])
+  single = jax.jit(inference.single_image_fn(model, variables, mean, std, cost, threshold, policy))
+  for i in range(0, 40, 3):
+    pred, exit_i, cost_i = single(images[i:i + 1])
+    assert (int(pred), int(exit_i)) == (want_pred[i], want_exit[i])
+    assert float(cost_i) == pytest.approx(cost[want_exit[i]])
+
+
+def test_per_class_thresholds(setup):
+  model, variables, images, mean, std, cost, logits = setup
+  threshold = np.random.default_rng(2).uniform(0.25, 0.5, (3, 4)).astype(np.float32)
+  want_pred, want_exit = simulated(logits, threshold, "max_prob")
+  runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=64)
+  pred, exit_b, _ = runner(images, threshold)
+  np.testing.assert_array_equal(pred, want_pred)
+  np.testing.assert_array_equal(exit_b, want_exit)
+
+
+def test_export_round_trip_has_real_conditionals(setup):
+  model, variables, images, mean, std, cost, logits = setup
+  threshold = np.array([0.4, 0.45, 0.0], np.float32)
+  want_pred, want_exit = simulated(logits, threshold, "max_prob")
+  fn = inference.single_image_fn(model, variables, mean, std, cost, threshold)
+  exported = inference.export_single_image(fn, (16, 16, 3))
+  assert "stablehlo.case" in exported.mlir_module()
+  restored = jax.export.deserialize(exported.serialize())
+  for i in range(6):
+    pred, exit_i, _ = restored.call(images[i:i + 1])
+    assert (int(pred), int(exit_i)) == (want_pred[i], want_exit[i])
+
+
+def test_bucket_sizes():
+  assert inference.bucket_sizes(64) == [64, 32, 16, 8]
+  assert inference.bucket_sizes(100, smallest=10) == [100, 50, 25]
+  assert inference.bucket_sizes(4) == [4]
