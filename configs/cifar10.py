@@ -12,16 +12,39 @@ Presets (the `:arg` after the file name):
           Result (README.md): about 73% final-exit test accuracy in about 12 minutes.
   smoke   A few steps of a tiny ResNet-8 on a few images: seconds, for tests.
 
+ERDE (Guidez et al., arXiv 2510.04856), teacher ResNet-34 -> student ResNet-18,
+both with the paper's exit head (BN, ReLU, 2x2 avg-pool, dropout, dense):
+  erde_teacher  the teacher, trained jointly.
+  erde          the student distilled with ERDE; needs --config.erde.teacher=TEACHER_WORKDIR.
+  erde_kd       ablation: KD without the entropy term (KD towards the teacher on every image).
+  erde_student  ablation: the student alone, trained jointly.
+  bash: python launch/erde.py --scale gpu runs all four and writes one comparison table.
+Result: not measured yet on a GPU; launch/erde.py --scale cpu gives the small-scale table.
+
+Multi-exit self-distillation, ResNet-18 (4 exits), 200 epochs; `_cpu` variants use the cpu preset:
+  mate / mate_cpu    MATE (Sun et al. 2024): learned ensemble teachers, one per exit (config.mate).
+  byot / byot_cpu    Be Your Own Teacher: every exit distils from the deepest (config.byot).
+  joint_cpu          the joint baseline at the cpu preset's size.
+  python launch/self_distillation.py --config configs/cifar10.py --scale cpu|gpu compares all three.
+Result: not measured yet on a GPU.
+The weights, temperature, sign and form of the entropy term and the exit pairing
+are our reading of the paper (its full text is not available): see config.erde.
+
 Every leaf can be overridden, e.g. `--config.train.epochs=10`.
 """
 import ml_collections
 from ml_collections import config_dict
 
 
+ERDE_PRESETS = ("erde_teacher", "erde", "erde_kd", "erde_student")
+SELF_DISTILLATION_PRESETS = ("mate", "byot", "mate_cpu", "byot_cpu", "joint_cpu")
+PRESETS = ERDE_PRESETS + SELF_DISTILLATION_PRESETS
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.scheme = "joint"  # joint: weighted sum of per-exit cross-entropies
+  config.scheme = "joint"  # joint: weighted sum of per-exit cross-entropies | erde: distillation, see below
   config.init_from = ""  # a workdir whose latest parameters start this run (unless resuming)
   config.distributed = False  # True: jax.distributed.initialize() for a multi-host job
 
@@ -29,13 +52,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = "resnet18"  # resnet8/20/56/110 (thin) or resnet18/34/50
   config.model.width = 1.0  # channel multiplier
   config.model.exit_after = config_dict.placeholder(tuple)  # 1-based block numbers; None: after each stage
-  config.model.head = "linear"  # linear | pool_conv, for every exit but the last (always linear)
+  config.model.head = "linear"  # linear | pool_conv | erde, for every exit but the last (always linear)
   config.model.head_width = 128  # channels of heads with a hidden layer
+  config.model.head_dropout = 0.0  # dropout before each head's dense layer
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "tfds:cifar10"  # tfds:NAME | folder:PATH (class-per-folder train/ and test/)
   config.data.max_images = 0  # per split, a seeded random subset for quick runs; 0: all
+  config.data.test_split = "test"  # folder sources: the folder of the labelled evaluation split
   config.data.val_size = 5000  # images carved from train when the source has no validation split
   config.data.val_seed = 0
   config.data.image_size = config_dict.placeholder(int)  # resize to NxN; None keeps the source's size
@@ -59,6 +84,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.label_smoothing = 0.0
   config.train.exit_weights = config_dict.placeholder(tuple)  # per-exit loss weights; None: all 1
   config.train.steps_per_call = 50  # training steps per jitted call (lax.scan)
+
+  # scheme=erde (Guidez et al. 2025). The paper's full text is not available: these defaults are our reading.
+  config.erde = ml_collections.ConfigDict()
+  config.erde.teacher = ""  # workdir of a trained early-exit teacher run (frozen, never saved with the student)
+  config.erde.temperature = 4.0  # KD temperature t (loss scaled by t^2); our reading
+  config.erde.kd_weight = 1.0  # weight of KD next to the cross-entropy; our reading
+  config.erde.entropy_weight = 0.1  # weight of the entropy term on teacher errors (maximised); our reading
+  config.erde.drop_kd_on_errors = True  # no KD towards a wrong teacher; our reading
+  config.erde.reference = "own"  # which teacher exit decides "wrong": own (the paired exit) | final
+  config.erde.pairing = config_dict.placeholder(tuple)  # teacher exit (0-based) per student exit; None: by depth
+
+  # scheme=mate (Sun et al. 2024) and its baseline byot. The paper's full text is not available: our reading.
+  config.mate = ml_collections.ConfigDict()
+  config.mate.temperature = 3.0  # softening of the teachers' outputs and the exits' (KL scaled by t^2)
+  config.mate.primary_weight = 0.7  # share of exit i's target from its own teacher i; the rest spread evenly
+  config.mate.kd_weight = 1.0  # weight of every exit's KL next to its cross-entropy
+  config.byot = ml_collections.ConfigDict()
+  config.byot.temperature = 3.0
+  config.byot.kd_weight = 1.0
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000
@@ -98,6 +142,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.num_thresholds = 10
     config.checkpoint.every_steps = 4
     config.log.every_s = 0.0
+  elif arg in ERDE_PRESETS:
+    config.model.name = "resnet34" if arg == "erde_teacher" else "resnet18"
+    config.model.head = "erde"
+    config.model.head_dropout = 0.2
+    if arg in ("erde", "erde_kd"):
+      config.scheme = "erde"
+    if arg == "erde_kd":
+      config.erde.entropy_weight = 0.0
+      config.erde.drop_kd_on_errors = False
+  elif arg in ("mate", "byot", "mate_cpu", "byot_cpu", "joint_cpu"):
+    if arg.endswith("_cpu"):
+      config = get_config("cpu")
+    config.scheme = arg.split("_")[0]
   elif arg:
-    raise ValueError(f"unknown preset {arg!r} for configs/cifar10.py; valid: cpu, smoke")
+    raise ValueError(f"unknown preset {arg!r} for configs/cifar10.py; valid: cpu, smoke, {', '.join(PRESETS)}")
   return config

@@ -5,6 +5,10 @@ Presets:
   (none)  ResNet-18, 4 exits, 200 epochs: the GPU recipe.
             python -m eejax.main --config configs/cifar100.py --workdir /tmp/c100
           Result: not measured yet (CIFAR-100 is not on the development machines).
+  erde_teacher, erde, erde_kd, erde_student: the ERDE presets of configs/cifar10.py.
+            python launch/erde.py --config configs/cifar100.py --scale gpu
+  mate, byot (and mate_cpu, byot_cpu, joint_cpu): self-distillation, as in configs/cifar10.py.
+            python launch/self_distillation.py --config configs/cifar100.py --scale gpu
   cpu     ResNet-8, 3 exits, 8 epochs, as configs/cifar10.py:cpu.
             python -m eejax.main --config configs/cifar100.py:cpu --workdir /tmp/c100cpu
           Result: not measured yet.
@@ -16,8 +20,8 @@ from configs import cifar10
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "cpu"):
-    raise ValueError(f"unknown preset {arg!r} for configs/cifar100.py; valid: cpu")
+  if arg not in (None, "", "cpu", *cifar10.PRESETS):
+    raise ValueError(f"unknown preset {arg!r} for configs/cifar100.py; valid: cpu, {', '.join(cifar10.PRESETS)}")
   config = cifar10.get_config(arg or None)
   config.data.source = "tfds:cifar100"
   return config

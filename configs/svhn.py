@@ -7,6 +7,10 @@ Presets:
   (none)  ResNet-18, 4 exits, 40 epochs: the GPU recipe.
             python -m eejax.main --config configs/svhn.py --workdir /tmp/svhn
           Result: not measured yet (SVHN is not on the development machines).
+  erde_teacher, erde, erde_kd, erde_student: the ERDE presets of configs/cifar10.py.
+            python launch/erde.py --config configs/svhn.py --scale gpu
+  mate, byot (and mate_cpu, byot_cpu, joint_cpu): self-distillation, as in configs/cifar10.py.
+            python launch/self_distillation.py --config configs/svhn.py --scale gpu
   cpu     ResNet-8, 3 exits, 4 epochs.
             python -m eejax.main --config configs/svhn.py:cpu --workdir /tmp/svhncpu
           Result: not measured yet.
@@ -18,11 +22,12 @@ from configs import cifar10
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "cpu"):
-    raise ValueError(f"unknown preset {arg!r} for configs/svhn.py; valid: cpu")
+  if arg not in (None, "", "cpu", *cifar10.PRESETS):
+    raise ValueError(f"unknown preset {arg!r} for configs/svhn.py; valid: cpu, {', '.join(cifar10.PRESETS)}")
   config = cifar10.get_config(arg or None)
   config.data.source = "tfds:svhn_cropped"
   config.data.flip = False
-  config.train.epochs = 4 if arg == "cpu" else 40
-  config.train.learning_rate = 0.05 if arg != "cpu" else 0.1
+  cpu = bool(arg) and arg.endswith("cpu")
+  config.train.epochs = 4 if cpu else 40
+  config.train.learning_rate = 0.1 if cpu else 0.05
   return config

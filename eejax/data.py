@@ -2,10 +2,13 @@
 
 `load(source, ...)` returns a `Dataset` with train / val / test splits:
 
-* `folder:PATH`: `PATH/train/<class>/*` and `PATH/test/<class>/*` (JPEG or
-  PNG, RGB or greyscale, one size), the layout CINIC-10 ships in. The
-  validation split is `PATH/valid/` or `PATH/val/` when present, else carved
-  from train.
+* `folder:PATH`: `PATH/train/<class>/**` and `PATH/<test_split>/<class>/**`
+  (JPEG or PNG, RGB or greyscale, one size; images may sit in sub-folders of a
+  class folder), the layout CINIC-10 ships in. A split folder without class
+  folders but with a `val_annotations.txt` (file, class per line: Tiny
+  ImageNet's val/) is labelled from it. The validation split is
+  `PATH/valid/` or `PATH/val/` when present (and not the test split), else
+  carved from train.
 * `tfds:NAME`: a TensorFlow Datasets dataset already prepared in
   `data_dir` (read without TensorFlow), or downloaded and prepared on first use
   when `download=True` (that needs network access and TensorFlow).
@@ -54,7 +57,7 @@ class Dataset:
 
 def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: int | None = None,
          cache_dir: str | None = None, tfds_data_dir: str | None = None, download: bool = False,
-         max_images: int = 0) -> Dataset:
+         max_images: int = 0, test_split: str = "test") -> Dataset:
   """Loads `source` ('folder:PATH' or 'tfds:NAME'); see the module docstring.
 
   max_images > 0 keeps a random subset (seeded by val_seed) of at most that many
@@ -63,7 +66,8 @@ def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: in
   """
   kind, _, arg = source.partition(":")
   if kind == "folder" and arg:
-    splits, class_names = _cached(lambda: _read_folder(arg, image_size), _folder_key(arg, image_size), cache_dir)
+    splits, class_names = _cached(lambda: _read_folder(arg, image_size, test_split),
+                                  _folder_key(arg, f"{image_size}:{test_split}"), cache_dir)
   elif kind == "tfds" and arg:
     key = f"tfds:{arg}:{tfds_data_dir}:{image_size}"
     splits, class_names = _cached(lambda: _read_tfds(arg, tfds_data_dir, download, image_size), key, cache_dir)
@@ -137,30 +141,60 @@ def _folder_key(root: str, image_size) -> str:
 # ---------------------------------------------------------------- folder trees
 
 
-def _read_folder(root: str, image_size):
-  if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, "test")):
+def _read_folder(root: str, image_size, test_split: str = "test"):
+  if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, test_split)):
     raise UserError(
         f"data folder {root!r} not found or incomplete: expected {root}/train/<class>/*.jpg|png and "
-        f"{root}/test/<class>/*.jpg|png; set --config.data.source=folder:PATH or tfds:NAME")
+        f"{root}/{test_split}/<class>/*.jpg|png; set --config.data.source=folder:PATH or tfds:NAME")
   class_names = tuple(sorted(d for d in os.listdir(os.path.join(root, "train"))
                              if os.path.isdir(os.path.join(root, "train", d))))
   splits = {"train": _read_folder_split(root, "train", class_names, image_size),
-            "test": _read_folder_split(root, "test", class_names, image_size)}
+            "test": _read_folder_split(root, test_split, class_names, image_size)}
   for name in ("valid", "val"):
-    if os.path.isdir(os.path.join(root, name)):
+    if name != test_split and os.path.isdir(os.path.join(root, name)):
       splits["val"] = _read_folder_split(root, name, class_names, image_size)
       break
   return splits, class_names
 
 
+def _images_under(folder: str) -> list[str]:
+  """Every image file under `folder`, sub-folders included, in sorted order."""
+  found = []
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames.sort()
+    found += [os.path.join(dirpath, n) for n in sorted(filenames) if n.lower().endswith(IMAGE_EXTENSIONS)]
+  return found
+
+
+def _annotated_split(root, split, class_names):
+  """(paths, labels) of a split labelled by val_annotations.txt (file<TAB>class...), or None."""
+  annotations = os.path.join(root, split, "val_annotations.txt")
+  if not os.path.exists(annotations):
+    return None
+  index = {name: i for i, name in enumerate(class_names)}
+  by_name = {os.path.basename(p): p for p in _images_under(os.path.join(root, split))}
+  paths, labels = [], []
+  with open(annotations, encoding="utf-8") as f:
+    for line in f:
+      name, cls = line.split("\t")[:2]
+      if name in by_name and cls in index:
+        paths.append(by_name[name])
+        labels.append(index[cls])
+  return paths, labels
+
+
 def _read_folder_split(root, split, class_names, image_size) -> Split:
   paths, labels = [], []
-  for label, cls in enumerate(class_names):
+  annotated = None if os.path.isdir(os.path.join(root, split, class_names[0])) else _annotated_split(
+      root, split, class_names)
+  if annotated:
+    paths, labels = annotated
+  for label, cls in enumerate(class_names if not annotated else ()):
     folder = os.path.join(root, split, cls)
     if not os.path.isdir(folder):
       raise UserError(f"{folder} is missing: every class in {root}/train must also be in {root}/{split}")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTENSIONS))
-    paths += [os.path.join(folder, n) for n in names]
+    names = _images_under(folder)
+    paths += names
     labels += [label] * len(names)
   if not paths:
     raise UserError(f"no .jpg/.png images under {root}/{split}/<class>/")

@@ -34,12 +34,14 @@ class TrainState:
   opt_state: Any
 
 
-def build_model(model_cfg, num_classes: int) -> MultiExitNet:
+def build_model(model_cfg, num_classes: int, ensemble_teachers: bool = False) -> MultiExitNet:
   if model_cfg.dtype not in DTYPES:
     raise unknown_name("model.dtype", model_cfg.dtype, DTYPES)
   exit_after = None if model_cfg.exit_after is None else tuple(model_cfg.exit_after)
   model = MultiExitNet(model_cfg.name, num_classes, width=model_cfg.width, exit_after=exit_after,
-                       head=model_cfg.head, head_width=model_cfg.head_width, dtype=DTYPES[model_cfg.dtype])
+                       head=model_cfg.head, head_width=model_cfg.head_width,
+                       head_dropout=model_cfg.get("head_dropout", 0.0), ensemble_teachers=ensemble_teachers,
+                       dtype=DTYPES[model_cfg.dtype])
   model.num_exits  # pylint: disable=pointless-statement  # validates names and exit points now
   return model
 
@@ -72,9 +74,14 @@ def init_state(model, tx, key, image_shape) -> TrainState:
   return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}), tx.init(params))
 
 
-def train_step(state: TrainState, data_dev, keys, *, model, tx, loss_fn: Callable, batch_size: int,
-               crop_pad: int, flip: bool, batch_sharding):
-  """One SGD step on the batch that `state.step` selects. Pure: (state, ...) -> (state, metrics)."""
+def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn: Callable, batch_size: int,
+               crop_pad: int, flip: bool, batch_sharding, teacher=None):
+  """One SGD step on the batch that `state.step` selects. Pure: (state, ...) -> (state, metrics).
+
+  `frozen` holds what does not train and is never saved: {"teacher": variables}
+  for distillation schemes, whose `teacher` = (model, pairs_E) runs forward in
+  this same step on the same augmented batch.
+  """
   data_key, train_key = keys
   idx_B = input_pipeline.batch_indices(data_key, state.step, num_examples=data_dev["labels"].shape[0],
                                        batch_size=batch_size)
@@ -83,19 +90,24 @@ def train_step(state: TrainState, data_dev, keys, *, model, tx, loss_fn: Callabl
   x_BxHxWx3 = input_pipeline.random_crop_flip(aug_key, data_dev["images"][idx_B], pad=crop_pad, flip=flip)
   x_BxHxWx3 = input_pipeline.normalize(x_BxHxWx3, data_dev["mean"], data_dev["std"])
   labels_B = data_dev["labels"][idx_B]
+  teacher_logits = None
+  if teacher is not None:
+    teacher_model, pairs_E = teacher
+    teacher_logits_TxBxC, _ = teacher_model.apply(frozen["teacher"], x_BxHxWx3, train=False)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits_TxBxC[jnp.asarray(pairs_E)])
 
   def loss_of(params):
     variables = {"params": params, "batch_stats": state.batch_stats}
-    (logits_ExBxC, _), updates = model.apply(variables, x_BxHxWx3, train=True, mutable=["batch_stats"],
-                                             rngs={"dropout": dropout_key})
-    loss, ce_E = loss_fn(logits_ExBxC, labels_B)
-    return loss, (updates["batch_stats"], logits_ExBxC, ce_E)
+    (logits_ExBxC, aux), updates = model.apply(variables, x_BxHxWx3, train=True, mutable=["batch_stats"],
+                                               rngs={"dropout": dropout_key})
+    loss, metrics = loss_fn(logits_ExBxC, labels_B, teacher_logits, aux)
+    return loss, (updates["batch_stats"], logits_ExBxC, metrics)
 
-  (loss, (batch_stats, logits_ExBxC, ce_E)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  (loss, (batch_stats, logits_ExBxC, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   accuracy_E = jnp.mean(jnp.argmax(logits_ExBxC, -1) == labels_B, axis=1)
-  metrics = {"loss": loss, "ce_E": ce_E, "accuracy_E": accuracy_E}
+  metrics = {"loss": loss, **metrics, "accuracy_E": accuracy_E}
   return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
 
@@ -109,27 +121,71 @@ def make_train_chunk(step_fn, num_steps: int, replicated):
   """
   unroll = num_steps if jax.default_backend() == "cpu" else 1
 
-  def chunk(state, data_dev, keys):
-    return jax.lax.scan(lambda s, _: step_fn(s, data_dev, keys), state, None, length=num_steps, unroll=unroll)
+  def chunk(state, data_dev, keys, frozen):
+    return jax.lax.scan(lambda s, _: step_fn(s, data_dev, keys, frozen), state, None, length=num_steps, unroll=unroll)
   return jax.jit(chunk, donate_argnums=0, out_shardings=(replicated, replicated))
 
 
 def make_loss_fn(config, num_exits: int):
-  """The scheme's objective: (logits_ExBxC, labels_B) -> (loss, ce_E)."""
-  if config.scheme != "joint":
-    raise unknown_name("scheme", config.scheme, ("joint",))
+  """The scheme's objective: (logits_ExBxC, labels_B, teacher_logits_ExBxC | None, aux) -> (loss, metrics)."""
   weights = config.train.exit_weights
   weights = (1.0,) * num_exits if weights is None else tuple(weights)
   if len(weights) != num_exits:
     raise UserError(f"train.exit_weights has {len(weights)} values; the model has {num_exits} exits")
-  return functools.partial(losses.joint_loss, exit_weights_E=weights, label_smoothing=config.train.label_smoothing)
+  if config.scheme == "joint":
+    def joint(logits_ExBxC, labels_B, teacher_logits, aux):
+      del teacher_logits, aux
+      loss, ce_E = losses.joint_loss(logits_ExBxC, labels_B, weights, config.train.label_smoothing)
+      return loss, {"ce_E": ce_E}
+    return joint
+  if config.scheme == "erde":
+    erde = config.erde
+    return lambda logits, labels, teacher_logits, aux: losses.erde_loss(
+        logits, teacher_logits, labels, weights, temperature=erde.temperature, kd_weight=erde.kd_weight,
+        entropy_weight=erde.entropy_weight, drop_kd_on_errors=erde.drop_kd_on_errors, reference=erde.reference,
+        label_smoothing=config.train.label_smoothing)
+  if config.scheme == "mate":
+    mate = config.mate
+    return lambda logits, labels, teacher_logits, aux: losses.mate_loss(
+        logits, labels, aux["ensemble_logits_JxE"], weights, temperature=mate.temperature,
+        primary_weight=mate.primary_weight, kd_weight=mate.kd_weight, label_smoothing=config.train.label_smoothing)
+  if config.scheme == "byot":
+    return lambda logits, labels, teacher_logits, aux: losses.byot_loss(
+        logits, labels, weights, temperature=config.byot.temperature, kd_weight=config.byot.kd_weight,
+        label_smoothing=config.train.label_smoothing)
+  raise unknown_name("scheme", config.scheme, SCHEMES)
+
+
+SCHEMES = ("joint", "erde", "mate", "byot")
+
+
+def load_teacher(config, model, image_shape, num_classes: int, mesh):
+  """(teacher, frozen) for distillation schemes, ((model, pairs_E), {"teacher": variables}); else (None, {})."""
+  if config.scheme != "erde":
+    return None, {}
+  if not config.erde.teacher:
+    raise UserError("scheme=erde needs --config.erde.teacher=WORKDIR, the workdir of a trained teacher run")
+  teacher_config, teacher_model, variables = load_run(config.erde.teacher, mesh)
+  with open(os.path.join(config.erde.teacher, "run.json"), encoding="utf-8") as f:
+    run = json.load(f)
+  if run["num_classes"] != num_classes or tuple(run["image_shape"]) != tuple(image_shape):
+    raise UserError(f"the teacher in {config.erde.teacher} was trained on {run['num_classes']} classes of "
+                    f"{run['image_shape']} images; this run has {num_classes} classes of {list(image_shape)}")
+  pairing = None if config.erde.pairing is None else tuple(config.erde.pairing)
+  try:
+    pairs = losses.pair_exits(model.num_exits, teacher_model.num_exits, pairing)
+  except ValueError as e:
+    raise UserError(f"erde.pairing: {e}") from None
+  print(f"teacher: {teacher_config.model.name} ({teacher_model.num_exits} exits) from {config.erde.teacher}; "
+        f"student exit -> teacher exit: {[p + 1 for p in pairs]}")
+  return (teacher_model, pairs), {"teacher": variables}
 
 
 def load_dataset(data_cfg) -> data.Dataset:
   return data.load(data_cfg.source, val_size=data_cfg.val_size, val_seed=data_cfg.val_seed,
                    image_size=data_cfg.image_size, cache_dir=data_cfg.cache_dir,
                    tfds_data_dir=data_cfg.tfds_data_dir, download=data_cfg.download,
-                   max_images=data_cfg.max_images)
+                   max_images=data_cfg.max_images, test_split=data_cfg.get("test_split", "test"))
 
 
 def _check_finite(metrics_S, first_step: int, last_saved) -> None:
@@ -144,9 +200,10 @@ def _check_finite(metrics_S, first_step: int, last_saved) -> None:
 
 def _summary(metrics_S) -> dict:
   out = {"train/loss": float(np.mean(metrics_S["loss"]))}
-  for name in ("ce", "accuracy"):
-    for e, value in enumerate(np.mean(metrics_S[f"{name}_E"], axis=0)):
-      out[f"train/{name}_exit{e + 1}"] = float(value)
+  for name, values_SxE in metrics_S.items():
+    if name.endswith("_E"):
+      for e, value in enumerate(np.mean(values_SxE, axis=0)):
+        out[f"train/{name[:-2]}_exit{e + 1}"] = float(value)
   return out
 
 
@@ -160,7 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
 
   ds = load_dataset(config.data)
-  model = build_model(config.model, ds.num_classes)
+  model = build_model(config.model, ds.num_classes, ensemble_teachers=config.scheme == "mate")
   steps_per_epoch = len(ds.train) // batch_size
   if steps_per_epoch == 0:
     raise UserError(f"train.batch_size={batch_size} is larger than the training set ({len(ds.train)} images)")
@@ -194,8 +251,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
               "labels": sharding.put_replicated(ds.train.labels_N, mesh),
               "mean": sharding.put_replicated(mean_C, mesh), "std": sharding.put_replicated(std_C, mesh)}
   keys = (data_key, train_key)
+  teacher, frozen = load_teacher(config, model, ds.image_shape, ds.num_classes, mesh)
   step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, batch_size=batch_size,
-                              crop_pad=config.data.crop_pad, flip=config.data.flip, batch_sharding=batch_sharded)
+                              crop_pad=config.data.crop_pad, flip=config.data.flip, batch_sharding=batch_sharded,
+                              teacher=teacher)
   chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
 
   step = int(state.step)
@@ -220,7 +279,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       n = min(per_call, total_steps - step)
       if n not in chunks:
         chunks[n] = make_train_chunk(step_fn, n, replicated)
-      state, metrics = chunks[n](state, data_dev, keys)
+      state, metrics = chunks[n](state, data_dev, keys, frozen)
       if pending is not None:
         pull(pending)
       pending, step = (step, metrics), step + n
@@ -244,8 +303,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   variables = {"params": state.params, "batch_stats": state.batch_stats}
   macs = exit_macs(model, ds.image_shape)
   t0 = time.perf_counter()
-  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh,
-                                        extra={"train_images_per_s": images_per_s, "train_steps": total_steps})
+  extra = {"train_images_per_s": images_per_s, "train_steps": total_steps}
+  if "ensemble_logits" in state.params:  # MATE: the learned teacher weights, softmax(a_j) over exits
+    extra["ensemble_weights"] = np.asarray(jax.nn.softmax(sharding.to_host(state.params["ensemble_logits"]),
+                                                          axis=-1)).tolist()
+  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, extra=extra)
   writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
   writer.close()
   print(f"evaluation took {time.perf_counter() - t0:.1f}s; report in {workdir}/report.md")
@@ -271,7 +333,7 @@ def load_run(workdir: str, mesh=None):
     config = ml_collections.ConfigDict(json.load(f))
   with open(paths[1], encoding="utf-8") as f:
     run = json.load(f)
-  model = build_model(config.model, run["num_classes"])
+  model = build_model(config.model, run["num_classes"], ensemble_teachers=config.scheme == "mate")
   tx = make_optimizer(config.train, optax.constant_schedule(0.0))
   mesh = mesh or sharding.make_mesh()
   abstract = jax.eval_shape(functools.partial(init_state, model, tx, image_shape=tuple(run["image_shape"])),

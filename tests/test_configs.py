@@ -3,7 +3,11 @@ import importlib
 
 import pytest
 
-CONFIGS = {"cifar10": (None, "cpu", "smoke"), "cifar100": (None, "cpu"), "svhn": (None, "cpu")}
+ERDE = ("erde_teacher", "erde", "erde_kd", "erde_student")
+SELF = ("mate", "byot", "mate_cpu", "byot_cpu", "joint_cpu")
+CONFIGS = {"cifar10": (None, "cpu", "smoke", *ERDE, *SELF), "cifar100": (None, "cpu", *ERDE, *SELF),
+           "svhn": (None, "cpu", *ERDE, *SELF), "tiny_imagenet": (None, "mate", "byot")}
+SCHEME = {"erde": "erde", "erde_kd": "erde", "mate": "mate", "mate_cpu": "mate", "byot": "byot", "byot_cpu": "byot"}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -12,7 +16,11 @@ def test_presets_build_and_document_a_command(name):
   assert "python -m eejax.main --config configs/" in module.__doc__
   for preset in CONFIGS[name]:
     config = module.get_config(preset)
-    assert config.scheme == "joint"
+    assert config.scheme == SCHEME.get(preset, "joint")
+    if preset and preset.endswith("_cpu"):
+      assert config.model.name == module.get_config("cpu").model.name
+    if preset == "erde_kd":
+      assert config.erde.entropy_weight == 0 and not config.erde.drop_kd_on_errors
     assert config.train.batch_size % 2 == 0
   with pytest.raises(ValueError, match="unknown preset"):
     module.get_config("nope")

@@ -119,3 +119,25 @@ def test_real_cifar10_tree(tmp_path):
   assert ds.image_shape == (32, 32, 3)
   assert (len(ds.train), len(ds.val), len(ds.test)) == (150, 50, 200)
   assert 50 < ds.train.images_NxHxWx3.mean() < 200
+
+
+def test_tiny_imagenet_layout(tmp_path):
+  """train/<wnid>/images/*.JPEG; val/images/*.JPEG labelled by val_annotations.txt; val is the test split."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "tin"
+  rng = np.random.default_rng(0)
+  for wnid in ("n01", "n02"):
+    (root / "train" / wnid / "images").mkdir(parents=True)
+    for i in range(3):
+      Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG")
+  (root / "val" / "images").mkdir(parents=True)
+  lines = []
+  for i, wnid in enumerate(("n02", "n01", "n02")):
+    Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(root / "val" / "images" / f"val_{i}.JPEG")
+    lines.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t8\t8")
+  (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+  ds = data.load(f"folder:{root}", test_split="val", val_size=2, cache_dir="")
+  assert ds.class_names == ("n01", "n02")
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 2, 3)
+  assert ds.test.labels_N.tolist() == [1, 0, 1]
+  assert ds.val_source.startswith("2 images carved")

@@ -1,7 +1,8 @@
 """Exit heads: each maps features_BxHxWxC to logits_BxC.
 
-A head is one `nn.Module` class with fields `num_classes`, `width`, `dtype`,
-`__call__(h_BxHxWxC, train) -> logits_BxC` (float32), and a static
+A head is one `nn.Module` class with fields `num_classes`, `width`, `dropout`,
+`dtype`, `__call__(h_BxHxWxC, train) -> logits_BxC` (float32; dropout, where
+used, needs a 'dropout' rng when training), and a static
 `macs(hwc, num_classes, width, count_padding)` giving its multiply-accumulates for one image.
 Adding a head design is adding one class to `HEADS`.
 
@@ -24,12 +25,13 @@ class LinearHead(nn.Module):
   """Global average pool, then one dense layer (the ResNet classifier)."""
   num_classes: int
   width: int = 0  # unused; kept so every head takes the same fields
+  dropout: float = 0.0
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h_BxHxWxC, train: bool = False):
-    del train
-    logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(global_avg_pool(h_BxHxWxC))
+    h = nn.Dropout(self.dropout, deterministic=not train)(global_avg_pool(h_BxHxWxC))
+    logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(h)
     return logits_BxC.astype(jnp.float32)
 
   @staticmethod
@@ -51,6 +53,7 @@ class PoolConvHead(nn.Module):
   """
   num_classes: int
   width: int = 128
+  dropout: float = 0.0
   dtype: Any = jnp.float32
   grid: int = 4
 
@@ -60,8 +63,8 @@ class PoolConvHead(nn.Module):
     h = nn.avg_pool(h_BxHxWxC, (p, p), strides=(p, p))
     h = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(h)
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
-    h = nn.relu(h)
-    logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(global_avg_pool(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(global_avg_pool(nn.relu(h)))
+    logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(h)
     return logits_BxC.astype(jnp.float32)
 
   @staticmethod
@@ -70,4 +73,24 @@ class PoolConvHead(nn.Module):
     return conv + width * num_classes
 
 
-HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead}
+class ErdeHead(nn.Module):
+  """The ERDE paper's exit: BatchNorm, ReLU, 2x2 average pool, dropout, dense on the flattened map."""
+  num_classes: int
+  width: int = 0  # unused
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h_BxHxWxC)
+    h = nn.avg_pool(nn.relu(h), (2, 2), strides=(2, 2))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h.reshape(h.shape[0], -1))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=0, count_padding=True):
+    del width, count_padding
+    return (hwc[0] // 2) * (hwc[1] // 2) * hwc[2] * num_classes
+
+
+HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead}

@@ -25,6 +25,10 @@ class MultiExitNet(nn.Module):
       each stage). The last block always carries the final classifier.
     head: a name in `HEADS`, for every exit but the last, which is `linear`.
     head_width: channels of heads that have a hidden layer.
+    head_dropout: dropout rate before every head's dense layer (training only).
+    ensemble_teachers: if True, a parameter `ensemble_logits` (E x E, one row
+      a_j per teacher, initialised to `ensemble_init` on the diagonal and 0
+      elsewhere) for multi-exit self-distillation (MATE); returned in aux.
     dtype: compute dtype (parameters stay float32).
   """
   arch: str
@@ -33,6 +37,9 @@ class MultiExitNet(nn.Module):
   exit_after: Sequence[int] | None = None
   head: str = "linear"
   head_width: int = 128
+  head_dropout: float = 0.0
+  ensemble_teachers: bool = False
+  ensemble_init: float = 2.0
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -45,7 +52,12 @@ class MultiExitNet(nn.Module):
     self.stem_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     self.blocks = [arch.block(f, s, dtype=self.dtype) for f, s in block_plan(arch, self.width)]
     head_cls = [HEADS[self.head]] * (len(self.points) - 1) + [LinearHead]
-    self.heads = [cls(self.num_classes, width=self.head_width, dtype=self.dtype) for cls in head_cls]
+    self.heads = [cls(self.num_classes, width=self.head_width, dropout=self.head_dropout, dtype=self.dtype)
+                  for cls in head_cls]
+    if self.ensemble_teachers:
+      num = len(self.points)
+      self.ensemble_logits = self.param("ensemble_logits",
+                                        lambda key: self.ensemble_init * jnp.eye(num, dtype=jnp.float32))
 
   @property
   def num_exits(self) -> int:
@@ -69,4 +81,7 @@ class MultiExitNet(nn.Module):
       h, logits_BxC = self.segment(k, h, train)
       logits.append(logits_BxC)
       features.append(h)
-    return jnp.stack(logits), {"features": tuple(features)}
+    aux = {"features": tuple(features)}
+    if self.ensemble_teachers:
+      aux["ensemble_logits_JxE"] = self.ensemble_logits
+    return jnp.stack(logits), aux

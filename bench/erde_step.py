@@ -1,0 +1,89 @@
+"""Cost of the jitted ERDE step against a plain student step plus a teacher forward.
+
+  python bench/erde_step.py [--teacher resnet20] [--student resnet20 --student-width 0.5] [--batch 128]
+
+All three are eejax's own jitted functions on the same random batch: the plain
+(joint) student training step, the teacher's forward pass alone, and the ERDE
+step (teacher forward and student forward/backward in one jitted step). The
+ERDE step should cost at most 1.5x the sum of the other two. Hardware printed.
+"""
+import argparse
+import functools
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import cifar10
+from eejax import losses, sharding, train
+
+
+def timed(fn, *args, repeats=10):
+  out = fn(*args)  # compile
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / repeats
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--teacher", default="resnet20")
+  parser.add_argument("--student", default="resnet20")
+  parser.add_argument("--student-width", type=float, default=0.5)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--dtype", default="float32")
+  args = parser.parse_args()
+
+  mesh = sharding.make_mesh()
+  rep, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  config = cifar10.get_config("erde")
+  config.model.name, config.model.width, config.model.dtype = args.student, args.student_width, args.dtype
+  student = train.build_model(config.model, 10)
+  teacher_cfg = cifar10.get_config("erde_teacher")
+  teacher_cfg.model.name, teacher_cfg.model.dtype = args.teacher, args.dtype
+  teacher = train.build_model(teacher_cfg.model, 10)
+  n = 4 * args.batch
+  rng = np.random.default_rng(0)
+  data = {"images": jnp.asarray(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)),
+          "labels": jnp.asarray(rng.integers(0, 10, n).astype(np.int32)),
+          "mean": jnp.full(3, 0.5), "std": jnp.full(3, 0.25)}
+  keys = (jax.random.key(1), jax.random.key(2))
+  tx = train.make_optimizer(config.train, lambda step: 0.01)
+  state = train.init_state(student, tx, jax.random.key(0), (32, 32, 3))
+  teacher_vars = teacher.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+  pairs = losses.pair_exits(student.num_exits, teacher.num_exits)
+
+  common = dict(model=student, tx=tx, batch_size=args.batch, crop_pad=4, flip=True, batch_sharding=batch_sharding)
+  config.scheme = "joint"
+  plain = train.make_train_chunk(functools.partial(train.train_step, loss_fn=train.make_loss_fn(config,
+                                                                                                student.num_exits),
+                                                   **common), 1, rep)
+  config.scheme = "erde"
+  erde = train.make_train_chunk(functools.partial(train.train_step, loss_fn=train.make_loss_fn(config,
+                                                                                               student.num_exits),
+                                                  teacher=(teacher, pairs), **common), 1, rep)
+  x = data["images"][:args.batch].astype(jnp.float32) / 255
+  forward = jax.jit(lambda v, x: teacher.apply(v, x)[0])
+
+  copy = lambda s: jax.tree.map(jnp.copy, s)  # the steps donate their state
+  plain_s = timed(lambda: plain(copy(state), data, keys, {}))
+  erde_s = timed(lambda: erde(copy(state), data, keys, {"teacher": teacher_vars}))
+  copy_s = timed(lambda: copy(state))
+  forward_s = timed(forward, teacher_vars, x)
+  plain_s, erde_s = plain_s - copy_s, erde_s - copy_s
+  print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()}), host {platform.machine()}, "
+        f"jax {jax.__version__}; batch {args.batch}, {args.dtype}")
+  print(f"teacher {args.teacher}, student {args.student} x{args.student_width}")
+  print(f"plain student step     : {1e3 * plain_s:9.2f} ms")
+  print(f"teacher forward alone  : {1e3 * forward_s:9.2f} ms")
+  print(f"ERDE step (both, fused): {1e3 * erde_s:9.2f} ms")
+  print(f"ERDE / (plain + forward): {erde_s / (plain_s + forward_s):.3f}  (target <= 1.5)")
+
+
+if __name__ == "__main__":
+  main()

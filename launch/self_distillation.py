@@ -1,0 +1,80 @@
+"""Joint vs BYOT vs MATE with the same backbone, budget and seed, in one comparison table.
+
+  python launch/self_distillation.py --scale cpu --data folder:../shared/data/cifar10
+  python launch/self_distillation.py --scale gpu --config configs/cifar100.py --data ''
+
+Runs (each `python -m eejax.main` in ROOT/<scheme>, resumed if interrupted,
+skipped if finished), then ROOT/comparison.md and .json: per-exit test
+accuracy, the max-probability policy's accuracy at MACs budgets (test curve),
+per-exit thresholds fitted on validation for 50% of the MACs (test accuracy),
+and MATE's learned teacher weights. Scale 'cpu': the cpu presets (ResNet-8) on
+a data subset for a few epochs; 'gpu': ResNet-18, 200 epochs.
+"""
+import argparse
+import os
+
+import runs
+
+SCALES = {
+    "cpu": {"presets": {"joint": "joint_cpu", "byot": "byot_cpu", "mate": "mate_cpu"},
+            "extra": ["--config.data.max_images=12000", "--config.data.val_size=2000", "--config.train.epochs=4",
+                      "--config.eval.real_inference=False"]},
+    "gpu": {"presets": {"joint": "", "byot": "byot", "mate": "mate"}, "extra": []},
+}
+
+
+def row(name, report):
+  fitted = {r["budget"]: r["per_exit"] for r in report["fitted_on_val"]["max_prob"]}.get(0.5)
+  return {"scheme": name, "model": report["model"], "exit_accuracy": [e["accuracy"] for e in report["exits"]],
+          "max_prob_budget_accuracy": report["policies"]["max_prob"]["budgets"],
+          "fitted_50_test_accuracy": fitted and fitted["test_accuracy"],
+          "fitted_50_macs_fraction": fitted and fitted["test_macs_fraction"],
+          "teacher_weights": report.get("ensemble_weights")}
+
+
+def markdown(rows, command):
+  budgets = list(rows[0]["max_prob_budget_accuracy"])
+  num_exits = len(rows[0]["exit_accuracy"])
+  lines = ["# Multi-exit self-distillation: joint vs BYOT vs MATE", "", f"Command: `{command}`", "",
+           "Test accuracy (%); same backbone, training budget and seed. Max-probability policy: best test accuracy "
+           "within each MACs budget (test curve), and per-exit thresholds fitted on validation for 50% of the MACs, "
+           "reported on test.", "",
+           "| scheme | " + " | ".join(f"exit {e + 1}" for e in range(num_exits)) + " | "
+           + " | ".join(f"@{100 * float(b):.0f}% MACs" for b in budgets) + " | fitted 50%: accuracy (MACs %) |",
+           "|---|" + "---:|" * (num_exits + len(budgets) + 1)]
+  for r in rows:
+    macs = "" if r["fitted_50_macs_fraction"] is None else f" ({100 * r['fitted_50_macs_fraction']:.1f})"
+    lines.append(f"| {r['scheme']} | " + " | ".join(runs.pct(a) for a in r["exit_accuracy"]) + " | "
+                 + " | ".join(runs.pct(r["max_prob_budget_accuracy"][b]) for b in budgets)
+                 + f" | {runs.pct(r['fitted_50_test_accuracy'])}{macs} |")
+  for r in rows:
+    if r["teacher_weights"]:
+      lines += ["", "MATE's learned teacher weights (row j: teacher j's weight on each exit, softmax(a_j)):", "",
+                "| teacher | " + " | ".join(f"exit {e + 1}" for e in range(num_exits)) + " |",
+                "|---|" + "---:|" * num_exits]
+      lines += [f"| {j + 1} | " + " | ".join(f"{w:.3f}" for w in ws) + " |" for j, ws in enumerate(r["teacher_weights"])]
+  return "\n".join(lines) + "\n"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+  parser.add_argument("--config", default="configs/cifar10.py")
+  parser.add_argument("--data", default="folder:../shared/data/cifar10", help="data.source ('' keeps the config's)")
+  parser.add_argument("--root", default=None)
+  parser.add_argument("extra", nargs="*", help="more --config.x=y overrides for every run")
+  args = parser.parse_args()
+  args.root = args.root or os.path.join("workdirs", f"self_distillation_{args.scale}")
+  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  scale = SCALES[args.scale]
+  rows = []
+  for name, preset in scale["presets"].items():
+    config = f"{args.config}:{preset}" if preset else args.config
+    rows.append(row(name, runs.run(name, config, os.path.join(args.root, name), args.data, scale["extra"] + args.extra)))
+  command = " ".join(["python launch/self_distillation.py", f"--scale {args.scale}", f"--config {args.config}",
+                      f"--data {args.data}", f"--root {args.root}", *args.extra])
+  runs.write_tables(args.root, command, rows, markdown(rows, command))
+
+
+if __name__ == "__main__":
+  main()
