@@ -4,8 +4,8 @@ Tolerance: XLA's count also holds the element-wise work (BatchNorm, ReLU,
 residual adds) that MACs leave out, so XLA's FLOPs / 2 must lie between the
 analytic MACs (in-bounds taps only, as XLA counts convolutions) and that plus
 the per-architecture margin in TOLERANCE, for every exit of every model. A
-head alone is checked with an absolute margin: at most one MAC-equivalent per
-element of its input (the pooling).
+head alone is checked with an absolute margin: at most three MAC-equivalents
+per element of its input (BatchNorm, ReLU and pooling of the input).
 """
 import jax
 import jax.numpy as jnp
@@ -79,6 +79,6 @@ def test_analytic_equals_xla_within_tolerance(arch):
     h = jax.eval_shape(seg, variables, jnp.zeros(h.shape))[0]
     head_flops = _xla_flops(lambda v, f, k=k: model.apply(v, f, method=lambda m, f: m.heads[k](f)), variables,
                             jnp.zeros(h.shape))
-    # A head alone is tiny next to the pooling of its input, which XLA counts and MACs do not:
-    # allow at most 2 FLOPs (one MAC) per input element on top of the analytic count.
-    assert 0 <= head_flops / 2 - analytic.head[k] <= h.size, (k, head_flops / 2, analytic.head[k])
+    # A head alone is small next to the element-wise work on its input (BatchNorm, ReLU, pooling),
+    # which XLA counts and MACs do not: allow at most 6 FLOPs (3 MACs) per input element on top.
+    assert 0 <= head_flops / 2 - analytic.head[k] <= 3 * h.size, (k, head_flops / 2, analytic.head[k])

@@ -132,3 +132,30 @@ def test_two_devices_match_one(tiny_tree, tmp_path):
     runs[devices] = params_of(workdir)
   for a, b in zip(runs[1], runs[2]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_one_step_chunks_equal_a_two_step_scan():
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from eejax import sharding  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config("smoke")
+  mesh = sharding.make_mesh()
+  rep = sharding.replicated(mesh)
+  model = train.build_model(config.model, 3)
+  tx = train.make_optimizer(config.train, train.make_schedule(config.train, 4))
+  rng = np.random.default_rng(0)
+  data_dev = {"images": jnp.asarray(rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)),
+              "labels": jnp.asarray(rng.integers(0, 3, 64).astype(np.int32)), "mean": jnp.full(3, 0.5),
+              "std": jnp.full(3, 0.25)}
+  keys = (jax.random.key(1), jax.random.key(2))
+  step_fn = functools.partial(train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config, 3),
+                              batch_size=16, crop_pad=4, flip=True, batch_sharding=sharding.batch_sharded(mesh))
+  fresh = lambda: jax.device_put(train.init_state(model, tx, jax.random.key(0), (16, 16, 3)), rep)
+  one, two = train.make_train_chunk(step_fn, 1, rep), train.make_train_chunk(step_fn, 2, rep)
+  a, m1 = one(fresh(), data_dev, keys, {})
+  a, m2 = one(a, data_dev, keys, {})
+  b, m12 = two(fresh(), data_dev, keys, {})
+  assert int(a.step) == int(b.step) == 2
+  np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"]]), m12["loss"], rtol=1e-6)
+  for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
