@@ -20,7 +20,8 @@ import optax
 from eejax import checkpoint, data, evaluate, input_pipeline, losses, sharding
 from eejax.errors import UserError, unknown_name
 from eejax.flops import exit_macs
-from eejax.models import MultiExitNet
+from eejax.models import HEADS, MultiExitNet
+from eejax.models.resnet import get_arch
 from eejax.writers import MetricWriter, Progress
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -44,6 +45,19 @@ def build_model(model_cfg, num_classes: int, ensemble_teachers: bool = False) ->
                        dtype=DTYPES[model_cfg.dtype])
   model.num_exits  # pylint: disable=pointless-statement  # validates names and exit points now
   return model
+
+
+def check_names(config) -> None:
+  """Unknown model, head, dtype, scheme or schedule names fail here, before any data is loaded."""
+  get_arch(config.model.name)
+  if config.model.head not in HEADS:
+    raise unknown_name("head", config.model.head, HEADS)
+  if config.model.dtype not in DTYPES:
+    raise unknown_name("model.dtype", config.model.dtype, DTYPES)
+  if config.scheme not in SCHEMES:
+    raise unknown_name("scheme", config.scheme, SCHEMES)
+  if config.train.schedule not in ("cosine", "step"):
+    raise unknown_name("train.schedule", config.train.schedule, ("cosine", "step"))
 
 
 def make_schedule(train_cfg, steps_per_epoch: int) -> optax.Schedule:
@@ -212,6 +226,7 @@ def _summary(metrics_S) -> dict:
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), then writes the report."""
+  check_names(config)
   sharding.initialize_distributed(config.distributed)
   mesh = sharding.make_mesh()
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)

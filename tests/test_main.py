@@ -27,6 +27,14 @@ def test_config_mistakes(tiny_tree, tmp_path, override, fragments):
   assert_one_line_error(out, *fragments)
 
 
+def test_name_mistakes_come_before_loading_data(tmp_path):
+  out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}",
+                  f"--config.data.source=folder:{tmp_path / 'absent'}", "--config.model.name=resnet19"])
+  assert_one_line_error(out, "unknown model 'resnet19'")
+  out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.scheme=distill"])
+  assert_one_line_error(out, "unknown scheme 'distill'; valid: byot, erde, joint, mate")
+
+
 def test_missing_data_folder(tmp_path):
   out = run_main(smoke_args(str(tmp_path / "absent"), str(tmp_path / "w"), str(tmp_path / "c")))
   assert_one_line_error(out, "not found or incomplete", "folder:PATH or tfds:NAME")
