@@ -9,7 +9,8 @@ Presets (the `:arg` after the file name):
   cpu     ResNet-8 (16/32/64 channels), 3 exits, 8 epochs: trains on a 2-core CPU.
             python -m eejax.main --config configs/cifar10.py:cpu --workdir /tmp/cpu \
               --config.data.source=folder:../shared/data/cifar10
-          Result (README.md): about 73% final-exit test accuracy in about 12 minutes.
+          Result: 71.69% final-exit test accuracy (exits 53.48 / 66.33 / 71.69%), 10 min 44 s
+          wall-clock in all on a 2-core CPU (README.md).
   smoke   A few steps of a tiny ResNet-8 on a few images: seconds, for tests.
 
 ERDE (Guidez et al., arXiv 2510.04856), teacher ResNet-34 -> student ResNet-18,
