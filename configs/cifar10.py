@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.label_smoothing = 0.0
   config.train.exit_weights = config_dict.placeholder(tuple)  # per-exit loss weights; None: all 1
   config.train.steps_per_call = 50  # training steps per jitted call (lax.scan)
+  config.train.transfer_guard = "disallow"  # host-to-device copies in the training loop: disallow | log | allow
 
   # scheme=erde (Guidez et al. 2025). The paper's full text is not available: these defaults are our reading.
   config.erde = ml_collections.ConfigDict()

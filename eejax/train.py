@@ -89,7 +89,7 @@ def init_state(model, tx, key, image_shape) -> TrainState:
 
 
 def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn: Callable, batch_size: int,
-               crop_pad: int, flip: bool, batch_sharding, teacher=None):
+               crop_pad: int, flip: bool, batch_sharding, teacher=None, schedule=None):
   """One SGD step on the batch that `state.step` selects. Pure: (state, ...) -> (state, metrics).
 
   `frozen` holds what does not train and is never saved: {"teacher": variables}
@@ -122,6 +122,8 @@ def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn:
   params = optax.apply_updates(state.params, updates)
   accuracy_E = jnp.mean(jnp.argmax(logits_ExBxC, -1) == labels_B, axis=1)
   metrics = {"loss": loss, **metrics, "accuracy_E": accuracy_E}
+  if schedule is not None:
+    metrics["learning_rate"] = schedule(state.step)
   return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
 
 
@@ -217,6 +219,8 @@ def _check_finite(metrics_S, first_step: int, last_saved) -> None:
 
 def _summary(metrics_S) -> dict:
   out = {"train/loss": float(np.mean(metrics_S["loss"]))}
+  if "learning_rate" in metrics_S:
+    out["train/learning_rate"] = float(metrics_S["learning_rate"][-1])
   for name, values_SxE in metrics_S.items():
     if name.endswith("_E"):
       for e, value in enumerate(np.mean(values_SxE, axis=0)):
@@ -272,7 +276,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   teacher, frozen = load_teacher(config, model, ds.image_shape, ds.num_classes, mesh)
   step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, batch_size=batch_size,
                               crop_pad=config.data.crop_pad, flip=config.data.flip, batch_sharding=batch_sharded,
-                              teacher=teacher)
+                              teacher=teacher, schedule=schedule)
   chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
 
   step = int(state.step)
@@ -289,7 +293,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     metrics = sharding.to_host(metrics)
     _check_finite(metrics, first, last_saved)
     end = first + len(metrics["loss"])
-    writer.write(end, {**_summary(metrics), "train/learning_rate": float(schedule(end - 1))})
+    writer.write(end, _summary(metrics))
     progress.update(end, float(metrics["loss"][-1]))
 
   with checkpoint.StopSignal() as stop:
@@ -297,7 +301,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
       n = min(per_call, total_steps - step)
       if n not in chunks:
         chunks[n] = make_train_chunk(step_fn, n, replicated)
-      state, metrics = chunks[n](state, data_dev, keys, frozen)
+      # The steady-state loop never copies from the host: everything the step reads is on the device.
+      with jax.transfer_guard_host_to_device(config.train.get("transfer_guard", "disallow")):
+        state, metrics = chunks[n](state, data_dev, keys, frozen)
       if pending is not None:
         pull(pending)
       pending, step = (step, metrics), step + n

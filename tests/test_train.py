@@ -57,6 +57,15 @@ def test_train_writes_the_report_and_learns(tiny_tree, tmp_path):
   assert logits["test_logits"].shape == (3, 24, 3)
   lines = open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8").read().splitlines()
   assert json.loads(lines[-1])["test/accuracy_exit3"] == result["exits"][-1]["accuracy"]
+  assert json.loads(lines[0])["train/learning_rate"] > 0
+  assert config.train.transfer_guard == "disallow"  # the loop above ran with host-to-device copies disallowed
+
+
+def test_the_transfer_guard_catches_a_host_copy_in_the_loop(tiny_tree, tmp_path, monkeypatch):
+  # If the training data stayed on the host, every call would copy it to the device: the guard must stop it.
+  monkeypatch.setattr(train.sharding, "put_replicated", lambda x, mesh: x)
+  with pytest.raises(Exception, match="(?i)disallowed host-to-device transfer"):
+    train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c")), str(tmp_path / "w"))
 
 
 def test_restart_resumes_and_nan_stops_with_the_step(tiny_tree, tmp_path):

@@ -1,0 +1,142 @@
+"""The peer: eejax's multi-exit ResNet and joint training step, written idiomatically in PyTorch.
+
+Only the benchmarks import this (`pip install -e '.[bench]'` brings torch); the
+package never does. Same function as `eejax.models.MultiExitNet` with linear
+heads: 3x3 stem, basic or bottleneck blocks with projection shortcuts, an exit
+(global average pool + linear) after each stage. Strided 3x3 convolutions pad
+like XLA's SAME (0 before, 1 after on even sizes) so that both compute the same
+function; `load_flax` copies eejax's parameters in to check that they do.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Conv(nn.Module):
+  """k x k convolution without bias, SAME padding as XLA computes it."""
+
+  def __init__(self, c_in, c_out, k, stride=1):
+    super().__init__()
+    self.stride, self.k = stride, k
+    self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2 if stride == 1 else 0, bias=False)
+
+  def forward(self, x):
+    if self.stride > 1 and self.k > 1:
+      total = max((-(-x.shape[-1] // self.stride) - 1) * self.stride + self.k - x.shape[-1], 0)
+      x = F.pad(x, (total // 2, total - total // 2, total // 2, total - total // 2))
+    return self.conv(x)
+
+
+def bn(c):
+  return nn.BatchNorm2d(c, eps=1e-5, momentum=0.1)  # = flax momentum 0.9
+
+
+class Basic(nn.Module):
+  expansion = 1
+
+  def __init__(self, c_in, c, stride):
+    super().__init__()
+    self.conv1, self.bn1 = Conv(c_in, c, 3, stride), bn(c)
+    self.conv2, self.bn2 = Conv(c, c, 3), bn(c)
+    self.proj = None if (stride == 1 and c_in == c) else nn.Sequential(Conv(c_in, c, 1, stride), bn(c))
+
+  def forward(self, x):
+    h = F.relu(self.bn1(self.conv1(x)))
+    h = self.bn2(self.conv2(h))
+    return F.relu(h + (x if self.proj is None else self.proj(x)))
+
+
+class Bottleneck(nn.Module):
+  expansion = 4
+
+  def __init__(self, c_in, c, stride):
+    super().__init__()
+    self.conv1, self.bn1 = Conv(c_in, c, 1), bn(c)
+    self.conv2, self.bn2 = Conv(c, c, 3, stride), bn(c)
+    self.conv3, self.bn3 = Conv(c, 4 * c, 1), bn(4 * c)
+    self.proj = None if (stride == 1 and c_in == 4 * c) else nn.Sequential(Conv(c_in, 4 * c, 1, stride), bn(4 * c))
+
+  def forward(self, x):
+    h = F.relu(self.bn1(self.conv1(x)))
+    h = F.relu(self.bn2(self.conv2(h)))
+    h = self.bn3(self.conv3(h))
+    return F.relu(h + (x if self.proj is None else self.proj(x)))
+
+
+class MultiExitResNet(nn.Module):
+  """Exits after every stage (or only the last, single_exit=True); forward returns logits E x B x C."""
+
+  def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False):
+    super().__init__()
+    widths = [max(1, round(w * width)) for w in stage_widths]
+    self.stem, self.stem_bn = Conv(3, widths[0], 3), bn(widths[0])
+    self.stages, self.heads = nn.ModuleList(), nn.ModuleList()
+    c_in = widths[0]
+    for s, (n, w) in enumerate(zip(stage_sizes, widths)):
+      blocks = []
+      for i in range(n):
+        blocks.append(block(c_in, w, 2 if (s > 0 and i == 0) else 1))
+        c_in = w * block.expansion
+      self.stages.append(nn.Sequential(*blocks))
+      last = s == len(stage_sizes) - 1
+      self.heads.append(nn.Linear(c_in, num_classes) if (last or not single_exit) else None)
+
+  def forward(self, x):
+    h, out = F.relu(self.stem_bn(self.stem(x))), []
+    for stage, head in zip(self.stages, self.heads):
+      h = stage(h)
+      if head is not None:
+        out.append(head(h.mean((2, 3))))
+    return torch.stack(out)
+
+
+def build(arch, width=1.0, single_exit=False):
+  from eejax.models.resnet import ARCHS, BottleneckBlock  # pylint: disable=g-import-not-at-top
+  spec = ARCHS[arch]
+  block = Bottleneck if spec.block is BottleneckBlock else Basic
+  return MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, width=width, single_exit=single_exit)
+
+
+def load_flax(model, variables):
+  """Copies eejax parameters and BatchNorm statistics (same architecture) into `model`, in order."""
+  def leaves(tree, kind):
+    out = []
+    def walk(node, path):
+      if isinstance(node, dict):
+        for key in sorted(node, key=_natural):
+          walk(node[key], path + (key,))
+      else:
+        out.append((path, np.asarray(node)))
+    walk(tree, ())
+    return out
+  convs = [a for p, a in leaves(variables["params"], "p") if p[-1] == "kernel" and a.ndim == 4]
+  dense = [(p, a) for p, a in leaves(variables["params"], "p") if p[-2].startswith("Dense")]
+  scales = [a for p, a in leaves(variables["params"], "p") if p[-1] == "scale"]
+  biases = [a for p, a in leaves(variables["params"], "p") if p[-1] == "bias" and "BatchNorm" in p[-2]
+            or p[-2] == "stem_norm" and p[-1] == "bias"]
+  means = [a for p, a in leaves(variables["batch_stats"], "s") if p[-1] == "mean"]
+  variances = [a for p, a in leaves(variables["batch_stats"], "s") if p[-1] == "var"]
+  t_convs = [m.conv for m in model.modules() if isinstance(m, Conv)]
+  t_bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+  t_heads = [h for h in model.heads if h is not None]
+  assert len(convs) == len(t_convs) and len(scales) == len(t_bns) == len(means), (len(convs), len(t_convs))
+  with torch.no_grad():
+    for src, dst in zip(convs, t_convs):
+      dst.weight.copy_(torch.from_numpy(src.transpose(3, 2, 0, 1).copy()))
+    for g, b, m, v, dst in zip(scales, biases, means, variances, t_bns):
+      for name, value in (("weight", g), ("bias", b), ("running_mean", m), ("running_var", v)):
+        getattr(dst, name).copy_(torch.from_numpy(value.copy()))
+    kernels = [a for p, a in dense if p[-1] == "kernel"]
+    dense_b = [a for p, a in dense if p[-1] == "bias"]
+    for k, b, dst in zip(kernels, dense_b, t_heads):
+      dst.weight.copy_(torch.from_numpy(k.T.copy()))
+      dst.bias.copy_(torch.from_numpy(b.copy()))
+
+
+def _natural(key):
+  """Sort blocks_10 after blocks_9, and the flax submodule order (Conv_0 before BatchNorm_0 within a block)."""
+  import re  # pylint: disable=g-import-not-at-top
+  order = {"stem_conv": 0, "stem_norm": 1}
+  parts = re.split(r"(\d+)", key)
+  return (order.get(key, 2), [int(p) if p.isdigit() else p for p in parts])
