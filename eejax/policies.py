@@ -91,10 +91,3 @@ def outcome(exit_KxB, pred_ExB, labels_B, cost_E):
   cost_KxB = jnp.asarray(cost_E, jnp.float32)[exit_KxB]
   return jnp.mean(pred_KxB == labels_B[None], axis=-1), cost_KxB.mean(-1), pred_KxB
 
-
-@jax.jit
-def sweep(conf_ExB, correct_ExB, cost_E, threshold_K):
-  """(accuracy_K, macs_K) of max-probability thresholds, from confidences and correctness."""
-  exit_KxB = first_exit(conf_ExB, jnp.zeros(conf_ExB.shape, jnp.int32), threshold_K)
-  correct_KxB = jnp.take_along_axis(correct_ExB[None], exit_KxB[:, None], axis=1)[:, 0]
-  return correct_KxB.mean(-1), jnp.asarray(cost_E, jnp.float32)[exit_KxB].mean(-1)

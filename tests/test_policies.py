@@ -80,18 +80,5 @@ def test_last_exit_always_answers():
   assert (policies.first_exit(score, pred, jnp.array([0.0]), True) == 0).all()  # ties pass
 
 
-def test_sweep_of_correctness_matches_loop():
-  rng = np.random.default_rng(0)
-  conf = rng.choice([0.2, 0.5, 0.8, 1.0], size=(4, 300)).astype(np.float32)
-  correct = rng.random((4, 300)) < 0.7
-  cost = np.array([10.0, 25.0, 60.0, 100.0], np.float32)
-  thresholds = np.array([0.0, 0.2, 0.5, 0.8, 0.9, 1.0, 1.01], np.float32)
-  acc, macs = jax.device_get(policies.sweep(conf, correct, cost, thresholds))
-  pred = np.where(correct, 1, 0)  # correct iff pred == label 1
-  ref_acc, ref_macs, _ = np_loop(conf, pred, np.ones(300, int), cost, thresholds, True)
-  np.testing.assert_allclose(acc, ref_acc, rtol=1e-6)
-  np.testing.assert_allclose(macs, ref_macs, rtol=1e-5)
-
-
 def test_agreement_run_doctest_values():
   np.testing.assert_array_equal(policies.agreement_run(jnp.array([[1, 0], [1, 0], [2, 0]])), [[1, 1], [2, 2], [1, 3]])
