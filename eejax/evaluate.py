@@ -129,9 +129,12 @@ def real_inference_report(model, variables, images_NxHxWx3, mean_C, std_C, macs:
 
 
 def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, workdir: str, mesh,
-                        method: str | None = None, extra: dict | None = None) -> dict:
-  """Computes every exit's val and test logits once, then the report; writes the files."""
-  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+                        method: str | None = None, extra: dict | None = None, mean_std=None) -> dict:
+  """Computes every exit's val and test logits once, then the report; writes the files.
+
+  mean_std: the (mean_C, std_C) the model was trained with; computed from ds.train if not given.
+  """
+  mean_C, std_C = mean_std or input_pipeline.channel_stats(ds.train.images_NxHxWx3)
   predict_fn = make_predict_fn(model, mesh)
   logits = {name: predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size)
             for name, split in (("val", ds.val), ("test", ds.test))}

@@ -21,9 +21,6 @@ class ExitMacs:
   cumulative: tuple[int, ...]  # backbone up to exit k + heads 1..k
   full: int  # the plain network: whole backbone + final classifier, no other exits
 
-  def as_dict(self):
-    return dataclasses.asdict(self)
-
 
 def exit_macs(model: MultiExitNet, image_hwc: tuple[int, int, int], count_padding: bool = True) -> ExitMacs:
   """Per-exit MACs for one image of shape image_hwc (H, W, 3).

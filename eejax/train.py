@@ -331,7 +331,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if "ensemble_logits" in state.params:  # MATE: the learned teacher weights, softmax(a_j) over exits
     extra["ensemble_weights"] = np.asarray(jax.nn.softmax(sharding.to_host(state.params["ensemble_logits"]),
                                                           axis=-1)).tolist()
-  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, extra=extra)
+  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, extra=extra,
+                                        mean_std=(mean_C, std_C))
   writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
   writer.close()
   print(f"evaluation took {time.perf_counter() - t0:.1f}s; report in {workdir}/report.md")

@@ -16,7 +16,6 @@ and mean MACs. Scale 'cpu' is a small setting for a 2-core machine (ResNet-20
 teacher, ResNet-20 at half width as the student, a data subset, a few epochs);
 'gpu' is the presets as they are (ResNet-34 -> ResNet-18, 200 epochs).
 """
-import argparse
 import os
 
 import runs
@@ -67,15 +66,7 @@ def markdown(rows, command):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-  parser.add_argument("--config", default="configs/cifar10.py")
-  parser.add_argument("--data", default="folder:../shared/data/cifar10", help="data.source ('' keeps the config's)")
-  parser.add_argument("--root", default=None, help="folder for the four workdirs and the table")
-  parser.add_argument("extra", nargs="*", help="more --config.x=y overrides for every run")
-  args = parser.parse_args()
-  args.root = args.root or os.path.join("workdirs", f"erde_{args.scale}")
-  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  args = runs.parse_args(__doc__, SCALES, "erde")
   scale = SCALES[args.scale]
   teacher = os.path.join(args.root, "teacher")
   rows = []

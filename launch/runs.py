@@ -1,8 +1,23 @@
-"""Helpers shared by the launch scripts: run one resumable eejax job, format table cells."""
+"""Helpers shared by the launch scripts: arguments, one resumable eejax job, table cells and files."""
+import argparse
 import json
 import os
 import subprocess
 import sys
+
+
+def parse_args(doc: str, scales, name: str):
+  """The launch scripts' common arguments; --root defaults to workdirs/<name>_<scale>. Works from the repo root."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--scale", choices=sorted(scales), default="cpu")
+  parser.add_argument("--config", default="configs/cifar10.py")
+  parser.add_argument("--data", default="folder:../shared/data/cifar10", help="data.source ('' keeps the config's)")
+  parser.add_argument("--root", default=None, help="folder for the runs' workdirs and the table")
+  parser.add_argument("extra", nargs="*", help="more --config.x=y overrides for every run")
+  args = parser.parse_args()
+  args.root = args.root or os.path.join("workdirs", f"{name}_{args.scale}")
+  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  return args
 
 
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:

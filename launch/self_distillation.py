@@ -10,7 +10,6 @@ per-exit thresholds fitted on validation for 50% of the MACs (test accuracy),
 and MATE's learned teacher weights. Scale 'cpu': the cpu presets (ResNet-8) on
 a data subset for a few epochs; 'gpu': ResNet-18, 200 epochs.
 """
-import argparse
 import os
 
 import runs
@@ -57,15 +56,7 @@ def markdown(rows, command):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-  parser.add_argument("--config", default="configs/cifar10.py")
-  parser.add_argument("--data", default="folder:../shared/data/cifar10", help="data.source ('' keeps the config's)")
-  parser.add_argument("--root", default=None)
-  parser.add_argument("extra", nargs="*", help="more --config.x=y overrides for every run")
-  args = parser.parse_args()
-  args.root = args.root or os.path.join("workdirs", f"self_distillation_{args.scale}")
-  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  args = runs.parse_args(__doc__, SCALES, "self_distillation")
   scale = SCALES[args.scale]
   rows = []
   for name, preset in scale["presets"].items():
