@@ -31,6 +31,19 @@ Result: not measured yet on a GPU.
 The weights, temperature, sign and form of the entropy term and the exit pairing
 are our reading of the paper (its full text is not available): see config.erde.
 
+BTS-EE (Aperstein & Apartsin, arXiv 2509.08318): lightweight 1D-conv branches trained one after
+another on a frozen backbone run, each only on the images earlier branches did not take, with
+per-class Class Precision Margin thresholds (scheme=boosted, config.bts; eejax/boosted.py):
+  bts      branches after blocks 2, 4, 6 of a ResNet-18 trained with this file's default preset.
+             python -m eejax.main --config configs/cifar10.py:bts --workdir /tmp/bts \
+               --config.bts.backbone=/tmp/r18 --config.data.source=folder:../shared/data/cifar10
+  bts_cpu  branches after blocks 1, 2 of the ResNet-8 of the cpu preset (--config.bts.backbone=/tmp/cpu).
+  Result (bts_cpu): README.md, "BTS-EE". python launch/bts_grid.py runs the 64-configuration grid.
+Our reading of the paper, labelled in config.bts: the branch pools the feature map and runs a 1D
+convolution along the channels before a dense layer; targets are the labels (KD from the backbone at
+T=4 optional); CPM takes, per class, the lowest threshold whose validation precision is at least the
+backbone's minus the margin, and a class with none never exits at that branch.
+
 Every leaf can be overridden, e.g. `--config.train.epochs=10`.
 """
 import ml_collections
@@ -39,7 +52,8 @@ from ml_collections import config_dict
 
 ERDE_PRESETS = ("erde_teacher", "erde", "erde_kd", "erde_student")
 SELF_DISTILLATION_PRESETS = ("mate", "byot", "mate_cpu", "byot_cpu", "joint_cpu")
-PRESETS = ERDE_PRESETS + SELF_DISTILLATION_PRESETS
+BTS_PRESETS = ("bts", "bts_cpu")
+PRESETS = ERDE_PRESETS + SELF_DISTILLATION_PRESETS + BTS_PRESETS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -106,6 +120,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.byot.temperature = 3.0
   config.byot.kd_weight = 1.0
 
+  # scheme=boosted (BTS-EE, Aperstein & Apartsin 2025). Full text not available: defaults are our reading.
+  config.bts = ml_collections.ConfigDict()
+  config.bts.backbone = ""  # workdir of a finished eejax run: frozen (BN statistics too); its final exit is the reference
+  config.bts.positions = (2, 4, 6)  # 1-based blocks after which a branch sits (ResNet-18: ends of stages 1-3)
+  config.bts.head_width = 8  # filters of each branch's 1D convolution (kernel 3, stride 2 along the channels)
+  config.bts.margins = (0.0, 0.02, 0.05, 0.1)  # CPM margins, as fractions of precision (0.02 = 2 points)
+  config.bts.baseline = True  # also train the non-boosted baseline: every branch on every image, same CPM
+  config.bts.epochs = 20.0  # per branch, over the training images in play (no augmentation: cached features)
+  config.bts.batch_size = 256
+  config.bts.learning_rate = 1e-3  # Adam, cosine decay to 0 over each branch's training
+  config.bts.weight_decay = 5e-4  # on kernels
+  config.bts.distill_weight = 0.0  # our reading's default: labels only; e.g. 0.5 mixes in KD from the backbone
+  config.bts.distill_temperature = 4.0
+  config.bts.num_thresholds = 101  # CPM candidate thresholds: linspace(0, 1, n) on the max softmax probability
+  config.bts.steps_per_call = 50  # branch training steps per jitted call (lax.scan)
+
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000
   config.eval.num_thresholds = 200  # points on the accuracy-against-MACs curve
@@ -157,6 +187,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.endswith("_cpu"):
       config = get_config("cpu")
     config.scheme = arg.split("_")[0]
+  elif arg in BTS_PRESETS:
+    config.scheme = "boosted"
+    if arg == "bts_cpu":
+      config.bts.positions = (1, 2)
   elif arg:
     raise ValueError(f"unknown preset {arg!r} for configs/cifar10.py; valid: cpu, smoke, {', '.join(PRESETS)}")
   return config

@@ -146,3 +146,57 @@ def expected_calibration_error(logits_ExNxC, labels_N, num_bins: int = 15):
   onehot_ExNxM = jax.nn.one_hot(bin_ExN, num_bins)
   gap_ExM = jnp.abs(jnp.einsum("enm,en->em", onehot_ExNxM, correct_ExN - conf_ExN))
   return gap_ExM.sum(-1) / logits_ExNxC.shape[1]
+
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes",))
+def cpm_thresholds(conf_ExN, pred_ExN, reach_ExN, labels_N, ref_pred_N, candidates_K, margin, num_classes: int):
+  """Class Precision Margin: threshold_ExC, per branch and predicted class, fitted on validation.
+
+  Among the images that reach branch e (reach_ExN), those the branch predicts
+  as class c with confidence >= t have precision
+  prec[e,c,t] = #correct / #passing. The reference precision ref[e,c] is the
+  final classifier's (ref_pred_N) on class c over the same images (1 when it
+  never predicts c there). threshold[e,c] is the lowest candidate t (candidates_K
+  ascending) with at least one passing image and prec >= ref - margin (to 1e-6);
+  a class with no such candidate gets +inf: the branch never answers it.
+
+  All (E, C, K) at once: two einsums of the E x N x C class masks with the
+  E x N x K pass masks; memory O(E N (C + K)).
+  """
+  reach_ExN = reach_ExN.astype(jnp.float32)
+  pred_ExNxC = jax.nn.one_hot(pred_ExN, num_classes) * reach_ExN[..., None]
+  correct_ExN = (pred_ExN == labels_N[None]).astype(jnp.float32)
+  passes_ExNxK = (conf_ExN[..., None] >= candidates_K).astype(jnp.float32)
+  passing_ExCxK = jnp.einsum("enc,enk->eck", pred_ExNxC, passes_ExNxK)
+  right_ExCxK = jnp.einsum("enc,enk->eck", pred_ExNxC * correct_ExN[..., None], passes_ExNxK)
+  ref_NxC = jax.nn.one_hot(ref_pred_N, num_classes)
+  ref_count_ExC = reach_ExN @ ref_NxC
+  ref_right_ExC = reach_ExN @ (ref_NxC * (ref_pred_N == labels_N)[:, None])
+  ref_ExC = jnp.where(ref_count_ExC > 0, ref_right_ExC / jnp.maximum(ref_count_ExC, 1), 1.0)
+  precision_ExCxK = right_ExCxK / jnp.maximum(passing_ExCxK, 1)
+  valid_ExCxK = (passing_ExCxK > 0) & (precision_ExCxK >= ref_ExC[..., None] - margin - 1e-6)
+  first_ExC = jnp.argmax(valid_ExCxK, axis=-1)
+  return jnp.where(valid_ExCxK.any(-1), jnp.asarray(candidates_K, jnp.float32)[first_ExC], jnp.inf)
+
+
+def cpm_exits(conf_N, pred_N, threshold_C):
+  """exits_N: the images a branch answers under per-class thresholds (conf >= threshold[pred])."""
+  return conf_N >= jnp.asarray(threshold_C)[pred_N]
+
+
+def fit_cpm(logits_ExNxC, labels_N, candidates_K, margin: float):
+  """threshold_BxC for the B = E - 1 branches of logits_ExNxC (the last exit is the reference).
+
+  Branch by branch: branch b is calibrated on the validation images that
+  branches 1..b-1 (with their fitted thresholds) did not answer.
+  """
+  conf_ExN, pred_ExN = policies.max_prob(jnp.asarray(logits_ExNxC))
+  reach_N = jnp.ones(conf_ExN.shape[1], jnp.bool_)
+  thresholds = []
+  for b in range(conf_ExN.shape[0] - 1):
+    threshold_1xC = cpm_thresholds(conf_ExN[b:b + 1], pred_ExN[b:b + 1], reach_N[None], labels_N, pred_ExN[-1],
+                                   candidates_K, margin, num_classes=logits_ExNxC.shape[-1])
+    thresholds.append(threshold_1xC[0])
+    reach_N = reach_N & ~cpm_exits(conf_ExN[b], pred_ExN[b], threshold_1xC[0])
+  return jnp.stack(thresholds) if thresholds else jnp.zeros((0, logits_ExNxC.shape[-1]))

@@ -90,7 +90,8 @@ class StopSignal:
 class Stopped(Exception):
   """Training stopped on a signal after saving a checkpoint; rerun to resume."""
 
-  def __init__(self, signum: int, step: int, workdir: str):
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved in "
-                     f"{workdir}; run the same command again to resume")
+  def __init__(self, signum: int, step: int, workdir: str, where: str | None = None):
+    where = where or f"at step {step}; checkpoint saved"
+    super().__init__(f"stopped by {signal.Signals(signum).name} {where} in {workdir}; "
+                     f"run the same command again to resume")
     self.exit_code = 128 + signum

@@ -66,6 +66,7 @@ def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: in
   """
   kind, _, arg = source.partition(":")
   if kind == "folder" and arg:
+    arg = os.path.expanduser(arg)
     splits, class_names = _cached(lambda: _read_folder(arg, image_size, test_split),
                                   _folder_key(arg, f"{image_size}:{test_split}"), cache_dir)
   elif kind == "tfds" and arg:

@@ -175,7 +175,7 @@ def make_loss_fn(config, num_exits: int):
   raise unknown_name("scheme", config.scheme, SCHEMES)
 
 
-SCHEMES = ("joint", "erde", "mate", "byot")
+SCHEMES = ("joint", "erde", "mate", "byot", "boosted")  # boosted: BTS-EE, eejax.bts
 
 
 def load_teacher(config, model, image_shape, num_classes: int, mesh):
@@ -231,6 +231,9 @@ def _summary(metrics_S) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), then writes the report."""
   check_names(config)
+  if config.scheme == "boosted":  # branches on a frozen backbone run: its own job
+    from eejax import bts  # pylint: disable=g-import-not-at-top
+    return bts.train_and_evaluate(config, workdir)
   sharding.initialize_distributed(config.distributed)
   mesh = sharding.make_mesh()
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)

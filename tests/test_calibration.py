@@ -90,3 +90,64 @@ def test_ece_matches_numpy():
       if in_bin.any():
         total += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
     np.testing.assert_allclose(ece[e], total, rtol=1e-4)
+
+
+def np_cpm(conf_ExN, pred_ExN, reach_ExN, labels_N, ref_pred_N, candidates_K, margin, num_classes):
+  """Class Precision Margin by plain loops: the lowest candidate whose precision >= reference - margin."""
+  out = np.full((conf_ExN.shape[0], num_classes), np.inf)
+  for e in range(conf_ExN.shape[0]):
+    for c in range(num_classes):
+      ref_mask = reach_ExN[e] & (ref_pred_N == c)
+      ref = float(np.mean(labels_N[ref_mask] == c)) if ref_mask.any() else 1.0
+      for t in sorted(candidates_K):
+        mask = reach_ExN[e] & (pred_ExN[e] == c) & (conf_ExN[e] >= t)
+        if mask.any() and np.mean(labels_N[mask] == c) >= ref - margin - 1e-6:
+          out[e, c] = t
+          break
+  return out
+
+
+def cpm_case(seed=0, e=3, n=600, c=5):
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, c, n)
+  right = rng.random((e, n)) < 0.6 + 0.1 * np.arange(e)[:, None]
+  pred = np.where(right, labels[None], rng.integers(0, c, (e, n)))
+  pred[0][pred[0] == 4] = 3  # exit 1 never predicts class 4: no image can pass there
+  pred[1][pred[1] == 2] = (labels[pred[1] == 2] + 1) % c  # exit 2 is always wrong on class 2: precision 0
+  conf = np.clip(np.where(pred == labels[None], 0.6, 0.35) + 0.3 * rng.random((e, n)), 0, 1).astype(np.float32)
+  ref_pred = np.where(rng.random(n) < 0.9, labels, rng.integers(0, c, n))
+  reach = rng.random((e, n)) < 0.8
+  return conf, pred, reach, labels, ref_pred
+
+
+def test_cpm_matches_numpy_including_classes_that_never_exit():
+  conf, pred, reach, labels, ref_pred = cpm_case()
+  candidates = np.linspace(0, 1, 51, dtype=np.float32)
+  for margin in (0.0, 0.03, 0.1, 0.3):
+    got = np.asarray(calibration.cpm_thresholds(conf, pred, reach, labels, ref_pred, candidates, margin, num_classes=5))
+    want = np_cpm(conf, pred, reach, labels, ref_pred, candidates, margin, 5)
+    np.testing.assert_array_equal(got, want.astype(np.float32))
+    assert np.isinf(got[0, 4]) and np.isinf(got[1, 2])  # never predicted / never right: never exits
+    assert np.isfinite(got).sum() >= 8  # and most classes do get a threshold
+  loose = np.asarray(calibration.cpm_thresholds(conf, pred, reach, labels, ref_pred, candidates, 0.3, num_classes=5))
+  tight = np.asarray(calibration.cpm_thresholds(conf, pred, reach, labels, ref_pred, candidates, 0.0, num_classes=5))
+  assert (loose[np.isfinite(tight)] <= tight[np.isfinite(tight)]).all()  # a wider margin never raises a threshold
+
+
+def test_fit_cpm_calibrates_each_branch_on_the_images_earlier_branches_left():
+  conf, pred, _, labels, ref_pred = cpm_case(seed=3, e=3)
+  # logits whose softmax gives exactly conf at pred (other classes share the rest)
+  c = 5
+  probs = np.repeat(((1 - conf) / (c - 1))[..., None], c, axis=-1)
+  np.put_along_axis(probs, pred[..., None], conf[..., None], axis=-1)
+  probs[-1] = np.eye(c)[ref_pred] * 0.9 + 0.02
+  logits = np.log(probs).astype(np.float32)
+  conf, pred = (np.asarray(a) for a in policies.max_prob(jnp.asarray(logits)))
+  candidates = np.linspace(0, 1, 41, dtype=np.float32)
+  got = np.asarray(calibration.fit_cpm(logits, labels, candidates, 0.05))
+  reach = np.ones(len(labels), bool)
+  for b in range(2):
+    want = np_cpm(conf[b:b + 1], pred[b:b + 1], reach[None], labels, pred[-1], candidates, 0.05, c)[0]
+    np.testing.assert_array_equal(got[b], want.astype(np.float32))
+    reach &= ~(conf[b] >= want[pred[b]])
+  assert reach.sum() < len(labels)  # branches did answer some images

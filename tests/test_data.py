@@ -141,3 +141,10 @@ def test_tiny_imagenet_layout(tmp_path):
   assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 2, 3)
   assert ds.test.labels_N.tolist() == [1, 0, 1]
   assert ds.val_source.startswith("2 images carved")
+
+
+def test_folder_path_under_home(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  make_tree(str(tmp_path / "cinic"), splits=("train", "valid", "test"), per_class=(4, 2, 2))
+  ds = data.load("folder:~/cinic", cache_dir=None)
+  assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 6, 6)

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 from eejax.flops import exit_macs
+from eejax.models.heads import Conv1dHead
 from eejax.models import ARCHS, MultiExitNet
 from eejax.models.resnet import conv_macs
 
@@ -57,7 +58,8 @@ def _xla_flops(fn, *args):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_analytic_equals_xla_within_tolerance(arch):
-  head = {"resnet20": "pool_conv", "resnet50": "pool_conv", "resnet56": "erde", "resnet34": "erde"}.get(arch, "linear")
+  head = {"resnet20": "pool_conv", "resnet50": "pool_conv", "resnet56": "erde", "resnet34": "erde",
+          "resnet18": "conv1d", "resnet110": "conv1d"}.get(arch, "linear")
   model = MultiExitNet(arch, 10, head=head, head_width=32)
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)
@@ -82,3 +84,11 @@ def test_analytic_equals_xla_within_tolerance(arch):
     # A head alone is small next to the element-wise work on its input (BatchNorm, ReLU, pooling),
     # which XLA counts and MACs do not: allow at most 6 FLOPs (3 MACs) per input element on top.
     assert 0 <= head_flops / 2 - analytic.head[k] <= 3 * h.size, (k, head_flops / 2, analytic.head[k])
+
+
+def test_conv1d_head_macs_by_hand():
+  # C=16 channels, kernel 3, stride 2, 'SAME': 8 outputs, the last one with one padding tap.
+  assert Conv1dHead.macs((4, 4, 16), 10, width=4) == 8 * 3 * 4 + 8 * 4 * 10
+  assert Conv1dHead.macs((4, 4, 16), 10, width=4, count_padding=False) == (8 * 3 - 1) * 4 + 8 * 4 * 10
+  # odd length 5: outputs at 0, 2, 4, no padding needed on the left? pad_total = 2*2+3-5 = 2 -> 1 each side.
+  assert Conv1dHead.macs((1, 1, 5), 3, width=1, count_padding=False) == (2 + 3 + 2) + 3 * 3

@@ -19,7 +19,7 @@ def assert_one_line_error(out, *fragments):
 @pytest.mark.parametrize("override,fragments", [
     ("--config.model.nmae=resnet8", ("bad --config override", "Did you mean \"name\"")),
     ("--config.model.name=resnet19", ("unknown model 'resnet19'; valid:", "resnet18")),
-    ("--config.model.head=mlp", ("unknown head 'mlp'; valid: erde, linear, pool_conv",)),
+    ("--config.model.head=mlp", ("unknown head 'mlp'; valid: conv1d, erde, linear, pool_conv",)),
     ("--config.train.epochs=many", ("--config.train.epochs=many",)),
 ])
 def test_config_mistakes(tiny_tree, tmp_path, override, fragments):
@@ -32,7 +32,7 @@ def test_name_mistakes_come_before_loading_data(tmp_path):
                   f"--config.data.source=folder:{tmp_path / 'absent'}", "--config.model.name=resnet19"])
   assert_one_line_error(out, "unknown model 'resnet19'")
   out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.scheme=distill"])
-  assert_one_line_error(out, "unknown scheme 'distill'; valid: byot, erde, joint, mate")
+  assert_one_line_error(out, "unknown scheme 'distill'; valid: boosted, byot, erde, joint, mate")
 
 
 def test_missing_data_folder(tmp_path):

@@ -95,5 +95,5 @@ def test_unknown_names_list_the_valid_ones():
   x = jnp.zeros((1, 32, 32, 3))
   with pytest.raises(UserError, match=r"unknown model 'resnet19'; valid: .*resnet18.*resnet20"):
     MultiExitNet("resnet19", 10).init(jax.random.key(0), x)
-  with pytest.raises(UserError, match=r"unknown head 'mlp'; valid: erde, linear, pool_conv"):
+  with pytest.raises(UserError, match=r"unknown head 'mlp'; valid: conv1d, erde, linear, pool_conv"):
     MultiExitNet("resnet8", 10, head="mlp").init(jax.random.key(0), x)

@@ -60,7 +60,7 @@ class PoolConvHead(nn.Module):
   @nn.compact
   def __call__(self, h_BxHxWxC, train: bool = False):
     p = _pool_size(h_BxHxWxC.shape[1], self.grid)
-    h = nn.avg_pool(h_BxHxWxC, (p, p), strides=(p, p))
+    h = nn.avg_pool(h_BxHxWxC, window_shape=(p, p), strides=(p, p))
     h = nn.Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype)(h)
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(global_avg_pool(nn.relu(h)))
@@ -83,7 +83,7 @@ class ErdeHead(nn.Module):
   @nn.compact
   def __call__(self, h_BxHxWxC, train: bool = False):
     h = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(h_BxHxWxC)
-    h = nn.avg_pool(nn.relu(h), (2, 2), strides=(2, 2))
+    h = nn.avg_pool(nn.relu(h), window_shape=(2, 2), strides=(2, 2))
     h = nn.Dropout(self.dropout, deterministic=not train)(h.reshape(h.shape[0], -1))
     return nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
 
@@ -93,4 +93,41 @@ class ErdeHead(nn.Module):
     return (hwc[0] // 2) * (hwc[1] // 2) * hwc[2] * num_classes
 
 
-HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead}
+def conv1d_macs(length: int, kernel: int, stride: int, width: int, count_padding: bool = True) -> tuple[int, int]:
+  """(MACs, output length) of a 'SAME' 1D convolution, one input channel to `width`, over `length` positions."""
+  out = -(-length // stride)
+  pad_lo = max((out - 1) * stride + kernel - length, 0) // 2
+  taps = sum(kernel if count_padding else sum(0 <= i * stride - pad_lo + j < length for j in range(kernel))
+             for i in range(out))
+  return taps * width, out
+
+
+class Conv1dHead(nn.Module):
+  """BTS-EE's lightweight branch (our reading): global average pool to a C-vector, a 1D convolution
+  along the channel axis (one input channel, `width` filters, kernel 3, stride 2, 'SAME'), ReLU,
+  flatten, dense.
+
+  It has no BatchNorm, so a branch trained on pooled features is the same
+  function of the full feature map: BTS-EE trains it on cached features.
+  """
+  num_classes: int
+  width: int = 8
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  kernel: int = 3
+  stride: int = 2
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    h_BxCx1 = global_avg_pool(h_BxHxWxC)[..., None]
+    h = nn.relu(nn.Conv(self.width, (self.kernel,), strides=(self.stride,), padding="SAME", dtype=self.dtype)(h_BxCx1))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h.reshape(h.shape[0], -1))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=8, count_padding=True, kernel=3, stride=2):
+    conv, out = conv1d_macs(hwc[2], kernel, stride, width, count_padding)
+    return conv + out * width * num_classes
+
+
+HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead, "conv1d": Conv1dHead}

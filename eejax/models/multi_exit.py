@@ -74,6 +74,19 @@ class MultiExitNet(nn.Module):
       h = block(h, train)
     return h, self.heads[k](h, train)
 
+  def pooled_features(self, x_BxHxWx3):
+    """(pooled_BxC after every block, float32; the final exit's logits_BxC), in inference mode.
+
+    What BTS-EE's branches see: its 1D-conv heads start with a global average
+    pool, so a branch can be trained on these instead of the feature maps.
+    """
+    h = self.stem(x_BxHxWx3, False)
+    pooled = []
+    for block in self.blocks:
+      h = block(h, False)
+      pooled.append(jnp.mean(h, axis=(1, 2)).astype(jnp.float32))
+    return tuple(pooled), self.heads[-1](h, False)
+
   def __call__(self, x_BxHxWx3, train: bool = False):
     h = self.stem(x_BxHxWx3, train)
     logits, features = [], []

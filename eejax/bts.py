@@ -1,0 +1,246 @@
+"""The BTS-EE job (scheme=boosted): a frozen backbone run, its cached features, and the branches.
+
+`train_and_evaluate` loads the backbone named by `config.bts.backbone`, caches
+the pooled features of every block on train/val/test once, then trains the
+branches boosted and (with `bts.baseline`) non-boosted at every CPM margin,
+writing report.json, report.md, curve.png and one loadable workdir per trained
+model under `models/`. `launch/bts_grid.py` reuses `prepare` and
+`run_configuration` for the 64-configuration grid. See `eejax.boosted`.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+
+from eejax import boosted, checkpoint, input_pipeline
+from eejax.boosted import Features
+from eejax.errors import UserError
+from eejax.flops import exit_macs
+from eejax.models import MultiExitNet
+
+MODES = ("boosted", "nonboosted")
+
+
+@dataclasses.dataclass
+class Backbone:
+  workdir: str
+  config: object
+  model: MultiExitNet
+  variables: dict
+  image_shape: tuple
+  train: Features
+  val: Features
+  test: Features
+
+  @property
+  def num_blocks(self) -> int:
+    return len(self.train.pooled)
+
+  def reference(self) -> dict:
+    """The backbone alone (its final classifier): test accuracy and MACs, the CPM reference."""
+    full = exit_macs(boosted.branch_model(self.model, (), 0), self.image_shape).full
+    accuracy = float(np.mean(np.argmax(self.test.final_logits_NxC, -1) == self.test.labels_N))
+    return {"accuracy": accuracy, "macs": full}
+
+
+def prepare(config, log=print) -> Backbone:
+  """Loads the backbone run and the dataset, and caches every block's pooled features on each split."""
+  from eejax import train  # pylint: disable=g-import-not-at-top  # train dispatches to this module
+  path = config.bts.backbone
+  if not path:
+    raise UserError("scheme=boosted needs --config.bts.backbone=WORKDIR, the workdir of a finished eejax run "
+                    "(e.g. one of configs/cifar10.py:cpu); its backbone is frozen and its final exit is the reference")
+  backbone_config, model, variables = train.load_run(path)
+  for key in ("val_size", "val_seed", "max_images", "test_split"):
+    ours, theirs = config.data.get(key), backbone_config.data.get(key)
+    if ours != theirs:
+      raise UserError(f"data.{key}={ours!r} differs from the backbone run's ({theirs!r}): the validation images "
+                      f"must be ones the backbone never trained on; use --config.data.{key}={theirs!r}")
+  ds = train.load_dataset(config.data)
+  with open(os.path.join(path, "run.json"), encoding="utf-8") as f:
+    run = json.load(f)
+  if run["num_classes"] != ds.num_classes or tuple(run["image_shape"]) != tuple(ds.image_shape):
+    raise UserError(f"the backbone in {path} was trained on {run['num_classes']} classes of {run['image_shape']} "
+                    f"images; data.source={config.data.source!r} has {ds.num_classes} of {list(ds.image_shape)}")
+  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  t0 = time.perf_counter()
+  features = {name: boosted.extract(model, variables, split.images_NxHxWx3, split.labels_N, mean_C, std_C,
+                                    config.eval.batch_size)
+              for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test))}
+  log(f"backbone {backbone_config.model.name} from {path}: pooled features of its {len(features['train'].pooled)} "
+      f"blocks on {len(ds.train)}/{len(ds.val)}/{len(ds.test)} train/val/test images in "
+      f"{time.perf_counter() - t0:.1f}s")
+  return Backbone(path, backbone_config, model, variables, tuple(ds.image_shape), **features)
+
+
+def run_configuration(bb: Backbone, positions, head_width: int, margins, modes, settings: boosted.Settings,
+                      device_train: dict, memo: dict | None = None, save=None, finished=None,
+                      log=print) -> list[dict]:
+  """One row per (mode, margin): test and validation accuracy and MACs of the branches under CPM.
+
+  `save(name, model, variables, threshold_BxC, row)`, if given, stores each
+  trained model; `finished(name)` returns the row of a model stored before
+  (a resumed run), or None.
+  """
+  positions = boosted.check_positions(positions, bb.num_blocks)
+  model = boosted.branch_model(bb.model, positions, head_width)
+  macs = exit_macs(model, bb.image_shape)
+  rows = []
+  for mode in modes:
+    for margin in margins:
+      name = f"{mode}_m{margin:g}"
+      row = finished(name) if finished is not None else None
+      if row is not None:
+        log(f"  {name}: finished before, kept")
+        rows.append(row)
+        continue
+      params, threshold_BxC, stages = boosted.fit_branches(bb.train, bb.val, positions, head_width, margin,
+                                                           mode == "boosted", settings, device_train, memo, log=log)
+      test = boosted.evaluate_split(params, positions, head_width, bb.test, threshold_BxC, macs.cumulative)
+      val = boosted.evaluate_split(params, positions, head_width, bb.val, threshold_BxC, macs.cumulative)
+      row = {"mode": mode, "margin": float(margin), "positions": list(positions), "head_width": head_width,
+             "accuracy": test["accuracy"], "macs": test["macs"],
+             "macs_reduction": boosted.macs_reduction(test["macs"], macs.full), "test": test,
+             "val": {"accuracy": val["accuracy"], "macs": val["macs"]}, "exit_macs": list(macs.cumulative),
+             "stages": stages, "thresholds": boosted.thresholds_json(threshold_BxC)}
+      if save is not None:
+        save(name, model, boosted.stitch(bb.variables, params), threshold_BxC, row)
+      rows.append(row)
+  return rows
+
+
+def paired(rows: list[dict]) -> list[dict]:
+  """Boosted rows with the non-boosted row of the same configuration and margin, and their differences."""
+  key = lambda r: (tuple(r["positions"]), r["head_width"], r["margin"])
+  base = {key(r): r for r in rows if r["mode"] == "nonboosted"}
+  out = []
+  for r in rows:
+    if r["mode"] == "boosted" and key(r) in base:
+      b = base[key(r)]
+      out.append({"positions": r["positions"], "head_width": r["head_width"], "margin": r["margin"],
+                  "boosted_accuracy": r["accuracy"], "nonboosted_accuracy": b["accuracy"],
+                  "boosted_macs_reduction": r["macs_reduction"], "nonboosted_macs_reduction": b["macs_reduction"],
+                  "accuracy_difference": r["accuracy"] - b["accuracy"],
+                  "macs_reduction_difference": r["macs_reduction"] - b["macs_reduction"]})
+  return out
+
+
+def markdown(report: dict) -> str:
+  ref = report["reference"]
+  lines = [f"# BTS-EE: {report['backbone_name']} backbone from `{report['backbone']}`", "",
+           f"Reference (backbone's final classifier alone): {100 * ref['accuracy']:.2f}% test accuracy at "
+           f"{ref['macs'] / 1e6:.2f} M MACs.", "",
+           "| positions | width | margin | mode | test accuracy | MACs (M) | MACs saved | exit shares |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in report["rows"]:
+    shares = " / ".join(f"{100 * s:.0f}" for s in r["test"]["exit_share"])
+    lines.append(f"| {','.join(map(str, r['positions']))} | {r['head_width']} | {r['margin']:g} | {r['mode']} | "
+                 f"{100 * r['accuracy']:.2f}% | {r['macs'] / 1e6:.2f} | {100 * r['macs_reduction']:.1f}% | {shares}% |")
+  pairs = paired(report["rows"])
+  if pairs:
+    better = sum(p["accuracy_difference"] >= 0 and p["macs_reduction_difference"] >= 0 for p in pairs)
+    lines += ["", f"Boosted minus non-boosted (test): accuracy and MACs saved, in points. Boosted is at least as "
+              f"good on both in {better} of {len(pairs)} configurations.", "",
+              "| positions | width | margin | accuracy diff | MACs-saved diff |", "|---|---|---|---|---|"]
+    lines += [f"| {','.join(map(str, p['positions']))} | {p['head_width']} | {p['margin']:g} | "
+              f"{100 * p['accuracy_difference']:+.2f} | {100 * p['macs_reduction_difference']:+.1f} |" for p in pairs]
+  return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+  """Test accuracy against mean MACs of every row, one series per mode, the reference as a star."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for mode, marker in zip(MODES, ("o", "x")):
+    rows = sorted((r for r in report["rows"] if r["mode"] == mode), key=lambda r: r["macs"])
+    if rows:
+      ax.plot([r["macs"] / 1e6 for r in rows], [100 * r["accuracy"] for r in rows], marker, label=mode,
+              linestyle="-" if len(rows) <= 8 else "none", alpha=0.8)
+  ref = report["reference"]
+  ax.plot([ref["macs"] / 1e6], [100 * ref["accuracy"]], "k*", markersize=12, label="backbone alone")
+  ax.set_xlabel("mean MACs per image (M)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(f"BTS-EE on {report['backbone_name']}")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def _plain(o):
+  """JSON for numpy values in rows (the recorded per-stage indices, numpy scalars)."""
+  return o.tolist() if hasattr(o, "tolist") else str(o)
+
+
+def write(report: dict, workdir: str) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=1, default=_plain)
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write(markdown(report))
+  plot(report, os.path.join(workdir, "curve.png"))
+
+
+def _check_same_run(config, workdir: str) -> None:
+  """A workdir resumes only the run it holds: the same backbone, data, positions and training settings."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    before = json.load(f)
+  now = json.loads(config.to_json_best_effort())
+  for section in ("bts", "data"):
+    old = {k: v for k, v in before.get(section, {}).items() if k not in ("margins", "baseline")}
+    new = {k: v for k, v in now[section].items() if k not in ("margins", "baseline")}
+    if old != new:
+      changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+      raise UserError(f"{workdir} holds a BTS-EE run with other {section} settings ({', '.join(changed)}); "
+                      f"use a new --workdir (only bts.margins and bts.baseline may change on a rerun)")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """scheme=boosted: every margin in bts.margins, boosted and (bts.baseline) non-boosted; report in workdir."""
+  bts = config.bts
+  settings = boosted.Settings.from_config(bts, seed=config.seed)
+  _check_same_run(config, workdir)
+  bb = prepare(config)
+  boosted.check_positions(bts.positions, bb.num_blocks)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  modes = MODES if bts.baseline else MODES[:1]
+  stop = checkpoint.StopSignal()
+
+  def save(name, model, variables, threshold_BxC, row):
+    path = os.path.join(workdir, "models", name)
+    if os.path.exists(path):  # left by a run stopped while saving it (no row.json): written anew
+      shutil.rmtree(path)
+    boosted.save_model(path, config, bb.config.model, model, variables, threshold_BxC, bb.image_shape)
+    with open(os.path.join(path, "row.json"), "w", encoding="utf-8") as f:  # written last: marks it finished
+      json.dump(row, f, default=_plain)
+    if stop.signum is not None:
+      raise checkpoint.Stopped(stop.signum, 0, workdir, where=f"after saving models/{name}")
+
+  def finished(name):
+    path = os.path.join(workdir, "models", name, "row.json")
+    if not os.path.exists(path):
+      return None
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+
+  with stop:
+    rows = run_configuration(bb, tuple(bts.positions), bts.head_width, tuple(bts.margins), modes, settings,
+                             boosted.device_arrays(bb.train), memo={}, save=save, finished=finished)
+  report = {"method": "bts-ee", "backbone": bb.workdir, "backbone_name": bb.config.model.name,
+            "reference": bb.reference(), "settings": dataclasses.asdict(settings), "rows": rows,
+            "pairs": paired(rows)}
+  write(report, workdir)
+  print(markdown(report))
+  print(f"report in {workdir}/report.md; models (loadable workdirs) in {workdir}/models/")
+  return report

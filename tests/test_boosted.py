@@ -1,0 +1,165 @@
+"""BTS-EE: batches from the images in play only, stage-by-stage exclusion, a frozen backbone, the CLI job."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO, make_tree, run_main
+from eejax import boosted, policies, train
+from eejax.boosted import Features, Settings
+from eejax.models.heads import Conv1dHead
+
+
+def test_batches_come_only_from_images_in_play_and_cover_them():
+  in_play = np.zeros(100, bool)
+  in_play[np.random.default_rng(0).choice(100, 37, replace=False)] = True
+  key = jax.random.key(0)
+  seen = [np.asarray(boosted.batch_from(key, jnp.int32(s), jnp.asarray(in_play), jnp.int32(37), 8))
+          for s in range(4)]  # 37 // 8 = 4 steps: one epoch
+  seen = np.concatenate(seen)
+  assert in_play[seen].all()
+  assert len(np.unique(seen)) == 32  # an epoch draws without replacement
+  small = np.asarray(boosted.batch_from(key, jnp.int32(0), jnp.asarray(in_play), jnp.int32(37), 64))
+  assert in_play[small].all() and len(np.unique(small)) == 37  # fewer than a batch left: cycled, all of them
+
+
+def test_conv1d_head_on_pooled_features_equals_the_head_on_the_map():
+  head = Conv1dHead(5, width=4)
+  h = jax.random.normal(jax.random.key(0), (3, 4, 4, 16))
+  params = head.init(jax.random.key(1), h)
+  pooled = jnp.mean(h, axis=(1, 2))[:, None, None, :]
+  np.testing.assert_allclose(head.apply(params, h), head.apply(params, pooled), rtol=1e-5, atol=1e-6)
+
+
+def synthetic_features(seed=0, n=(600, 300, 300), c=4):
+  """Three blocks whose pooled features separate the classes better and better; a strong final classifier."""
+  rng = np.random.default_rng(seed)
+  splits = []
+  centres = [rng.normal(size=(c, 8 * (b + 1))) for b in range(3)]
+  for size in n:
+    labels = rng.integers(0, c, size)
+    easy = rng.random(size) < 0.5  # half the images are easy at every block
+    pooled = tuple((centres[b][labels] * np.where(easy, 3.0, 0.3)[:, None] * (1 + b)
+                    + rng.normal(size=(size, 8 * (b + 1)))).astype(np.float32) for b in range(3))
+    final = np.where(rng.random(size) < 0.9, labels, rng.integers(0, c, size))
+    splits.append(Features(pooled, (6.0 * np.eye(c)[final]).astype(np.float32), labels))
+  return splits
+
+
+def test_stage_k_never_trains_on_images_earlier_branches_answered():
+  train_f, val_f, _ = synthetic_features()
+  settings = Settings(epochs=3, batch_size=32, learning_rate=1e-2, steps_per_call=5)
+  params, thresholds, stages = boosted.fit_branches(train_f, val_f, (1, 2), 4, 0.05, True, settings,
+                                                    boosted.device_arrays(train_f), record=True, log=lambda s: None)
+  # What each branch answers on the training set, recomputed here from its parameters and thresholds.
+  head = Conv1dHead(4, width=4)
+  exited = np.zeros(len(train_f.labels_N), bool)
+  for b, pos in enumerate((1, 2)):
+    seen = stages[b]["seen"]
+    assert not exited[seen].any(), f"branch {b + 1} trained on images an earlier branch answered"
+    assert len(seen) == (~exited).sum() == stages[b]["train_images"]  # and on every image still in play
+    logits = head.apply({"params": params[b]}, jnp.asarray(train_f.pooled[pos - 1])[:, None, None, :])
+    conf, pred = (np.asarray(a)[0] for a in policies.max_prob(logits[None]))
+    exited |= conf >= thresholds[b][pred]
+  assert 0 < stages[0]["train_exits"] < len(train_f.labels_N)  # the exclusion did something
+  # Non-boosted: every branch sees every image.
+  _, _, stages = boosted.fit_branches(train_f, val_f, (1, 2), 4, 0.05, False, settings,
+                                      boosted.device_arrays(train_f), record=True, log=lambda s: None)
+  assert [len(s["seen"]) for s in stages] == [len(train_f.labels_N)] * 2
+
+
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bts")
+  tree = str(root / "tree")
+  make_tree(tree, per_class=(40, 12), size=16)
+  workdir = str(root / "backbone")
+  r = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={workdir}", f"--config.data.source=folder:{tree}",
+                "--config.data.cache_dir=", "--config.data.max_images=0", "--config.data.val_size=24",
+                "--config.model.name=resnet20", "--config.train.epochs=3"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  return root, tree, workdir
+
+
+def bts_args(tree, backbone, workdir, *extra, margins="0.0,0.1"):
+  return ["--config", "configs/cifar10.py:bts", f"--workdir={workdir}", f"--config.bts.backbone={backbone}",
+          f"--config.data.source=folder:{tree}", "--config.data.cache_dir=", "--config.data.val_size=24",
+          "--config.bts.positions=2,5", f"--config.bts.margins={margins}", "--config.bts.epochs=2",
+          "--config.bts.batch_size=16", "--config.bts.steps_per_call=4", "--config.eval.batch_size=16", *extra]
+
+
+def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone_run):
+  root, tree, backbone = backbone_run
+  _, _, before = train.load_run(backbone)
+  workdir = str(root / "bts")
+  r = run_main(bts_args(tree, backbone, workdir))
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  assert {(row["mode"], row["margin"]) for row in report["rows"]} == {
+      ("boosted", 0.0), ("boosted", 0.1), ("nonboosted", 0.0), ("nonboosted", 0.1)}
+  assert len(report["pairs"]) == 2 and os.path.exists(os.path.join(workdir, "curve.png"))
+  _, _, after = train.load_run(backbone)  # the backbone run itself is untouched
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  config, model, variables = train.load_run(os.path.join(workdir, "models", "boosted_m0.1"))
+  assert model.head == "conv1d" and tuple(model.exit_after) == (2, 5)
+  for collection in ("params", "batch_stats"):  # stem, blocks and BN statistics: bit-identical to the backbone
+    backbone_part = {k: v for k, v in before[collection].items() if k.startswith(("stem_", "blocks_"))}
+    branch_part = {k: v for k, v in variables[collection].items() if k.startswith(("stem_", "blocks_"))}
+    assert backbone_part.keys() == branch_part.keys() and backbone_part
+    jax.tree.map(np.testing.assert_array_equal, backbone_part, branch_part)
+  final = max((k for k in before["params"] if k.startswith("heads_")), key=lambda k: int(k.split("_")[1]))
+  jax.tree.map(np.testing.assert_array_equal, before["params"][final], variables["params"]["heads_2"])
+  # The reloaded network's exits give the accuracies the report states (the cached-feature path).
+  ds = train.load_dataset(config.data)
+  from eejax import input_pipeline  # pylint: disable=g-import-not-at-top
+  mean, std = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  logits, _ = model.apply(variables, input_pipeline.normalize(jnp.asarray(ds.test.images_NxHxWx3), mean, std))
+  row = next(r for r in report["rows"] if r["mode"] == "boosted" and r["margin"] == 0.1)
+  np.testing.assert_allclose((np.argmax(logits, -1) == ds.test.labels_N).mean(-1), row["test"]["exit_accuracy"],
+                             atol=1e-6)
+  thresholds = json.load(open(os.path.join(workdir, "models", "boosted_m0.1", "thresholds.json")))
+  assert thresholds["per_class_threshold_BxC"] == row["thresholds"]
+  # Run again: every finished model is kept, not retrained; another margin is added to the same report.
+  again = run_main(bts_args(tree, backbone, workdir, margins="0.0,0.1,0.2"))
+  assert again.returncode == 0 and again.stdout.count("finished before, kept") == 4, again.stdout
+  rerun = json.load(open(os.path.join(workdir, "report.json")))
+  assert rerun["rows"][0] == json.loads(json.dumps(report["rows"][0])) and len(rerun["rows"]) == 6
+  changed = run_main(bts_args(tree, backbone, workdir, "--config.bts.epochs=3"))
+  assert changed.returncode == 2 and "other bts settings (epochs)" in changed.stderr.splitlines()[-1]
+
+
+def test_bts_job_errors_are_one_line(backbone_run, tmp_path):
+  root, tree, backbone = backbone_run
+  cases = [(["--config.bts.backbone="], "needs --config.bts.backbone"),
+           (["--config.bts.positions=2,9"], "must be increasing block numbers in 1..8"),
+           (["--config.data.val_size=30"], "differs from the backbone run's")]
+  for extra, message in cases:
+    r = run_main(bts_args(tree, backbone, str(tmp_path / "w"), *extra))
+    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_grid_launcher_runs_all_64_configurations_and_resumes(backbone_run):
+  root, tree, backbone = backbone_run
+  workdir = str(root / "grid")
+  command = [sys.executable, "launch/bts_grid.py", *bts_args(tree, backbone, workdir, "--config.bts.epochs=1")]
+  r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert r.returncode == 0, r.stderr[-3000:]
+  grid = json.load(open(os.path.join(workdir, "grid.json")))
+  keys = {(tuple(p["positions"]), p["head_width"], p["margin"]) for p in grid["pairs"]}
+  assert len(grid["pairs"]) == 64 and len(keys) == 64 and len(grid["rows"]) == 128
+  assert {k[0] for k in keys} == {(2, 4, 7), (4, 7), (2, 4), (3, 6)}  # ResNet-20: 9 blocks
+  for p in grid["pairs"]:
+    assert p["accuracy_difference"] == pytest.approx(p["boosted_accuracy"] - p["nonboosted_accuracy"])
+  table = open(os.path.join(workdir, "grid.md")).read()
+  assert sum(line.startswith("| 2,4,7 |") or line.startswith("| 4,7 |") or line.startswith("| 2,4 |")
+             or line.startswith("| 3,6 |") for line in table.splitlines()) == 64
+  assert os.path.getsize(os.path.join(workdir, "grid.png")) > 10000
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  assert again.returncode == 0 and "[1/16]" not in again.stdout  # every configuration was kept and skipped
+  assert json.load(open(os.path.join(workdir, "grid.json")))["pairs"] == grid["pairs"]
