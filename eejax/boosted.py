@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import hashlib
 import json
-import math
 import os
 
 import jax
