@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import calibration, checkpoint, input_pipeline, losses, policies
+from eejax import calibration, checkpoint, evaluate, input_pipeline, losses, policies
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models.heads import Conv1dHead
@@ -78,18 +78,8 @@ def extract(model: MultiExitNet, variables, images_NxHxWx3, labels_N, mean_C, st
     return model.apply(variables, input_pipeline.normalize(x_BxHxWx3, mean_C, std_C),
                        method=MultiExitNet.pooled_features)
 
-  n = images_NxHxWx3.shape[0]
-  pooled, logits = [], []
-  for start in range(0, n, batch_size):
-    x = images_NxHxWx3[start:start + batch_size]
-    valid = x.shape[0]
-    if valid < batch_size:
-      x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
-    p, l = jax.device_get(run(variables, x))
-    pooled.append([a[:valid] for a in p])
-    logits.append(l[:valid])
-  return Features(tuple(np.concatenate(parts) for parts in zip(*pooled)), np.concatenate(logits),
-                  np.asarray(labels_N))
+  pooled, logits = evaluate.in_batches(lambda x: run(variables, x), images_NxHxWx3, batch_size)
+  return Features(tuple(pooled), logits, np.asarray(labels_N))
 
 
 def branch_model(backbone: MultiExitNet, positions, head_width: int) -> MultiExitNet:
@@ -125,22 +115,36 @@ def branch_loss(logits_BxC, labels_B, teacher_logits_BxC, distill_weight: float,
   return jnp.mean((1.0 - distill_weight) * ce_B + distill_weight * kd_B)
 
 
-def batch_from(key, step, in_play_N, count, batch_size: int):
-  """idx_B of step's batch: each epoch a random order of the images in play, cycled.
+def steps_per_epoch(count, batch_size: int):
+  return jnp.maximum(count // batch_size, 1)
 
-  An epoch is max(count // batch_size, 1) steps; the order is a sort of
-  random keys that puts every image out of play last, so only the first
-  `count` entries (the images in play) are ever used.
-  """
-  steps_per_epoch = jnp.maximum(count // batch_size, 1)
-  epoch, pos = step // steps_per_epoch, step % steps_per_epoch
+
+def epoch_order(key, epoch, in_play_N):
+  """order_N of one epoch: a random order of the images in play, every image out of play after them."""
   u_N = jax.random.uniform(jax.random.fold_in(key, epoch), in_play_N.shape)
-  order_N = jnp.argsort(jnp.where(in_play_N, u_N, 2.0))
+  return jnp.argsort(jnp.where(in_play_N, u_N, 2.0))
+
+
+def batch_at(order_N, step, count, batch_size: int):
+  """idx_B of step's batch within its epoch's order: only the first `count` entries (those in play), cycled."""
+  pos = step % steps_per_epoch(count, batch_size)
   return order_N[(pos * batch_size + jnp.arange(batch_size)) % jnp.maximum(count, 1)]
+
+
+def batch_from(key, step, in_play_N, count, batch_size: int):
+  """idx_B of step's batch: each epoch (max(count // batch_size, 1) steps) a random order of the images in play.
+
+  Training computes each epoch's order once (`train_branch`); this is the same batch from scratch.
+  """
+  epoch = step // steps_per_epoch(count, batch_size)
+  return batch_at(epoch_order(key, epoch, in_play_N), step, count, batch_size)
 
 
 def _kernels(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+_epoch_orders = jax.jit(jax.vmap(epoch_order, in_axes=(None, 0, None)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,8 +154,9 @@ def _stage_chunk(head: Conv1dHead, settings: Settings):
 
   def step(carry, stage):
     params, opt_state, i = carry
-    data_key, dropout_key = stage["keys"]
-    idx_B = batch_from(data_key, i, stage["in_play_N"], stage["count"], settings.batch_size)
+    dropout_key = stage["dropout_key"]
+    epoch = i // steps_per_epoch(stage["count"], settings.batch_size)
+    idx_B = batch_at(stage["orders_ExN"][epoch], i, stage["count"], settings.batch_size)
     x_Bx1x1xC = stage["features_NxC"][idx_B][:, None, None, :]
 
     def loss_of(p):
@@ -187,9 +192,12 @@ def train_branch(head: Conv1dHead, features_NxC, labels_N, teacher_NxC, in_play_
   tx, chunk = _stage_chunk(head, settings)
   spc = settings.steps_per_call
   steps = -(-max(1, round(settings.epochs * count / settings.batch_size)) // spc) * spc
+  num_epochs = -(-steps // int(steps_per_epoch(count, settings.batch_size)))
+  # Each epoch's order once per stage (num_epochs x N int32), not a sort of N keys at every step.
+  orders_ExN = _epoch_orders(data_key, jnp.arange(num_epochs), jnp.asarray(in_play_N))
   stage = {"features_NxC": features_NxC, "labels_N": labels_N, "teacher_NxC": teacher_NxC,
-           "in_play_N": jnp.asarray(in_play_N), "count": jnp.int32(count), "total": jnp.float32(steps),
-           "keys": (data_key, dropout_key)}
+           "orders_ExN": orders_ExN, "count": jnp.int32(count), "total": jnp.float32(steps),
+           "dropout_key": dropout_key}
   carry = (params, tx.init(params), jnp.zeros((), jnp.int32))
   seen = []
   for _ in range(steps // spc):
@@ -237,9 +245,9 @@ def fit_branches(train: Features, val: Features, positions, head_width: int, mar
         memo[memo_key] = (params, info)
     apply = _apply_fn(head)
     conf_1xN, pred_1xN = policies.max_prob(apply(params, val.pooled[pos - 1])[None])
-    threshold_C = calibration.cpm_thresholds(conf_1xN, pred_1xN, jnp.asarray(reach_N)[None], val.labels_N,
-                                             val_ref_pred_N, settings.candidates_K, margin, num_classes)[0]
-    val_exits_N = np.asarray(calibration.cpm_exits(conf_1xN[0], pred_1xN[0], threshold_C)) & reach_N
+    threshold_C, val_exits_N = calibration.cpm_branch(conf_1xN[0], pred_1xN[0], reach_N, val.labels_N,
+                                                      val_ref_pred_N, settings.candidates_K, margin, num_classes)
+    val_exits_N = np.asarray(val_exits_N)
     conf_1xN, pred_1xN = policies.max_prob(apply(params, device_train["pooled"][pos - 1])[None])
     train_exits_N = np.asarray(calibration.cpm_exits(conf_1xN[0], pred_1xN[0], threshold_C)) & in_play_N
     stage = {"branch": b + 1, "after_block": pos, **{k: v for k, v in info.items() if k != "seen"},
@@ -267,8 +275,9 @@ def evaluate_split(params_list, positions, head_width: int, split: Features, thr
                            + [jnp.asarray(split.final_logits_NxC)])
   conf_ExN, pred_ExN = policies.max_prob(logits_ExNxC)
   threshold_1xExC = np.concatenate([threshold_BxC, np.zeros((1, threshold_BxC.shape[1]), np.float32)])[None]
-  accuracy_K, macs_K = calibration.search(conf_ExN, pred_ExN, split.labels_N, cost_E, threshold_1xExC)
-  exit_N = np.asarray(policies.first_exit(conf_ExN, pred_ExN, threshold_1xExC))[0]
+  exit_1xN = policies.first_exit(conf_ExN, pred_ExN, threshold_1xExC)
+  accuracy_K, macs_K, _ = policies.outcome(exit_1xN, pred_ExN, split.labels_N, cost_E)
+  exit_N = np.asarray(exit_1xN)[0]
   correct_ExN = np.asarray(pred_ExN) == split.labels_N[None]
   shares = np.bincount(exit_N, minlength=len(cost_E)) / len(exit_N)
   return {"accuracy": float(accuracy_K[0]), "macs": float(macs_K[0]), "exit_share": shares.tolist(),

@@ -41,7 +41,7 @@ class Backbone:
 
   def reference(self) -> dict:
     """The backbone alone (its final classifier): test accuracy and MACs, the CPM reference."""
-    full = exit_macs(boosted.branch_model(self.model, (), 0), self.image_shape).full
+    full = exit_macs(self.model, self.image_shape).full
     accuracy = float(np.mean(np.argmax(self.test.final_logits_NxC, -1) == self.test.labels_N))
     return {"accuracy": accuracy, "macs": full}
 

@@ -185,6 +185,13 @@ def cpm_exits(conf_N, pred_N, threshold_C):
   return conf_N >= jnp.asarray(threshold_C)[pred_N]
 
 
+def cpm_branch(conf_N, pred_N, reach_N, labels_N, ref_pred_N, candidates_K, margin, num_classes: int):
+  """(threshold_C, answered_N) of one branch: CPM on the images reaching it, and which of those it answers."""
+  threshold_C = cpm_thresholds(conf_N[None], pred_N[None], jnp.asarray(reach_N)[None], labels_N, ref_pred_N,
+                               candidates_K, margin, num_classes=num_classes)[0]
+  return threshold_C, cpm_exits(conf_N, pred_N, threshold_C) & jnp.asarray(reach_N)
+
+
 def fit_cpm(logits_ExNxC, labels_N, candidates_K, margin: float):
   """threshold_BxC for the B = E - 1 branches of logits_ExNxC (the last exit is the reference).
 
@@ -195,8 +202,8 @@ def fit_cpm(logits_ExNxC, labels_N, candidates_K, margin: float):
   reach_N = jnp.ones(conf_ExN.shape[1], jnp.bool_)
   thresholds = []
   for b in range(conf_ExN.shape[0] - 1):
-    threshold_1xC = cpm_thresholds(conf_ExN[b:b + 1], pred_ExN[b:b + 1], reach_N[None], labels_N, pred_ExN[-1],
-                                   candidates_K, margin, num_classes=logits_ExNxC.shape[-1])
-    thresholds.append(threshold_1xC[0])
-    reach_N = reach_N & ~cpm_exits(conf_ExN[b], pred_ExN[b], threshold_1xC[0])
+    threshold_C, answered_N = cpm_branch(conf_ExN[b], pred_ExN[b], reach_N, labels_N, pred_ExN[-1], candidates_K,
+                                         margin, logits_ExNxC.shape[-1])
+    thresholds.append(threshold_C)
+    reach_N = reach_N & ~answered_N
   return jnp.stack(thresholds) if thresholds else jnp.zeros((0, logits_ExNxC.shape[-1]))

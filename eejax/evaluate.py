@@ -27,17 +27,24 @@ def make_predict_fn(model, mesh):
                  out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
 
 
-def predict(predict_fn, variables, images_NxHxWx3, mean_C, std_C, batch_size: int) -> np.ndarray:
-  """logits_ExNxC (float32, host) over all images, in fixed-size batches (the last one padded)."""
+def in_batches(fn, images_NxHxWx3, batch_size: int, batch_axis: int = 0):
+  """fn over fixed-size batches of images (the last one padded); every output leaf on the host, trimmed to the
+  real images and concatenated along batch_axis."""
   n = images_NxHxWx3.shape[0]
-  out = []
+  outs = []
   for start in range(0, n, batch_size):
     x = images_NxHxWx3[start:start + batch_size]
     valid = x.shape[0]
     if valid < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
-    out.append(np.asarray(jax.device_get(predict_fn(variables, x, mean_C, std_C)))[:, :valid])
-  return np.concatenate(out, axis=1)
+    outs.append(jax.tree.map(lambda a, valid=valid: np.take(np.asarray(a), np.arange(valid), axis=batch_axis),
+                             jax.device_get(fn(x))))
+  return jax.tree.map(lambda *parts: np.concatenate(parts, axis=batch_axis), *outs)
+
+
+def predict(predict_fn, variables, images_NxHxWx3, mean_C, std_C, batch_size: int) -> np.ndarray:
+  """logits_ExNxC (float32, host) over all images, in fixed-size batches (the last one padded)."""
+  return in_batches(lambda x: predict_fn(variables, x, mean_C, std_C), images_NxHxWx3, batch_size, batch_axis=1)
 
 
 def exit_accuracy(logits_ExNxC, labels_N) -> np.ndarray:

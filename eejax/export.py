@@ -34,29 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import input_pipeline, policies
+from eejax import evaluate, inference, input_pipeline, sharding
 from eejax.errors import UserError
 
 FORMATS = ("stablehlo", "onnx", "tflite")
-
-
-def early_exit_fn(model, variables, mean_C, std_C):
-  """f(x_1xHxWx3 uint8, threshold_ExC) -> (logits_1xC, exit int32), a lax.cond after every exit but the last."""
-  num_exits = model.num_exits
-
-  def from_exit(k, h, threshold_ExC):
-    h, logits_1xC = model.apply(variables, h, method=lambda m, h: m.segment(k, h))
-    if k == num_exits - 1:
-      return logits_1xC, jnp.int32(k)
-    conf_1x1, pred_1x1 = policies.max_prob(logits_1xC[None])
-    passes = conf_1x1[0, 0] >= threshold_ExC[k, pred_1x1[0, 0]]
-    return jax.lax.cond(passes, lambda: (logits_1xC, jnp.int32(k)), lambda: from_exit(k + 1, h, threshold_ExC))
-
-  def run(x_1xHxWx3, threshold_ExC):
-    h = model.apply(variables, input_pipeline.normalize(x_1xHxWx3, mean_C, std_C), method=lambda m, x: m.stem(x))
-    return from_exit(0, h, threshold_ExC)
-
-  return run
 
 
 def stage_fns(model, variables, mean_C, std_C):
@@ -99,7 +80,7 @@ def as_threshold_ExC(threshold, num_exits: int, num_classes: int) -> np.ndarray:
 
 
 def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str):
-  fn = early_exit_fn(model, variables, mean_C, std_C)
+  fn = inference.early_exit_fn(model, variables, mean_C, std_C, "max_prob")
   exported = jax.export.export(jax.jit(fn))(jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
                                             jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32))
   path = os.path.join(out_dir, "model.stablehlo")
@@ -119,7 +100,7 @@ def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str):
            jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32)]
   # Traced to a closed jaxpr first, so jax2onnx converts JAX primitives only: its Flax-level BatchNorm and
   # avg_pool plugins write graphs onnxruntime rejects inside `If` branches (jax2onnx 0.17.1, measured).
-  closed = jax.make_jaxpr(early_exit_fn(model, variables, mean_C, std_C))(*specs)
+  closed = jax.make_jaxpr(inference.early_exit_fn(model, variables, mean_C, std_C, "max_prob"))(*specs)
   path = os.path.join(out_dir, "model.onnx")
   to_onnx(lambda x, t: tuple(jaxpr_as_fun(closed)(x, t)), specs, return_mode="file", output_path=path)
   session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -250,8 +231,8 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   ds = train.load_dataset(config.data)
   mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
   images = ds.test.images_NxHxWx3[:num_images]
-  reference_NxExC = np.asarray(jax.jit(lambda x: model.apply(variables, input_pipeline.normalize(x, mean_C, std_C))[0])(
-      images)).transpose(1, 0, 2)
+  reference_NxExC = evaluate.predict(evaluate.make_predict_fn(model, sharding.make_mesh()), variables, images, mean_C,
+                                     std_C, config.eval.batch_size).transpose(1, 0, 2)
   images = images[:, None]
   raw, source = run_thresholds(workdir, budget)
   threshold_ExC = as_threshold_ExC(raw, model.num_exits, model.num_classes)

@@ -4,9 +4,9 @@
   each exit the images that have not exited are gathered into a smaller batch,
   padded to one of a few bucket sizes (B, B/2, B/4, ...) so XLA compiles a
   bounded number of shapes (at most exits x buckets), and only they go on.
-* `single_image_fn`: batch size 1, with a `lax.cond` after every exit, so the
-  whole decision runs on the device with no host round-trip between stages;
-  it can be exported with `jax.export`.
+* `early_exit_fn` / `single_image_fn`: batch size 1, with a `lax.cond` after
+  every exit, so the whole decision runs on the device with no host round-trip
+  between stages; it can be exported with `jax.export` (`eejax.export`).
 
 Both return, per image, the prediction, the 0-based index of the exit that
 answered and its cost (cumulative MACs), identical to `eejax.policies`'s
@@ -100,26 +100,40 @@ class BatchedEarlyExit:
     return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)])
 
 
-def single_image_fn(model, variables, mean_C, std_C, cost_E, threshold, policy: str = "max_prob"):
-  """f(x_1xHxWx3 uint8) -> (pred, exit, cost) with a lax.cond after every exit (jit- and export-ready)."""
+def early_exit_fn(model, variables, mean_C, std_C, policy: str = "max_prob"):
+  """f(x_1xHxWx3 uint8, threshold_E or _ExC) -> (logits_1xC of the exit that answered, its 0-based index).
+
+  A `lax.cond` after every exit but the last, so the decisions run inside the
+  graph; the threshold is an input (jit- and export-ready, see eejax.export).
+  """
   num_exits = model.num_exits
   higher = policies.HIGHER_PASSES[policy]
+
+  def from_exit(k, h, run, prev, threshold):
+    h, logits_1xC = model.apply(variables, h, method=lambda m, h: m.segment(k, h))
+    if k == num_exits - 1:
+      return logits_1xC, jnp.int32(k)
+    score, pred, run = _exit_score(logits_1xC, policy, run, prev)
+    t = _threshold_at(threshold, k, pred[0])
+    passes = score[0] >= t if higher else score[0] <= t
+    return jax.lax.cond(passes, lambda: (logits_1xC, jnp.int32(k)),
+                        lambda: from_exit(k + 1, h, run, pred, threshold))
+
+  def run(x_1xHxWx3, threshold):
+    h = model.apply(variables, input_pipeline.normalize(x_1xHxWx3, mean_C, std_C), method=lambda m, x: m.stem(x))
+    return from_exit(0, h, jnp.zeros(1, jnp.int32), jnp.full(1, -1), threshold)
+
+  return run
+
+
+def single_image_fn(model, variables, mean_C, std_C, cost_E, threshold, policy: str = "max_prob"):
+  """f(x_1xHxWx3 uint8) -> (pred, exit, cost): `early_exit_fn` with the thresholds fixed."""
+  cascade = early_exit_fn(model, variables, mean_C, std_C, policy)
   cost_E = jnp.asarray(cost_E, jnp.float32)
 
-  def from_exit(k, h, run, prev):
-    h, logits_1xC = model.apply(variables, h, method=lambda m, h: m.segment(k, h))
-    score, pred, run = _exit_score(logits_1xC, policy, run, prev)
-    pred, score = pred[0].astype(jnp.int32), score[0]
-    if k == num_exits - 1:
-      return pred, jnp.int32(k), cost_E[k]
-    t = _threshold_at(threshold, k, pred)
-    passes = score >= t if higher else score <= t
-    return jax.lax.cond(passes, lambda: (pred, jnp.int32(k), cost_E[k]),
-                        lambda: from_exit(k + 1, h, run, pred[None]))
-
   def run(x_1xHxWx3):
-    h = model.apply(variables, input_pipeline.normalize(x_1xHxWx3, mean_C, std_C), method=lambda m, x: m.stem(x))
-    return from_exit(0, h, jnp.zeros(1, jnp.int32), jnp.full(1, -1))
+    logits_1xC, k = cascade(x_1xHxWx3, jnp.asarray(threshold, jnp.float32))
+    return jnp.argmax(logits_1xC[0]).astype(jnp.int32), k, cost_E[k]
 
   return run
 
