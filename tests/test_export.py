@@ -60,6 +60,17 @@ def test_onnx_export_verifies_every_exit(tmp_path, head):
   pytest.importorskip("onnxruntime", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
   pytest.importorskip("jax2onnx", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
   check_format("onnx", tmp_path, head)  # heads with BatchNorm and avg_pool inside the `If` branches
+
+
+def test_onnx_export_of_variables_on_a_mesh(tmp_path):
+  """A restored run's variables are NamedSharding arrays on the device mesh; the export must not trace that."""
+  pytest.importorskip("onnxruntime", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
+  pytest.importorskip("jax2onnx", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
+  from eejax import sharding  # pylint: disable=g-import-not-at-top
+  model, variables, mean, std, images, reference = small_model("linear")
+  placed = jax.device_put(variables, sharding.replicated(sharding.make_mesh()))
+  _, runner = export.export_onnx(model, placed, mean, std, (16, 16, 3), str(tmp_path))
+  assert all(r["max_abs_diff"] < 1e-4 for r in export.verify(runner, reference, images))
   import onnx  # pylint: disable=g-import-not-at-top
   graph = onnx.load(str(tmp_path / "model.onnx")).graph
   assert sum(node.op_type == "If" for node in graph.node) >= 1  # the exit decision is a real conditional
