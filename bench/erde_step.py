@@ -83,6 +83,7 @@ def main():
   print(f"teacher forward alone  : {1e3 * forward_s:9.2f} ms")
   print(f"ERDE step (both, fused): {1e3 * erde_s:9.2f} ms")
   print(f"ERDE / (plain + forward): {erde_s / (plain_s + forward_s):.3f}  (target <= 1.5)")
+  print(f"ERDE / plain student   : {erde_s / plain_s:.3f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ and must agree.
 """
 import argparse
 import functools
+import json
 import platform
 import time
 
@@ -142,7 +143,10 @@ def main():
                       help="steps per jitted call (lax.scan); unrolled on CPU, so keep it small there")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto")
+  parser.add_argument("--sweep-batches", default="", help="also eejax alone, bfloat16 multi-exit, at these batches")
+  parser.add_argument("--json", help="write every measured figure to this file")
   args = parser.parse_args()
+  rows = []
   compile_mode = args.torch_compile == "on" or (args.torch_compile == "auto" and torch.cuda.is_available())
   torch.set_num_threads(max(1, torch.get_num_threads()))
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()} x{jax.device_count()}), host "
@@ -165,6 +169,15 @@ def main():
             f"plain {plain:9.1f} img/s -> multi/plain cost {plain / multi:.3f}x; torch {peer:9.1f} img/s "
             f"(first steps {peer_compile:.1f} s) -> eejax/torch {multi / peer:.2f}x; utilisation "
             f"{100 * multi * 3 * fwd / peak:.1f}% of {peak / 1e12:.3f} T MAC/s ({source})")
+      rows.append({"model": arch, "width": width, "dtype": dtype, "batch": args.batch, "eejax_multi": multi,
+                   "eejax_plain": plain, "torch": peer, "utilisation": multi * 3 * fwd / peak})
+    for batch in [int(b) for b in args.sweep_batches.split(",") if b]:
+      multi, compile_s, _ = eejax_step(arch, width, batch, "bfloat16", False, args.steps, args.steps_per_call)
+      print(f"  bfloat16 batch {batch}: eejax multi-exit {multi:9.1f} img/s (compile {compile_s:.1f} s)")
+      rows.append({"model": arch, "width": width, "dtype": "bfloat16", "batch": batch, "eejax_multi": multi})
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,137 @@
+"""The accelerator evidence, one step after another: benchmarks, the main job, early exit, the papers' tables.
+
+  python launch/gpu_evidence.py --root R --data DIR             # a GPU: every step at full size
+  python launch/gpu_evidence.py --root R --data DIR --scale cpu  # the same steps, tiny: checks the plumbing
+
+DIR is the class-per-folder CIFAR-10 tree. Each step is one command whose
+output goes to R/<step>.log; a finished step leaves R/<step>.json (command,
+exit status, seconds) and is skipped when the script runs again, so a stopped
+run continues where it was. Workdirs go under R/work/. The main job's epochs
+follow the measured training throughput: as many (a multiple of 10, 40 to
+120) as fit in --train-seconds, so the command that ran is in its step file.
+R/summary.md lists every step's command, status, time and last lines.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The GPU recipe for ResNet-18 with 4 exits: bfloat16 compute, batch 512, the learning rate scaled with it.
+RECIPE = ["--config.model.dtype=bfloat16", "--config.train.batch_size=512", "--config.train.learning_rate=0.4",
+          "--config.train.warmup_epochs=2", "--config.train.label_smoothing=0.1", "--config.eval.batch_size=1000"]
+TINY = ["--config.model.name=resnet8", "--config.model.width=0.25", "--config.data.max_images=600",
+        "--config.data.val_size=100", "--config.train.batch_size=32", "--config.train.steps_per_call=2",
+        "--config.eval.batch_size=100", "--config.eval.real_inference=False"]
+
+
+def main_epochs(root, train_seconds, scale):
+  if scale == "cpu":
+    return 1
+  with open(os.path.join(root, "train_step.out.json"), encoding="utf-8") as f:
+    rows = json.load(f)["rows"]
+  rate = max(r["eejax_multi"] for r in rows if r["dtype"] == "bfloat16" and r["batch"] == 512)
+  return int(min(120, max(40, train_seconds * rate / 45_000 // 10 * 10)))
+
+
+def steps(args):
+  py, data = sys.executable, f"folder:{args.data}"
+  work = os.path.join(args.root, "work")
+  main_wd = os.path.join(work, "main")
+  cpu = args.scale == "cpu"
+  size = TINY if cpu else RECIPE
+  short = [f"--config.train.epochs={1 if cpu else args.short_epochs}"]
+  bench = (["--models", "resnet20", "--batch", "32", "--steps", "2", "--steps-per-call", "1",
+            "--torch-compile", "off", "--sweep-batches", "64"] if cpu else
+           ["--models", "resnet18", "--batch", "512", "--steps", "50", "--steps-per-call", "10",
+            "--sweep-batches", "256,1024,2048"])
+  yield "train_step", [py, "bench/train_step.py", *bench, "--json", os.path.join(args.root, "train_step.out.json")]
+  erde = (["--teacher", "resnet20", "--student", "resnet20"] if cpu else
+          ["--teacher", "resnet34", "--student", "resnet18", "--student-width", "1", "--batch", "512"])
+  yield "erde_step_f32", [py, "bench/erde_step.py", *erde]
+  yield "erde_step_bf16", [py, "bench/erde_step.py", *erde, "--dtype", "bfloat16"]
+  yield "threshold_search", [py, "bench/threshold_search.py"]
+  epochs = lambda: [f"--config.train.epochs={main_epochs(args.root, args.train_seconds, args.scale)}"]
+  yield "main", lambda: [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={main_wd}",
+                         f"--config.data.source={data}", *size, *epochs()]
+  n, batch = ("200", "100") if cpu else ("10000", "1024")
+  yield "early_exit", [py, "bench/early_exit.py", "--workdir", main_wd, "--images", n, "--batch-size", batch]
+  if not cpu:
+    yield "early_exit_2500", [py, "bench/early_exit.py", "--workdir", main_wd, "--batch-size", "2500"]
+  yield "threshold_search_main", [py, "bench/threshold_search.py", "--logits", os.path.join(main_wd, "logits.npz")]
+  yield "export", [py, "-m", "eejax.export", "--workdir", main_wd, "--out", os.path.join(args.root, "export"),
+                   "--formats", "stablehlo", "--images", "200"]
+  bts_common = [f"--config.bts.backbone={main_wd}", f"--config.data.source={data}",
+                *(["--config.data.max_images=600", "--config.data.val_size=100", "--config.bts.epochs=1",
+                   "--config.bts.positions=1,2"] if cpu
+                  else [])]
+  yield "bts", [py, "-m", "eejax.main", "--config", "configs/cifar10.py:bts", f"--workdir={work}/bts", *bts_common,
+                "--config.bts.margins=-0.05,0,0.02,0.05,0.1"]
+  yield "self_distillation", [py, "launch/self_distillation.py", "--scale", "gpu", "--root", f"{work}/sd",
+                              "--data", data, "--", *size, *short]
+  yield "erde", [py, "launch/erde.py", "--scale", "gpu", "--root", f"{work}/erde", "--data", data, "--",
+                 *size, *short, *(["--config.model.name=resnet20"] if cpu else [])]
+  yield "bts_grid", [py, "launch/bts_grid.py", "--config", "configs/cifar10.py:bts", f"--workdir={work}/bts_grid",
+                     *bts_common, *(["--config.bts.epochs=5"] if not cpu else [])]
+
+
+def tail(path, n):
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [l.rstrip() for l in f.read().replace("\r", "\n").splitlines() if l.strip()]
+  return lines[-n:]
+
+
+def write_summary(root, names):
+  lines = ["# Accelerator evidence: steps", ""]
+  for name in names:
+    done = os.path.join(root, f"{name}.json")
+    if os.path.exists(done):
+      with open(done, encoding="utf-8") as f:
+        info = json.load(f)
+      lines += [f"## {name}: exit status {info['status']}, {info['seconds']:.0f} s", "",
+                "`" + " ".join(info["command"]) + "`", "", "```", *tail(os.path.join(root, f"{name}.log"), 25),
+                "```", ""]
+    else:
+      lines += [f"## {name}: not run", ""]
+  with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--root", required=True)
+  parser.add_argument("--data", required=True, help="the class-per-folder CIFAR-10 tree")
+  parser.add_argument("--scale", choices=("gpu", "cpu"), default="gpu")
+  parser.add_argument("--train-seconds", type=float, default=270.0, help="the main job's training time to aim at")
+  parser.add_argument("--short-epochs", type=int, default=15, help="epochs of each self-distillation/ERDE run")
+  parser.add_argument("--only", default="", help="comma-separated step names; '' runs them all")
+  args = parser.parse_args()
+  args.root, args.data = os.path.abspath(args.root), os.path.abspath(args.data)
+  os.makedirs(os.path.join(args.root, "work"), exist_ok=True)
+  os.chdir(ROOT)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
+                                                     os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
+  names = [name for name, _ in steps(args)]
+  only = set(filter(None, args.only.split(",")))
+  for name, command in steps(args):
+    done = os.path.join(args.root, f"{name}.json")
+    if (only and name not in only) or (os.path.exists(done) and json.load(open(done, encoding="utf-8"))["status"] == 0):
+      continue
+    command = command() if callable(command) else command
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    with open(os.path.join(args.root, f"{name}.log"), "w", encoding="utf-8") as log:
+      status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - start
+    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit status {status} after {seconds:.0f} s", flush=True)
+    print("\n".join(tail(os.path.join(args.root, f"{name}.log"), 8)), flush=True)
+    with open(done, "w", encoding="utf-8") as f:
+      json.dump({"command": command, "status": status, "seconds": seconds}, f)
+    write_summary(args.root, names)
+  write_summary(args.root, names)
+
+
+if __name__ == "__main__":
+  main()
