@@ -5,7 +5,10 @@
 All three are eejax's own jitted functions on the same random batch: the plain
 (joint) student training step, the teacher's forward pass alone, and the ERDE
 step (teacher forward and student forward/backward in one jitted step). The
-ERDE step should cost at most 1.5x the sum of the other two. Hardware printed.
+ERDE step should cost at most 1.5x the sum of the other two. Training steps run
+--steps-per-call at a time under lax.scan (as in training), each timed over
+--steps steps after a compiling call, with nothing copied between calls.
+Hardware printed.
 """
 import argparse
 import functools
@@ -18,6 +21,18 @@ import numpy as np
 
 from configs import cifar10
 from eejax import losses, sharding, train
+
+
+def step_seconds(chunk, state, data, keys, frozen, steps, per_call):
+  """Seconds per training step of `chunk` (per_call steps a call; the state is donated and carried on)."""
+  state, metrics = chunk(state, data, keys, frozen)  # compile
+  jax.block_until_ready(metrics)
+  calls = max(1, steps // per_call)
+  start = time.perf_counter()
+  for _ in range(calls):
+    state, metrics = chunk(state, data, keys, frozen)
+  jax.block_until_ready(metrics)
+  return (time.perf_counter() - start) / (calls * per_call)
 
 
 def timed(fn, *args, repeats=10):
@@ -37,6 +52,9 @@ def main():
   parser.add_argument("--student-width", type=float, default=0.5)
   parser.add_argument("--batch", type=int, default=128)
   parser.add_argument("--dtype", default="float32")
+  on_cpu = jax.default_backend() == "cpu"
+  parser.add_argument("--steps", type=int, default=4 if on_cpu else 100)
+  parser.add_argument("--steps-per-call", type=int, default=1 if on_cpu else 10)
   args = parser.parse_args()
 
   mesh = sharding.make_mesh()
@@ -62,20 +80,18 @@ def main():
   config.scheme = "joint"
   plain = train.make_train_chunk(functools.partial(train.train_step, loss_fn=train.make_loss_fn(config,
                                                                                                 student.num_exits),
-                                                   **common), 1, rep)
+                                                   **common), args.steps_per_call, rep)
   config.scheme = "erde"
   erde = train.make_train_chunk(functools.partial(train.train_step, loss_fn=train.make_loss_fn(config,
                                                                                                student.num_exits),
-                                                  teacher=(teacher, pairs), **common), 1, rep)
+                                                  teacher=(teacher, pairs), **common), args.steps_per_call, rep)
   x = data["images"][:args.batch].astype(jnp.float32) / 255
   forward = jax.jit(lambda v, x: teacher.apply(v, x)[0])
 
   copy = lambda s: jax.tree.map(jnp.copy, s)  # the steps donate their state
-  plain_s = timed(lambda: plain(copy(state), data, keys, {}))
-  erde_s = timed(lambda: erde(copy(state), data, keys, {"teacher": teacher_vars}))
-  copy_s = timed(lambda: copy(state))
-  forward_s = timed(forward, teacher_vars, x)
-  plain_s, erde_s = plain_s - copy_s, erde_s - copy_s
+  plain_s = step_seconds(plain, copy(state), data, keys, {}, args.steps, args.steps_per_call)
+  erde_s = step_seconds(erde, copy(state), data, keys, {"teacher": teacher_vars}, args.steps, args.steps_per_call)
+  forward_s = timed(forward, teacher_vars, x, repeats=max(10, args.steps))
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()}), host {platform.machine()}, "
         f"jax {jax.__version__}; batch {args.batch}, {args.dtype}")
   print(f"teacher {args.teacher}, student {args.student} x{args.student_width}")

@@ -5,7 +5,10 @@ Presets (the `:arg` after the file name):
   (none)  ResNet-18, 4 exits (after each stage), 200 epochs: the GPU recipe.
             python -m eejax.main --config configs/cifar10.py --workdir /tmp/r18 \
               --config.data.source=folder:../shared/data/cifar10
-          Result: not yet measured on a GPU (README.md states it once it is).
+          Result on one H100 (README.md, "On a GPU"), with bfloat16, batch 512, learning rate 0.4,
+          2 warm-up epochs, label smoothing 0.1 and 120 epochs: 88.75% final-exit test accuracy
+          (exits 80.04 / 86.50 / 88.63 / 88.75%), short of the 94.5% such a ResNet-18 should reach;
+          launch/gpu_evidence.py ablates the exits' heads, weights and learning rate to find out why.
   cpu     ResNet-8 (16/32/64 channels), 3 exits, 8 epochs: trains on a 2-core CPU.
             python -m eejax.main --config configs/cifar10.py:cpu --workdir /tmp/cpu \
               --config.data.source=folder:../shared/data/cifar10
@@ -20,14 +23,15 @@ both with the paper's exit head (BN, ReLU, 2x2 avg-pool, dropout, dense):
   erde_kd       ablation: KD without the entropy term (KD towards the teacher on every image).
   erde_student  ablation: the student alone, trained jointly.
   bash: python launch/erde.py --scale gpu runs all four and writes one comparison table.
-Result: not measured yet on a GPU; launch/erde.py --scale cpu gives the small-scale table.
+Result: launch/erde.py --scale cpu gives the small-scale table; on one H100 (15 epochs, lr 0.4)
+the KD and ERDE students' early exits collapsed in the warm-up (README.md, "On a GPU").
 
 Multi-exit self-distillation, ResNet-18 (4 exits), 200 epochs; `_cpu` variants use the cpu preset:
   mate / mate_cpu    MATE (Sun et al. 2024): learned ensemble teachers, one per exit (config.mate).
   byot / byot_cpu    Be Your Own Teacher: every exit distils from the deepest (config.byot).
   joint_cpu          the joint baseline at the cpu preset's size.
   python launch/self_distillation.py --config configs/cifar10.py --scale cpu|gpu compares all three.
-Result: not measured yet on a GPU.
+Result on one H100, 15 epochs each: final exit joint 86.29, BYOT 85.16, MATE 87.16% (README.md).
 The weights, temperature, sign and form of the entropy term and the exit pairing
 are our reading of the paper (its full text is not available): see config.erde.
 
@@ -70,6 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.head = "linear"  # linear | pool_conv | erde, for every exit but the last (always linear)
   config.model.head_width = 128  # channels of heads with a hidden layer
   config.model.head_dropout = 0.0  # dropout before each head's dense layer
+  config.model.exit_grad_scale = 1.0  # share of each early exit's gradient that reaches the backbone; 0: none
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   config.data = ml_collections.ConfigDict()
@@ -97,6 +102,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.nesterov = True
   config.train.weight_decay = 5e-4  # on conv and dense kernels only
   config.train.label_smoothing = 0.0
+  config.train.grad_clip = 0.0  # > 0: gradients scaled to at most this global norm; 0: off
   config.train.exit_weights = config_dict.placeholder(tuple)  # per-exit loss weights; None: all 1
   config.train.steps_per_call = 50  # training steps per jitted call (lax.scan)
   config.train.transfer_guard = "disallow"  # host-to-device copies in the training loop: disallow | log | allow

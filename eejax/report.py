@@ -45,9 +45,11 @@ def _fitted_lines(report: dict) -> list[str]:
     for row in rows:
       p, g = row["per_exit"], row["global"]
       mark = "" if p["fits_budget_on_val"] else "*"
-      lines.append(f"| {100 * row['budget']:.0f}%{mark} | {', '.join(f'{t:.4f}' for t in p['thresholds'])} "
+      per_exit = ", ".join(f"{t:.4f}" for t in p["thresholds"]) or "none (one exit)"
+      global_t = f"{g['thresholds'][0]:.4f}" if g["thresholds"] else "none"
+      lines.append(f"| {100 * row['budget']:.0f}%{mark} | {per_exit} "
                    f"| {_pct(p['test_accuracy'])} | {100 * p['test_macs_fraction']:.1f} "
-                   f"| {g['thresholds'][0]:.4f} | {_pct(g['test_accuracy'])} | {100 * g['test_macs_fraction']:.1f} |")
+                   f"| {global_t} | {_pct(g['test_accuracy'])} | {100 * g['test_macs_fraction']:.1f} |")
   return lines
 
 

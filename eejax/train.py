@@ -41,7 +41,8 @@ def build_model(model_cfg, num_classes: int, ensemble_teachers: bool = False) ->
   exit_after = None if model_cfg.exit_after is None else tuple(model_cfg.exit_after)
   model = MultiExitNet(model_cfg.name, num_classes, width=model_cfg.width, exit_after=exit_after,
                        head=model_cfg.head, head_width=model_cfg.head_width,
-                       head_dropout=model_cfg.get("head_dropout", 0.0), ensemble_teachers=ensemble_teachers,
+                       head_dropout=model_cfg.get("head_dropout", 0.0),
+                       exit_grad_scale=model_cfg.get("exit_grad_scale", 1.0), ensemble_teachers=ensemble_teachers,
                        dtype=DTYPES[model_cfg.dtype])
   model.num_exits  # pylint: disable=pointless-statement  # validates names and exit points now
   return model
@@ -75,9 +76,15 @@ def make_schedule(train_cfg, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(train_cfg, schedule) -> optax.GradientTransformation:
-  """SGD with Nesterov momentum; weight decay on kernels only (not BN, not biases)."""
+  """SGD with Nesterov momentum; weight decay on kernels only (not BN, not biases).
+
+  train.grad_clip > 0 first scales the gradient down to that global norm at most.
+  """
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+  clip = train_cfg.get("grad_clip", 0.0)
+  # Without a clip the chain is the one runs were always saved with, so their checkpoints still restore.
   return optax.chain(
+      *([optax.clip_by_global_norm(clip)] if clip > 0 else []),
       optax.add_decayed_weights(train_cfg.weight_decay, mask=decay_mask),
       optax.sgd(schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov))
 
@@ -121,7 +128,7 @@ def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn:
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   accuracy_E = jnp.mean(jnp.argmax(logits_ExBxC, -1) == labels_B, axis=1)
-  metrics = {"loss": loss, **metrics, "accuracy_E": accuracy_E}
+  metrics = {"loss": loss, **metrics, "accuracy_E": accuracy_E, "grad_norm": optax.tree.norm(grads)}
   if schedule is not None:
     metrics["learning_rate"] = schedule(state.step)
   return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
@@ -219,6 +226,8 @@ def _check_finite(metrics_S, first_step: int, last_saved) -> None:
 
 def _summary(metrics_S) -> dict:
   out = {"train/loss": float(np.mean(metrics_S["loss"]))}
+  if "grad_norm" in metrics_S:  # the largest in the chunk: a spike is what matters
+    out["train/grad_norm_max"] = float(np.max(metrics_S["grad_norm"]))
   if "learning_rate" in metrics_S:
     out["train/learning_rate"] = float(metrics_S["learning_rate"][-1])
   for name, values_SxE in metrics_S.items():

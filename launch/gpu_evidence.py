@@ -9,6 +9,10 @@ exit status, seconds) and is skipped when the script runs again, so a stopped
 run continues where it was. Workdirs go under R/work/. The main job's epochs
 follow the measured training throughput: as many (a multiple of 10, 40 to
 120) as fit in --train-seconds, so the command that ran is in its step file.
+Before it, short ablations (single exit, heads, loss weights, the share of
+the early exits' gradient that reaches the backbone) show what the final exit
+loses to the early ones; the main job takes
+the multi-exit variant whose final exit is best on validation.
 R/summary.md lists every step's command, status, time and last lines.
 """
 import argparse
@@ -27,6 +31,9 @@ TINY = ["--config.model.name=resnet8", "--config.model.width=0.25", "--config.da
         "--config.eval.batch_size=100", "--config.eval.real_inference=False"]
 
 
+COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+
+
 def main_epochs(root, train_seconds, scale):
   if scale == "cpu":
     return 1
@@ -34,6 +41,51 @@ def main_epochs(root, train_seconds, scale):
     rows = json.load(f)["rows"]
   rate = max(r["eejax_multi"] for r in rows if r["dtype"] == "bfloat16" and r["batch"] == 512)
   return int(min(120, max(40, train_seconds * rate / 45_000 // 10 * 10)))
+
+
+# Ablations of the main job at a shorter budget (same recipe otherwise): what the final exit loses to the
+# early exits, to their heads, to their loss weights and to the gradient they send into the backbone.
+def ablations(cpu):
+  last, weights = ("3", "0.33,0.67,1.0") if cpu else ("8", "0.25,0.5,0.75,1.0")  # ResNet-8 / ResNet-18
+  return {"single": [f"--config.model.exit_after={last}"],
+          "linear": [],
+          "pool_conv": ["--config.model.head=pool_conv"],
+          "weighted": [f"--config.train.exit_weights={weights}"],
+          "scaled": ["--config.model.exit_grad_scale=0.25"],
+          "detached": ["--config.model.exit_grad_scale=0.0"]}
+MULTI_EXIT_VARIANTS = ("linear", "pool_conv", "weighted", "scaled", "detached")  # the main job takes the best of these on validation
+
+
+def final_exit_val_accuracy(workdir):
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  logits = np.load(os.path.join(workdir, "logits.npz"))
+  return float(np.mean(np.argmax(logits["val_logits"][-1], -1) == logits["val_labels"]))
+
+
+def main_variant(work, cpu):
+  """The multi-exit ablation whose final exit is most accurate on validation (never test): its overrides.
+
+  Also writes work/ablation.md: every ablation's per-exit test accuracy and final-exit validation accuracy.
+  """
+  lines = ["| ablation | overrides | test accuracy per exit (%) | final exit, validation (%) |", "|---|---|---|---:|"]
+  scored = []
+  for name, extra in ablations(cpu).items():
+    workdir = os.path.join(work, f"ablate_{name}")
+    if not os.path.exists(os.path.join(workdir, "report.json")):
+      continue
+    with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
+      exits = [100 * e["accuracy"] for e in json.load(f)["exits"]]
+    val = final_exit_val_accuracy(workdir)
+    lines.append(f"| {name} | {' '.join(extra) or '(none)'} | {' / '.join(f'{a:.2f}' for a in exits)} "
+                 f"| {100 * val:.2f} |")
+    if name in MULTI_EXIT_VARIANTS:
+      scored.append((val, name))
+  best = max(scored)[1] if scored else "linear"
+  lines += ["", f"The main job takes `{best}`: the multi-exit variant with the best final exit on validation."]
+  with open(os.path.join(work, "ablation.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines), flush=True)
+  return ablations(cpu)[best]
 
 
 def steps(args):
@@ -46,16 +98,24 @@ def steps(args):
   bench = (["--models", "resnet20", "--batch", "32", "--steps", "2", "--steps-per-call", "1",
             "--torch-compile", "off", "--sweep-batches", "64"] if cpu else
            ["--models", "resnet18", "--batch", "512", "--steps", "50", "--steps-per-call", "10",
-            "--sweep-batches", "256,1024,2048"])
+            "--sweep-batches", "1024"])
   yield "train_step", [py, "bench/train_step.py", *bench, "--json", os.path.join(args.root, "train_step.out.json")]
+  breakdown = ["--model", "resnet8", "--width", "1"] if cpu else []
+  yield "step_breakdown", [py, "bench/step_breakdown.py", *breakdown, "--trace", os.path.join(work, "trace")]
+  if not cpu:  # the scan's loop and the cascade's conditionals recorded into CUDA graphs (XLA command buffers)
+    yield "step_breakdown_graphs", ["env", f"XLA_FLAGS={COMMAND_BUFFERS}", py, "bench/step_breakdown.py"]
   erde = (["--teacher", "resnet20", "--student", "resnet20"] if cpu else
           ["--teacher", "resnet34", "--student", "resnet18", "--student-width", "1", "--batch", "512"])
   yield "erde_step_f32", [py, "bench/erde_step.py", *erde]
   yield "erde_step_bf16", [py, "bench/erde_step.py", *erde, "--dtype", "bfloat16"]
   yield "threshold_search", [py, "bench/threshold_search.py"]
+  for name, extra in ablations(cpu).items():
+    yield f"ablate_{name}", [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={work}/ablate_{name}",
+                             f"--config.data.source={data}", *size, *extra, "--config.eval.real_inference=False",
+                             f"--config.train.epochs={1 if cpu else args.ablation_epochs}"]
   epochs = lambda: [f"--config.train.epochs={main_epochs(args.root, args.train_seconds, args.scale)}"]
   yield "main", lambda: [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={main_wd}",
-                         f"--config.data.source={data}", *size, *epochs()]
+                         f"--config.data.source={data}", *size, *main_variant(work, cpu), *epochs()]
   n, batch = ("200", "100") if cpu else ("10000", "1024")
   yield "early_exit", [py, "bench/early_exit.py", "--workdir", main_wd, "--images", n, "--batch-size", batch]
   if not cpu:
@@ -63,6 +123,10 @@ def steps(args):
   yield "threshold_search_main", [py, "bench/threshold_search.py", "--logits", os.path.join(main_wd, "logits.npz")]
   yield "export", [py, "-m", "eejax.export", "--workdir", main_wd, "--out", os.path.join(args.root, "export"),
                    "--formats", "stablehlo", "--images", "200"]
+  if not cpu:
+    yield "export_graphs", ["env", f"XLA_FLAGS={COMMAND_BUFFERS}", py, "-m", "eejax.export", "--workdir", main_wd,
+                            "--out", os.path.join(args.root, "export_graphs"), "--formats", "stablehlo",
+                            "--images", "200"]
   bts_common = [f"--config.bts.backbone={main_wd}", f"--config.data.source={data}",
                 *(["--config.data.max_images=600", "--config.data.val_size=100", "--config.bts.epochs=1",
                    "--config.bts.positions=1,2"] if cpu
@@ -72,12 +136,15 @@ def steps(args):
   yield "self_distillation", [py, "launch/self_distillation.py", "--scale", "gpu", "--root", f"{work}/sd",
                               "--data", data, "--", *size, *short]
   yield "erde", [py, "launch/erde.py", "--scale", "gpu", "--root", f"{work}/erde", "--data", data, "--",
-                 *size, *short, *(["--config.model.name=resnet20"] if cpu else [])]
+                 *size, *short, f"--config.train.grad_clip={args.erde_grad_clip}",
+                 *(["--config.model.name=resnet20"] if cpu else [])]
   yield "bts_grid", [py, "launch/bts_grid.py", "--config", "configs/cifar10.py:bts", f"--workdir={work}/bts_grid",
                      *bts_common, *(["--config.bts.epochs=5"] if not cpu else [])]
 
 
 def tail(path, n):
+  if not os.path.exists(path):
+    return []
   with open(path, encoding="utf-8", errors="replace") as f:
     lines = [l.rstrip() for l in f.read().replace("\r", "\n").splitlines() if l.strip()]
   return lines[-n:]
@@ -105,7 +172,10 @@ def main():
   parser.add_argument("--data", required=True, help="the class-per-folder CIFAR-10 tree")
   parser.add_argument("--scale", choices=("gpu", "cpu"), default="gpu")
   parser.add_argument("--train-seconds", type=float, default=270.0, help="the main job's training time to aim at")
-  parser.add_argument("--short-epochs", type=int, default=15, help="epochs of each self-distillation/ERDE run")
+  parser.add_argument("--short-epochs", type=int, default=30, help="epochs of each self-distillation/ERDE run")
+  parser.add_argument("--ablation-epochs", type=int, default=20, help="epochs of each ablation of the main job")
+  parser.add_argument("--erde-grad-clip", type=float, default=2.0,
+                      help="global-norm gradient clip of the four ERDE runs (unclipped KD exits collapsed at lr 0.4)")
   parser.add_argument("--only", default="", help="comma-separated step names; '' runs them all")
   args = parser.parse_args()
   args.root, args.data = os.path.abspath(args.root), os.path.abspath(args.data)
@@ -113,24 +183,34 @@ def main():
   os.chdir(ROOT)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
                                                      os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-  names = [name for name, _ in steps(args)]
-  only = set(filter(None, args.only.split(",")))
-  for name, command in steps(args):
-    done = os.path.join(args.root, f"{name}.json")
-    if (only and name not in only) or (os.path.exists(done) and json.load(open(done, encoding="utf-8"))["status"] == 0):
+  run_steps(args.root, list(steps(args)), env, set(filter(None, args.only.split(","))))
+
+
+def finished(root, name):
+  done = os.path.join(root, f"{name}.json")
+  if not os.path.exists(done):
+    return False
+  with open(done, encoding="utf-8") as f:
+    return json.load(f)["status"] == 0
+
+
+def run_steps(root, named_commands, env, only=frozenset()):
+  """Runs each (name, command or callable giving one) in order, skipping finished ones; a failure goes on."""
+  for name, command in named_commands:
+    if (only and name not in only) or finished(root, name):
       continue
     command = command() if callable(command) else command
     print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
     start = time.perf_counter()
-    with open(os.path.join(args.root, f"{name}.log"), "w", encoding="utf-8") as log:
+    with open(os.path.join(root, f"{name}.log"), "w", encoding="utf-8") as log:
       status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     seconds = time.perf_counter() - start
     print(f"[{time.strftime('%H:%M:%S')}] {name}: exit status {status} after {seconds:.0f} s", flush=True)
-    print("\n".join(tail(os.path.join(args.root, f"{name}.log"), 8)), flush=True)
-    with open(done, "w", encoding="utf-8") as f:
+    print("\n".join(tail(os.path.join(root, f"{name}.log"), 8)), flush=True)
+    with open(os.path.join(root, f"{name}.json"), "w", encoding="utf-8") as f:
       json.dump({"command": command, "status": status, "seconds": seconds}, f)
-    write_summary(args.root, names)
-  write_summary(args.root, names)
+    write_summary(root, [n for n, _ in named_commands])
+  write_summary(root, [n for n, _ in named_commands])
 
 
 if __name__ == "__main__":

@@ -44,3 +44,19 @@ def test_report_files(tmp_path):
   with open(tmp_path / "curve.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(tmp_path / "curve.png") > 10_000
+
+
+def test_a_single_exit_model_gets_a_report(tmp_path):
+  # The plain network (exit_after = its last block) has nothing to fit: the report says so instead of failing.
+  rng = np.random.default_rng(0)
+  val = (rng.normal(size=(1, 20, 3)).astype(np.float32), rng.integers(0, 3, 20))
+  test = (rng.normal(size=(1, 30, 3)).astype(np.float32), rng.integers(0, 3, 30))
+  macs = ExitMacs(backbone=(100,), head=(3,), cumulative=(103,), full=103)
+  fitted = evaluate.fitted_report(val, test, macs, "max_prob", (0.5, 1.0))
+  rep = {"method": "joint", "model": "resnet8", "dataset": "folder:x", "full_macs": 103,
+         "exits": [{"exit": 1, "accuracy": float(evaluate.exit_accuracy(*test)[0]), "macs": 103}],
+         "policies": {}, "fitted_on_val": {"max_prob": fitted}, "splits": {"test": 30}}
+  report.write_all(rep, str(tmp_path))
+  md = open(tmp_path / "report.md", encoding="utf-8").read()
+  want = 100 * np.mean(np.argmax(test[0][0], -1) == test[1])
+  assert f"| none (one exit) | {want:.2f} | 100.0 | none | {want:.2f} | 100.0 |" in md

@@ -46,6 +46,15 @@ def test_batched_and_single_equal_simulation(setup, policy):
   np.testing.assert_array_equal(np.concatenate(preds), want_pred)
   np.testing.assert_array_equal(np.concatenate(exits), want_exit)
   np.testing.assert_array_equal(np.concatenate(costs), cost[want_exit])
+  # The whole set at once in chunks of 16: images regrouped across chunks after every exit.
+  # And in windows of 2 chunks (16 + 16, then 8 images).
+  for window_chunks in (8, 2):
+    chunked = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=16, smallest_bucket=4,
+                                         window_chunks=window_chunks)
+    pred, exit_b, cost_b = chunked(images, threshold, policy)
+    np.testing.assert_array_equal(pred, want_pred)
+    np.testing.assert_array_equal(exit_b, want_exit)
+    np.testing.assert_array_equal(cost_b, cost[want_exit])
   single = jax.jit(inference.single_image_fn(model, variables, mean, std, cost, threshold, policy))
   for i in range(0, 40, 3):
     pred, exit_i, cost_i = single(images[i:i + 1])
@@ -74,6 +83,14 @@ def test_export_round_trip_has_real_conditionals(setup):
   for i in range(6):
     pred, exit_i, _ = restored.call(images[i:i + 1])
     assert (int(pred), int(exit_i)) == (want_pred[i], want_exit[i])
+
+
+def test_chunks_are_dense_with_a_bucketed_tail(setup):
+  model, variables, _, mean, std, cost, _ = setup
+  runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=16, smallest_bucket=4)
+  assert runner._chunks(40) == [(0, 16, 16), (16, 16, 16), (32, 8, 8)]
+  assert runner._chunks(35) == [(0, 16, 16), (16, 16, 16), (32, 3, 4)]
+  assert runner._chunks(5) == [(0, 5, 8)]
 
 
 def test_bucket_sizes():

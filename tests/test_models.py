@@ -97,3 +97,25 @@ def test_unknown_names_list_the_valid_ones():
     MultiExitNet("resnet19", 10).init(jax.random.key(0), x)
   with pytest.raises(UserError, match=r"unknown head 'mlp'; valid: conv1d, erde, linear, pool_conv"):
     MultiExitNet("resnet8", 10, head="mlp").init(jax.random.key(0), x)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.25])
+def test_exit_grad_scale_scales_what_early_exits_send_into_the_backbone(scale):
+  x = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
+  joint = MultiExitNet("resnet8", 5, width=0.5, head="pool_conv", head_width=8)
+  scaled = joint.clone(exit_grad_scale=scale)
+  variables = joint.init(jax.random.key(0), x)
+
+  def grads(model, exit_k):  # d(sum of exit k's logits) / d(parameters)
+    return jax.grad(lambda p: model.apply({**variables, "params": p}, x)[0][exit_k].sum())(variables["params"])
+
+  np.testing.assert_array_equal(joint.apply(variables, x)[0], scaled.apply(variables, x)[0])  # same forward
+  g_joint, g_scaled = grads(joint, 0), grads(scaled, 0)
+  stem = lambda g: np.asarray(g["stem_conv"]["kernel"])
+  head = lambda g: jax.tree.leaves(g["heads_0"])
+  assert np.abs(stem(g_joint)).max() > 0
+  np.testing.assert_allclose(stem(g_scaled), scale * stem(g_joint), rtol=1e-5, atol=1e-7)  # the backbone: scaled
+  for a, b in zip(head(g_joint), head(g_scaled)):  # the head itself learns as before
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  # The final exit is never scaled: its gradient into the backbone is the joint one.
+  np.testing.assert_allclose(stem(grads(scaled, -1)), stem(grads(joint, -1)), rtol=1e-6)

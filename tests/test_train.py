@@ -168,3 +168,30 @@ def test_one_step_chunks_equal_a_two_step_scan():
   np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"]]), m12["loss"], rtol=1e-6)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("clip", [0.0, 0.5])
+def test_grad_clip_bounds_the_step_to_the_learning_rate_times_the_clip(clip):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config("smoke")
+  config.train.update(grad_clip=clip, weight_decay=0.0, momentum=0.0, nesterov=False)
+  tx = train.make_optimizer(config.train, lambda step: 0.1)
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+  grads = {"w": jnp.full((3, 4), 2.0), "b": jnp.full(4, 2.0)}  # global norm 2 * 4 = 8
+  updates, _ = tx.update(grads, tx.init(params), params)
+  want = 0.1 * (clip if clip else 8.0)
+  np.testing.assert_allclose(float(optax.tree.norm(updates)), want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates["b"]), -want / 8.0 * 2.0 * np.ones(4), rtol=1e-6)  # direction kept
+
+
+def test_without_a_clip_the_optimizer_state_keeps_the_layout_older_checkpoints_have():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config("smoke")
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+  mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
+  older = optax.chain(optax.add_decayed_weights(5e-4, mask=mask),
+                      optax.sgd(lambda step: 0.1, momentum=0.9, nesterov=True))
+  ours = train.make_optimizer(config.train, lambda step: 0.1)
+  assert jax.tree.structure(ours.init(params)) == jax.tree.structure(older.init(params))

@@ -7,11 +7,20 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from eejax.errors import unknown_name
 from eejax.models.heads import HEADS, LinearHead
 from eejax.models.resnet import block_plan, exit_points, get_arch
+
+
+def scale_gradient(x, scale: float):
+  """x in the forward pass; its gradient times `scale` in the backward pass (exactly x forward, any scale)."""
+  if scale == 1.0:
+    return x
+  frozen = jax.lax.stop_gradient(x)
+  return frozen + scale * (x - frozen)
 
 
 class MultiExitNet(nn.Module):
@@ -26,6 +35,9 @@ class MultiExitNet(nn.Module):
     head: a name in `HEADS`, for every exit but the last, which is `linear`.
     head_width: channels of heads that have a hidden layer.
     head_dropout: dropout rate before every head's dense layer (training only).
+    exit_grad_scale: how much of its gradient each early exit sends back into
+      the backbone (1: joint training; 0: the heads learn on the features but
+      never change them). The forward pass is the same whatever the value.
     ensemble_teachers: if True, a parameter `ensemble_logits` (E x E, one row
       a_j per teacher, initialised to `ensemble_init` on the diagonal and 0
       elsewhere) for multi-exit self-distillation (MATE); returned in aux.
@@ -38,6 +50,7 @@ class MultiExitNet(nn.Module):
   head: str = "linear"
   head_width: int = 128
   head_dropout: float = 0.0
+  exit_grad_scale: float = 1.0
   ensemble_teachers: bool = False
   ensemble_init: float = 2.0
   dtype: Any = jnp.float32
@@ -72,7 +85,8 @@ class MultiExitNet(nn.Module):
     start = 0 if k == 0 else self.points[k - 1]
     for block in self.blocks[start:self.points[k]]:
       h = block(h, train)
-    return h, self.heads[k](h, train)
+    to_head = h if k == len(self.points) - 1 else scale_gradient(h, self.exit_grad_scale)
+    return h, self.heads[k](to_head, train)
 
   def pooled_features(self, x_BxHxWx3):
     """(pooled_BxC after every block, float32; the final exit's logits_BxC), in inference mode.

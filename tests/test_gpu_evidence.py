@@ -1,0 +1,54 @@
+"""The evidence pipeline's bookkeeping: resumable steps, the summary, and the main job's variant choice."""
+import json
+import os
+import sys
+
+import numpy as np
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import gpu_evidence  # pylint: disable=wrong-import-position
+
+
+def test_steps_resume_rerun_failures_and_summarise(tmp_path):
+  root = str(tmp_path)
+  counter = tmp_path / "calls.txt"
+  append = lambda word, code: [sys.executable, "-c", f"open({str(counter)!r}, 'a').write({word!r}); print('did {word}');"
+                               f" raise SystemExit({code})"]
+  gpu_evidence.run_steps(root, [("ok", append("a", 0)), ("bad", append("b", 3))], dict(os.environ))
+  assert counter.read_text() == "ab"
+  assert json.load(open(tmp_path / "bad.json"))["status"] == 3
+  summary = (tmp_path / "summary.md").read_text()
+  assert "## ok: exit status 0" in summary and "## bad: exit status 3" in summary and "did b" in summary
+  # Run again: the finished step is kept, the failed one runs again (and now succeeds), a new one runs.
+  gpu_evidence.run_steps(root, [("ok", append("a", 0)), ("bad", append("b", 0)), ("new", lambda: append("c", 0))],
+                         dict(os.environ))
+  assert counter.read_text() == "abbc"
+  assert "## new: exit status 0" in (tmp_path / "summary.md").read_text()
+
+
+def test_the_main_job_takes_the_multi_exit_variant_best_on_validation(tmp_path):
+  rng = np.random.default_rng(0)
+  val_labels = rng.integers(0, 10, 50)
+
+  def ablation(name, val_right, num_exits):
+    workdir = tmp_path / f"ablate_{name}"
+    workdir.mkdir()
+    logits = rng.normal(size=(num_exits, 50, 10)).astype(np.float32)
+    logits[-1, :val_right, :] = 0
+    logits[-1, np.arange(val_right), val_labels[:val_right]] = 10  # the first val_right images are right
+    logits[-1, val_right:, :] = 0
+    logits[-1, np.arange(val_right, 50), (val_labels[val_right:] + 1) % 10] = 10  # the rest wrong
+    np.savez(workdir / "logits.npz", val_logits=logits, val_labels=val_labels)
+    (workdir / "report.json").write_text(json.dumps({"exits": [{"accuracy": 0.5}] * num_exits}))
+
+  ablation("single", 50, 1)  # best of all, but not a multi-exit variant: never chosen
+  ablation("linear", 30, 4)
+  ablation("detached", 41, 4)
+  ablation("pool_conv", 35, 4)
+  assert gpu_evidence.final_exit_val_accuracy(str(tmp_path / "ablate_detached")) == 41 / 50
+  assert gpu_evidence.main_variant(str(tmp_path), cpu=False) == ["--config.model.exit_grad_scale=0.0"]
+  table = (tmp_path / "ablation.md").read_text()
+  assert "| single | --config.model.exit_after=8 | 50.00 | 100.00 |" in table
+  assert "The main job takes `detached`" in table
