@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10
+from timing import seconds_per_call
 from eejax import losses, sharding, train
 
 
@@ -33,16 +34,6 @@ def step_seconds(chunk, state, data, keys, frozen, steps, per_call):
     state, metrics = chunk(state, data, keys, frozen)
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / (calls * per_call)
-
-
-def timed(fn, *args, repeats=10):
-  out = fn(*args)  # compile
-  jax.block_until_ready(out)
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
 
 
 def main():
@@ -91,7 +82,7 @@ def main():
   copy = lambda s: jax.tree.map(jnp.copy, s)  # the steps donate their state
   plain_s = step_seconds(plain, copy(state), data, keys, {}, args.steps, args.steps_per_call)
   erde_s = step_seconds(erde, copy(state), data, keys, {"teacher": teacher_vars}, args.steps, args.steps_per_call)
-  forward_s = timed(forward, teacher_vars, x, repeats=max(10, args.steps))
+  forward_s = seconds_per_call(forward, teacher_vars, x, repeats=max(10, args.steps))
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()}), host {platform.machine()}, "
         f"jax {jax.__version__}; batch {args.batch}, {args.dtype}")
   print(f"teacher {args.teacher}, student {args.student} x{args.student_width}")

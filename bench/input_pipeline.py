@@ -11,23 +11,14 @@ faster than (b), the input path is not what limits training.
 import argparse
 import functools
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10
+from timing import seconds_per_call
 from eejax import input_pipeline, sharding, train
-
-
-def rate(fn, *args, repeats=5):
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return repeats / (time.perf_counter() - start)
 
 
 def main():
@@ -63,8 +54,8 @@ def main():
   keys = jax.device_put((key, jax.random.key(2)), rep)
   step = jax.jit(lambda s: step_fn(s, data, keys, {}))  # the whole new state: nothing is left out; no donation
 
-  input_rate = rate(sample, jnp.int32(7), data, repeats=20) * b
-  step_rate = rate(step, state) * b
+  input_rate = b / seconds_per_call(sample, jnp.int32(7), data, repeats=20)
+  step_rate = b / seconds_per_call(step, state, repeats=5)
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()}), host {platform.machine()}, "
         f"jax {jax.__version__}; {n} images on the device, batch {b}")
   print(f"sampling + crop/flip/normalise alone: {input_rate:12,.0f} images/s")

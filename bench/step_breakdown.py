@@ -22,23 +22,14 @@ import gzip
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import cifar10
+from timing import seconds_per_call
 from eejax import input_pipeline, sharding, train
-
-
-def seconds_per_call(fn, *args, repeats=20):
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
 
 
 def top_events(trace_dir, count=25):

@@ -23,12 +23,11 @@ from eejax import input_pipeline, policies
 
 def _exit_score(logits_BxC, policy: str, run_B, prev_pred_B):
   """(score_B, pred_B, run_B) of one exit; run_B counts agreeing consecutive exits (patience)."""
-  pred_B = jnp.argmax(logits_BxC, -1)
+  score_B, pred_B = _device_decision(logits_BxC, policy)
   if policy == "patience":  # only patience reads the run; other policies pass it through untouched
     run_B = jnp.where(pred_B == prev_pred_B, run_B + 1, 1)
-    return run_B.astype(jnp.float32), pred_B, run_B
-  score_1xB, _ = policies.scores(logits_BxC[None], policy)
-  return score_1xB[0], pred_B, run_B
+    score_B = run_B.astype(jnp.float32)
+  return score_B, pred_B, run_B
 
 
 def _threshold_at(threshold, k, pred_B):
