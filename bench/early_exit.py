@@ -11,30 +11,26 @@ for the same decisions. Each path runs once untimed first (compilation), then
 the fastest of --repeats passes counts.
 """
 import argparse
-import json
-import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import evaluate, inference, input_pipeline, policies
+from eejax import evaluate, inference, input_pipeline, policies, thresholds
 from eejax.flops import exit_macs
 from eejax.models import MultiExitNet
 
 
 def from_workdir(workdir):
-  from eejax import train  # pylint: disable=g-import-not-at-top
-  config, model, variables = train.load_run(workdir)
-  ds = train.load_dataset(config.data)
-  with open(os.path.join(workdir, "report.json"), encoding="utf-8") as f:
-    fitted = json.load(f)["fitted_on_val"]["max_prob"]
-  row = min(fitted, key=lambda r: abs(r["budget"] - 0.5))
-  threshold = np.asarray(row["per_exit"]["thresholds"] + [0.0], np.float32)
-  mean, std = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
-  return model, variables, ds.test.images_NxHxWx3, mean, std, threshold
+  """A finished run, its test images and its max_prob thresholds fitted for half the MACs (no training images read)."""
+  from eejax import data, run  # pylint: disable=g-import-not-at-top
+  r = run.load_run(workdir)
+  ds = data.from_config(r.config.data)
+  entries = thresholds.load(workdir, r.model.num_exits, r.model.num_classes)
+  threshold_ExC = thresholds.pick(entries, "max_prob", 0.5)["threshold_ExC"]
+  mean, std = r.spec.stats
+  return r.model, r.variables, ds.test.images_NxHxWx3, mean, std, threshold_ExC
 
 
 def untrained(name, n, num_classes=10):
@@ -44,7 +40,7 @@ def untrained(name, n, num_classes=10):
   mean, std = input_pipeline.channel_stats(images)
   logits = jax.jit(lambda v, x: model.apply(v, input_pipeline.normalize(x, mean, std))[0])(variables, images[:512])
   conf, _ = policies.max_prob(logits)
-  threshold = np.append(np.median(np.asarray(conf[:-1]), axis=1), 0.0).astype(np.float32)
+  threshold = thresholds.per_exit(np.median(np.asarray(conf[:-1]), axis=1), model.num_exits, num_classes, "max_prob")
   return model, variables, images, mean, std, threshold
 
 

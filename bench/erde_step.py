@@ -22,6 +22,8 @@ import numpy as np
 from configs import cifar10
 from timing import seconds_per_call
 from eejax import losses, sharding, train
+from eejax.run import build_model
+from eejax.state import init_state, make_optimizer
 
 
 def step_seconds(chunk, state, data, keys, frozen, steps, per_call):
@@ -52,18 +54,18 @@ def main():
   rep, batch_sharding = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   config = cifar10.get_config("erde")
   config.model.name, config.model.width, config.model.dtype = args.student, args.student_width, args.dtype
-  student = train.build_model(config.model, 10)
+  student = build_model(config.model, 10)
   teacher_cfg = cifar10.get_config("erde_teacher")
   teacher_cfg.model.name, teacher_cfg.model.dtype = args.teacher, args.dtype
-  teacher = train.build_model(teacher_cfg.model, 10)
+  teacher = build_model(teacher_cfg.model, 10)
   n = 4 * args.batch
   rng = np.random.default_rng(0)
   data = {"images": jnp.asarray(rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)),
           "labels": jnp.asarray(rng.integers(0, 10, n).astype(np.int32)),
           "mean": jnp.full(3, 0.5), "std": jnp.full(3, 0.25)}
   keys = (jax.random.key(1), jax.random.key(2))
-  tx = train.make_optimizer(config.train, lambda step: 0.01)
-  state = train.init_state(student, tx, jax.random.key(0), (32, 32, 3))
+  tx = make_optimizer(config.train, lambda step: 0.01)
+  state = init_state(student, tx, jax.random.key(0), (32, 32, 3))
   teacher_vars = teacher.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
   pairs = losses.pair_exits(student.num_exits, teacher.num_exits)
 
@@ -75,13 +77,14 @@ def main():
   config.scheme = "erde"
   erde = train.make_train_chunk(functools.partial(train.train_step, loss_fn=train.make_loss_fn(config,
                                                                                                student.num_exits),
-                                                  teacher=(teacher, pairs), **common), args.steps_per_call, rep)
+                                                  teacher=lambda v, x: teacher.apply(v, x)[0][jnp.asarray(pairs)],
+                                                  **common), args.steps_per_call, rep)
   x = data["images"][:args.batch].astype(jnp.float32) / 255
   forward = jax.jit(lambda v, x: teacher.apply(v, x)[0])
 
   copy = lambda s: jax.tree.map(jnp.copy, s)  # the steps donate their state
-  plain_s = step_seconds(plain, copy(state), data, keys, {}, args.steps, args.steps_per_call)
-  erde_s = step_seconds(erde, copy(state), data, keys, {"teacher": teacher_vars}, args.steps, args.steps_per_call)
+  plain_s = step_seconds(plain, copy(state), data, keys, None, args.steps, args.steps_per_call)
+  erde_s = step_seconds(erde, copy(state), data, keys, teacher_vars, args.steps, args.steps_per_call)
   forward_s = seconds_per_call(forward, teacher_vars, x, repeats=max(10, args.steps))
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()}), host {platform.machine()}, "
         f"jax {jax.__version__}; batch {args.batch}, {args.dtype}")

@@ -19,6 +19,8 @@ import numpy as np
 from configs import cifar10
 from timing import seconds_per_call
 from eejax import input_pipeline, sharding, train
+from eejax.run import build_model
+from eejax.state import init_state, make_optimizer, make_schedule
 
 
 def main():
@@ -46,9 +48,9 @@ def main():
 
   config = cifar10.get_config("cpu")
   config.model.name, config.model.width = args.model, args.width
-  model = train.build_model(config.model, 10)
-  tx = train.make_optimizer(config.train, train.make_schedule(config.train, 100))
-  state = jax.device_put(train.init_state(model, tx, jax.random.key(1), (32, 32, 3)), rep)
+  model = build_model(config.model, 10)
+  tx = make_optimizer(config.train, make_schedule(config.train, 100))
+  state = jax.device_put(init_state(model, tx, jax.random.key(1), (32, 32, 3)), rep)
   step_fn = functools.partial(train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config, model.num_exits),
                               batch_size=b, crop_pad=4, flip=True, batch_sharding=sharding.batch_sharded(mesh))
   keys = jax.device_put((key, jax.random.key(2)), rep)

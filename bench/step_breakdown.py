@@ -30,6 +30,8 @@ import numpy as np
 from configs import cifar10
 from timing import seconds_per_call
 from eejax import input_pipeline, sharding, train
+from eejax.run import build_model
+from eejax.state import init_state, make_optimizer, make_schedule
 
 
 def top_events(trace_dir, count=25):
@@ -62,11 +64,11 @@ def main():
   b = args.batch
   config = cifar10.get_config("cpu")
   config.model.name, config.model.width, config.model.dtype = args.model, args.width, args.dtype
-  model = train.build_model(config.model, 10)
+  model = build_model(config.model, 10)
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
-  tx = train.make_optimizer(config.train, train.make_schedule(config.train, 100))
-  state = jax.device_put(train.init_state(model, tx, jax.random.key(0), (32, 32, 3)), rep)
+  tx = make_optimizer(config.train, make_schedule(config.train, 100))
+  state = jax.device_put(init_state(model, tx, jax.random.key(0), (32, 32, 3)), rep)
   rng = np.random.default_rng(0)
   n = 8 * b
   data = jax.device_put({"images": rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),

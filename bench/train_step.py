@@ -26,6 +26,8 @@ import torch.nn.functional as F
 import torch_peer
 from configs import cifar10
 from eejax import flops, sharding, train
+from eejax.run import build_model
+from eejax.state import init_state, make_optimizer, make_schedule
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (FLOP/s; MACs are half).
 GPU_PEAK_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L4": 121e12}
@@ -62,11 +64,11 @@ def eejax_step(arch, width, batch, dtype, single_exit, steps, per_call):
   if single_exit:
     from eejax.models.resnet import ARCHS  # pylint: disable=g-import-not-at-top
     config.model.exit_after = (sum(ARCHS[arch].stage_sizes),)
-  model = train.build_model(config.model, 10)
+  model = build_model(config.model, 10)
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
-  tx = train.make_optimizer(config.train, train.make_schedule(config.train, 100))
-  state = jax.device_put(train.init_state(model, tx, jax.random.key(0), (32, 32, 3)), rep)
+  tx = make_optimizer(config.train, make_schedule(config.train, 100))
+  state = jax.device_put(init_state(model, tx, jax.random.key(0), (32, 32, 3)), rep)
   n = 8 * batch
   rng = np.random.default_rng(0)
   data = jax.device_put({"images": rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8),
@@ -124,7 +126,7 @@ def torch_step(arch, width, batch, dtype, steps, compile_mode):
 
 def same_function(arch, width, batch=8):
   """Joint training-mode loss of the same weights and batch in both frameworks: (eejax, torch)."""
-  model = train.build_model(cifar10.get_config("cpu").model.copy_and_resolve_references(), 10)
+  model = build_model(cifar10.get_config("cpu").model.copy_and_resolve_references(), 10)
   model = model.clone(arch=arch, width=width)
   x = np.random.default_rng(1).normal(size=(batch, 32, 32, 3)).astype(np.float32)
   y = np.random.default_rng(2).integers(0, 10, batch)

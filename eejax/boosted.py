@@ -22,20 +22,19 @@ Our choices (the paper's full text is not available to us):
   the loss is cross-entropy, optionally mixed with KD from the backbone's
   softmax (`distill_weight`, at `distill_temperature`).
 
-Shapes: N images, C classes (or channels where said), B batch, K candidate thresholds.
+Shapes: N images, C classes, D feature channels, B batch, K candidate thresholds, E exits (the branches and
+the final classifier), P epochs of a stage.
 """
 import dataclasses
 import functools
 import hashlib
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import calibration, checkpoint, evaluate, input_pipeline, losses, policies
+from eejax import calibration, evaluate, input_pipeline, losses, policies, run, state, thresholds
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models.heads import Conv1dHead
@@ -66,7 +65,7 @@ class Settings:
 @dataclasses.dataclass(frozen=True)
 class Features:
   """One split through the frozen backbone: what every branch and the reference see."""
-  pooled: tuple  # per block (1-based block b at index b-1): pooled_NxC float32
+  pooled: tuple  # per block (1-based block b at index b-1): pooled_NxD float32
   final_logits_NxC: np.ndarray
   labels_N: np.ndarray
 
@@ -140,43 +139,46 @@ def batch_from(key, step, in_play_N, count, batch_size: int):
   return batch_at(epoch_order(key, epoch, in_play_N), step, count, batch_size)
 
 
-def _kernels(params):
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
 _epoch_orders = jax.jit(jax.vmap(epoch_order, in_axes=(None, 0, None)))
+
+
+def cosine_to_zero(learning_rate: float, total):
+  """optax schedule: learning_rate * (1 + cos(pi min(count / total, 1))) / 2; `total` may be traced (one compile
+  serves every stage length)."""
+  return lambda count: learning_rate * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(count / total, 1.0)))
+
+
+def stage_optimizer(settings: Settings, total) -> optax.GradientTransformation:
+  """Adam with weight decay on kernels, cosine to 0 over the stage's `total` steps."""
+  return optax.chain(optax.add_decayed_weights(settings.weight_decay, mask=state.kernel_mask),
+                     optax.scale_by_adam(),
+                     optax.scale_by_learning_rate(cosine_to_zero(settings.learning_rate, total)))
 
 
 @functools.lru_cache(maxsize=None)
 def _stage_chunk(head: Conv1dHead, settings: Settings):
-  """jit: (carry, stage) -> (carry, {"loss": S, "idx_SxB": ...}); S = settings.steps_per_call steps under lax.scan."""
-  tx = optax.chain(optax.add_decayed_weights(settings.weight_decay, mask=_kernels), optax.scale_by_adam())
-
+  """jit: (carry, stage) -> (carry, {"loss": S, "idx_B": SxB}); S = settings.steps_per_call steps under lax.scan."""
   def step(carry, stage):
     params, opt_state, i = carry
     dropout_key = stage["dropout_key"]
     epoch = i // steps_per_epoch(stage["count"], settings.batch_size)
-    idx_B = batch_at(stage["orders_ExN"][epoch], i, stage["count"], settings.batch_size)
-    x_Bx1x1xC = stage["features_NxC"][idx_B][:, None, None, :]
+    idx_B = batch_at(stage["orders_PxN"][epoch], i, stage["count"], settings.batch_size)
+    x_Bx1x1xD = stage["features_NxD"][idx_B][:, None, None, :]
 
     def loss_of(p):
-      logits_BxC = head.apply({"params": p}, x_Bx1x1xC, train=True,
+      logits_BxC = head.apply({"params": p}, x_Bx1x1xD, train=True,
                               rngs={"dropout": jax.random.fold_in(dropout_key, i)})
       return branch_loss(logits_BxC, stage["labels_N"][idx_B], stage["teacher_NxC"][idx_B],
                          settings.distill_weight, settings.distill_temperature)
 
     loss, grads = jax.value_and_grad(loss_of)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    lr = settings.learning_rate * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(i / stage["total"], 1.0)))
-    params = optax.apply_updates(params, jax.tree.map(lambda u: -lr * u, updates))
-    return (params, opt_state, i + 1), {"loss": loss, "idx_B": idx_B}
+    updates, opt_state = stage_optimizer(settings, stage["total"]).update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state, i + 1), {"loss": loss, "idx_B": idx_B}
 
-  def chunk(carry, stage):
-    return jax.lax.scan(lambda c, _: step(c, stage), carry, None, length=settings.steps_per_call)
-  return tx, jax.jit(chunk, donate_argnums=0)
+  return state.scan_chunk(step, settings.steps_per_call, unroll=1)
 
 
-def train_branch(head: Conv1dHead, features_NxC, labels_N, teacher_NxC, in_play_N, settings: Settings, key,
+def train_branch(head: Conv1dHead, features_NxD, labels_N, teacher_NxC, in_play_N, settings: Settings, key,
                  record: bool = False):
   """(params, info) of one branch trained on the images in play; info["seen"] = indices used if `record`.
 
@@ -185,20 +187,20 @@ def train_branch(head: Conv1dHead, features_NxC, labels_N, teacher_NxC, in_play_
   in_play_N = np.asarray(in_play_N, bool)
   count = int(in_play_N.sum())
   init_key, data_key, dropout_key = jax.random.split(key, 3)
-  params = head.init(init_key, jnp.zeros((1, 1, 1, features_NxC.shape[1])))["params"]
+  params = head.init(init_key, jnp.zeros((1, 1, 1, features_NxD.shape[1])))["params"]
   info = {"train_images": count, "steps": 0}
   if count == 0:
     return params, {**info, "seen": np.zeros(0, np.int64)} if record else info
-  tx, chunk = _stage_chunk(head, settings)
+  chunk = _stage_chunk(head, settings)
   spc = settings.steps_per_call
   steps = -(-max(1, round(settings.epochs * count / settings.batch_size)) // spc) * spc
   num_epochs = -(-steps // int(steps_per_epoch(count, settings.batch_size)))
   # Each epoch's order once per stage (num_epochs x N int32), not a sort of N keys at every step.
-  orders_ExN = _epoch_orders(data_key, jnp.arange(num_epochs), jnp.asarray(in_play_N))
-  stage = {"features_NxC": features_NxC, "labels_N": labels_N, "teacher_NxC": teacher_NxC,
-           "orders_ExN": orders_ExN, "count": jnp.int32(count), "total": jnp.float32(steps),
+  orders_PxN = _epoch_orders(data_key, jnp.arange(num_epochs), jnp.asarray(in_play_N))
+  stage = {"features_NxD": features_NxD, "labels_N": labels_N, "teacher_NxC": teacher_NxC,
+           "orders_PxN": orders_PxN, "count": jnp.int32(count), "total": jnp.float32(steps),
            "dropout_key": dropout_key}
-  carry = (params, tx.init(params), jnp.zeros((), jnp.int32))
+  carry = (params, stage_optimizer(settings, stage["total"]).init(params), jnp.zeros((), jnp.int32))
   seen = []
   for _ in range(steps // spc):
     carry, metrics = chunk(carry, stage)
@@ -212,13 +214,13 @@ def train_branch(head: Conv1dHead, features_NxC, labels_N, teacher_NxC, in_play_
 
 @functools.lru_cache(maxsize=None)
 def _apply_fn(head: Conv1dHead):
-  return jax.jit(lambda p, f_NxC: head.apply({"params": p}, f_NxC[:, None, None, :]))
+  return jax.jit(lambda p, f_NxD: head.apply({"params": p}, f_NxD[:, None, None, :]))
 
 
 def fit_branches(train: Features, val: Features, positions, head_width: int, margin: float, boosted: bool,
                  settings: Settings, device_train: dict, memo: dict | None = None, record: bool = False,
                  log=print):
-  """(branch_params, threshold_BxC, stages) for one configuration at one CPM margin.
+  """(branch_params, threshold_ExC, stages) for one configuration at one CPM margin.
 
   Branch by branch: train on the images in play (boosted: those no earlier
   branch answered; else all), calibrate CPM on the validation images that
@@ -231,7 +233,7 @@ def fit_branches(train: Features, val: Features, positions, head_width: int, mar
   in_play_N = np.ones(len(train.labels_N), bool)
   reach_N = np.ones(len(val.labels_N), bool)
   val_ref_pred_N = np.argmax(val.final_logits_NxC, -1)
-  params_list, thresholds, stages = [], [], []
+  params_list, threshold_rows, stages = [], [], []
   for b, pos in enumerate(positions):
     trained_on = in_play_N if boosted else np.ones_like(in_play_N)
     memo_key = (pos, head_width, hashlib.sha1(np.packbits(trained_on).tobytes()).hexdigest())
@@ -260,22 +262,22 @@ def fit_branches(train: Features, val: Features, positions, head_width: int, mar
         f"trained on {info['train_images']} images ({info['steps']} steps); validation: "
         f"{stage['val_exits']}/{stage['val_reaching']} exit, {stage['classes_that_exit']} classes can exit")
     params_list.append(params)
-    thresholds.append(np.asarray(threshold_C))
+    threshold_rows.append(np.asarray(threshold_C))
     stages.append(stage)
     reach_N &= ~val_exits_N
     in_play_N &= ~train_exits_N
-  return params_list, np.stack(thresholds), stages
+  never_1xC = np.full((1, num_classes), np.inf, np.float32)  # the final classifier: always answers
+  return params_list, np.concatenate([np.stack(threshold_rows), never_1xC]), stages
 
 
-def evaluate_split(params_list, positions, head_width: int, split: Features, threshold_BxC, cost_E) -> dict:
+def evaluate_split(params_list, positions, head_width: int, split: Features, threshold_ExC, cost_E) -> dict:
   """Accuracy, mean MACs and exit shares of the branches under CPM thresholds on one split."""
   head = Conv1dHead(split.final_logits_NxC.shape[1], width=head_width)
   apply = _apply_fn(head)
   logits_ExNxC = jnp.stack([apply(p, split.pooled[pos - 1]) for p, pos in zip(params_list, positions)]
                            + [jnp.asarray(split.final_logits_NxC)])
   conf_ExN, pred_ExN = policies.max_prob(logits_ExNxC)
-  threshold_1xExC = np.concatenate([threshold_BxC, np.zeros((1, threshold_BxC.shape[1]), np.float32)])[None]
-  exit_1xN = policies.first_exit(conf_ExN, pred_ExN, threshold_1xExC)
+  exit_1xN = policies.first_exit(conf_ExN, pred_ExN, np.asarray(threshold_ExC)[None])
   accuracy_K, macs_K, _ = policies.outcome(exit_1xN, pred_ExN, split.labels_N, cost_E)
   exit_N = np.asarray(exit_1xN)[0]
   correct_ExN = np.asarray(pred_ExN) == split.labels_N[None]
@@ -291,28 +293,14 @@ def device_arrays(train: Features) -> dict:
           "teacher_NxC": jnp.asarray(train.final_logits_NxC)}
 
 
-def save_model(path: str, config, backbone_model_cfg, model: MultiExitNet, variables, threshold_BxC,
-               image_shape) -> None:
-  """A loadable eejax workdir (`eejax.train.load_run`) of the branch model, plus its CPM thresholds.json."""
-  from eejax import train  # pylint: disable=g-import-not-at-top  # train dispatches to this module
-  config = config.copy_and_resolve_references()
-  config.scheme = "joint"
-  config.model = backbone_model_cfg.copy_and_resolve_references()
-  config.model.head, config.model.head_width = "conv1d", model.head_width
-  config.model.exit_after = tuple(model.exit_after)
-  train.write_run_files(path, config, model.num_classes, image_shape)
-  tx = train.make_optimizer(config.train, optax.constant_schedule(0.0))
-  state = train.TrainState(jnp.zeros((), jnp.int32), variables["params"], variables["batch_stats"],
-                           tx.init(variables["params"]))
-  mngr = checkpoint.manager(path, 1)
-  checkpoint.save(mngr, 0, state)
-  with open(os.path.join(path, "thresholds.json"), "w", encoding="utf-8") as f:
-    json.dump({"policy": "max_prob", "per_class_threshold_BxC": thresholds_json(threshold_BxC),
-               "note": "branch b answers an image it predicts as class c when max softmax >= [b][c]; null: never"}, f)
-
-
-def thresholds_json(threshold_BxC) -> list:
-  return [[float(t) if np.isfinite(t) else None for t in row] for row in np.asarray(threshold_BxC)]
+def save_model(path: str, config, backbone: run.Run, model: MultiExitNet, variables, threshold_ExC,
+               margin: float) -> None:
+  """A loadable eejax workdir (`eejax.run.load_run`) of the branch model, with its CPM thresholds.json."""
+  settings = {**backbone.spec.model, "exit_after": list(model.exit_after), "head": "conv1d",
+              "head_width": model.head_width, "ensemble_teachers": False}
+  spec = dataclasses.replace(backbone.spec, model=settings)
+  run.save_model(path, config, spec, variables)
+  thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
 
 
 def macs_reduction(macs: float, full_macs: int) -> float:

@@ -15,22 +15,18 @@ import time
 
 import numpy as np
 
-from eejax import boosted, checkpoint, input_pipeline
+from eejax import boosted, checkpoint, data, report, thresholds
 from eejax.boosted import Features
 from eejax.errors import UserError
 from eejax.flops import exit_macs
-from eejax.models import MultiExitNet
+from eejax.run import Run, load_run
 
 MODES = ("boosted", "nonboosted")
 
 
 @dataclasses.dataclass
 class Backbone:
-  workdir: str
-  config: object
-  model: MultiExitNet
-  variables: dict
-  image_shape: tuple
+  run: Run
   train: Features
   val: Features
   test: Features
@@ -39,41 +35,40 @@ class Backbone:
   def num_blocks(self) -> int:
     return len(self.train.pooled)
 
+  @property
+  def image_shape(self) -> tuple:
+    return self.run.spec.image_shape
+
   def reference(self) -> dict:
     """The backbone alone (its final classifier): test accuracy and MACs, the CPM reference."""
-    full = exit_macs(self.model, self.image_shape).full
+    full = exit_macs(self.run.model, self.image_shape).full
     accuracy = float(np.mean(np.argmax(self.test.final_logits_NxC, -1) == self.test.labels_N))
     return {"accuracy": accuracy, "macs": full}
 
 
 def prepare(config, log=print) -> Backbone:
   """Loads the backbone run and the dataset, and caches every block's pooled features on each split."""
-  from eejax import train  # pylint: disable=g-import-not-at-top  # train dispatches to this module
   path = config.bts.backbone
   if not path:
     raise UserError("scheme=boosted needs --config.bts.backbone=WORKDIR, the workdir of a finished eejax run "
                     "(e.g. one of configs/cifar10.py:cpu); its backbone is frozen and its final exit is the reference")
-  backbone_config, model, variables = train.load_run(path)
+  bb = load_run(path)
   for key in ("val_size", "val_seed", "max_images", "test_split"):
-    ours, theirs = config.data.get(key), backbone_config.data.get(key)
+    ours, theirs = config.data[key], bb.config.data[key]
     if ours != theirs:
       raise UserError(f"data.{key}={ours!r} differs from the backbone run's ({theirs!r}): the validation images "
                       f"must be ones the backbone never trained on; use --config.data.{key}={theirs!r}")
-  ds = train.load_dataset(config.data)
-  with open(os.path.join(path, "run.json"), encoding="utf-8") as f:
-    run = json.load(f)
-  if run["num_classes"] != ds.num_classes or tuple(run["image_shape"]) != tuple(ds.image_shape):
-    raise UserError(f"the backbone in {path} was trained on {run['num_classes']} classes of {run['image_shape']} "
-                    f"images; data.source={config.data.source!r} has {ds.num_classes} of {list(ds.image_shape)}")
-  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  ds = data.from_config(config.data)
+  bb.spec.check_matches(ds.num_classes, ds.image_shape, "backbone", path, f"data.source={config.data.source!r} has")
+  mean_C, std_C = bb.spec.stats
   t0 = time.perf_counter()
-  features = {name: boosted.extract(model, variables, split.images_NxHxWx3, split.labels_N, mean_C, std_C,
+  features = {name: boosted.extract(bb.model, bb.variables, split.images_NxHxWx3, split.labels_N, mean_C, std_C,
                                     config.eval.batch_size)
               for name, split in (("train", ds.train), ("val", ds.val), ("test", ds.test))}
-  log(f"backbone {backbone_config.model.name} from {path}: pooled features of its {len(features['train'].pooled)} "
+  log(f"backbone {bb.config.model.name} from {path}: pooled features of its {len(features['train'].pooled)} "
       f"blocks on {len(ds.train)}/{len(ds.val)}/{len(ds.test)} train/val/test images in "
       f"{time.perf_counter() - t0:.1f}s")
-  return Backbone(path, backbone_config, model, variables, tuple(ds.image_shape), **features)
+  return Backbone(bb, **features)
 
 
 def run_configuration(bb: Backbone, positions, head_width: int, margins, modes, settings: boosted.Settings,
@@ -81,12 +76,12 @@ def run_configuration(bb: Backbone, positions, head_width: int, margins, modes, 
                       log=print) -> list[dict]:
   """One row per (mode, margin): test and validation accuracy and MACs of the branches under CPM.
 
-  `save(name, model, variables, threshold_BxC, row)`, if given, stores each
+  `save(name, model, variables, threshold_ExC, row)`, if given, stores each
   trained model; `finished(name)` returns the row of a model stored before
   (a resumed run), or None.
   """
   positions = boosted.check_positions(positions, bb.num_blocks)
-  model = boosted.branch_model(bb.model, positions, head_width)
+  model = boosted.branch_model(bb.run.model, positions, head_width)
   macs = exit_macs(model, bb.image_shape)
   rows = []
   for mode in modes:
@@ -97,17 +92,17 @@ def run_configuration(bb: Backbone, positions, head_width: int, margins, modes, 
         log(f"  {name}: finished before, kept")
         rows.append(row)
         continue
-      params, threshold_BxC, stages = boosted.fit_branches(bb.train, bb.val, positions, head_width, margin,
+      params, threshold_ExC, stages = boosted.fit_branches(bb.train, bb.val, positions, head_width, margin,
                                                            mode == "boosted", settings, device_train, memo, log=log)
-      test = boosted.evaluate_split(params, positions, head_width, bb.test, threshold_BxC, macs.cumulative)
-      val = boosted.evaluate_split(params, positions, head_width, bb.val, threshold_BxC, macs.cumulative)
+      test = boosted.evaluate_split(params, positions, head_width, bb.test, threshold_ExC, macs.cumulative)
+      val = boosted.evaluate_split(params, positions, head_width, bb.val, threshold_ExC, macs.cumulative)
       row = {"mode": mode, "margin": float(margin), "positions": list(positions), "head_width": head_width,
              "accuracy": test["accuracy"], "macs": test["macs"],
              "macs_reduction": boosted.macs_reduction(test["macs"], macs.full), "test": test,
              "val": {"accuracy": val["accuracy"], "macs": val["macs"]}, "exit_macs": list(macs.cumulative),
-             "stages": stages, "thresholds": boosted.thresholds_json(threshold_BxC)}
+             "stages": stages, "threshold_ExC": thresholds.to_json(threshold_ExC)}
       if save is not None:
-        save(name, model, boosted.stitch(bb.variables, params), threshold_BxC, row)
+        save(name, model, boosted.stitch(bb.run.variables, params), threshold_ExC, row)
       rows.append(row)
   return rows
 
@@ -178,13 +173,8 @@ def _plain(o):
   return o.tolist() if hasattr(o, "tolist") else str(o)
 
 
-def write(report: dict, workdir: str) -> None:
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1, default=_plain)
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report))
-  plot(report, os.path.join(workdir, "curve.png"))
+def write(result: dict, workdir: str) -> None:
+  report.write_files(workdir, result, markdown(result), plot, default=_plain)
 
 
 def _check_same_run(config, workdir: str) -> None:
@@ -217,11 +207,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   modes = MODES if bts.baseline else MODES[:1]
   stop = checkpoint.StopSignal()
 
-  def save(name, model, variables, threshold_BxC, row):
+  def save(name, model, variables, threshold_ExC, row):
     path = os.path.join(workdir, "models", name)
     if os.path.exists(path):  # left by a run stopped while saving it (no row.json): written anew
       shutil.rmtree(path)
-    boosted.save_model(path, config, bb.config.model, model, variables, threshold_BxC, bb.image_shape)
+    boosted.save_model(path, config, bb.run, model, variables, threshold_ExC, row["margin"])
     with open(os.path.join(path, "row.json"), "w", encoding="utf-8") as f:  # written last: marks it finished
       json.dump(row, f, default=_plain)
     if stop.signum is not None:
@@ -237,10 +227,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   with stop:
     rows = run_configuration(bb, tuple(bts.positions), bts.head_width, tuple(bts.margins), modes, settings,
                              boosted.device_arrays(bb.train), memo={}, save=save, finished=finished)
-  report = {"method": "bts-ee", "backbone": bb.workdir, "backbone_name": bb.config.model.name,
+  result = {"method": "bts-ee", "backbone": bb.run.workdir, "backbone_name": bb.run.config.model.name,
             "reference": bb.reference(), "settings": dataclasses.asdict(settings), "rows": rows,
             "pairs": paired(rows)}
-  write(report, workdir)
-  print(markdown(report))
+  write(result, workdir)
+  print(markdown(result))
   print(f"report in {workdir}/report.md; models (loadable workdirs) in {workdir}/models/")
-  return report
+  return result

@@ -14,11 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import policies
+from eejax import policies, thresholds
+from eejax.errors import UserError
 
 
-@functools.partial(jax.jit, static_argnames=("higher_passes", "chunk"))
-def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, higher_passes: bool = True, chunk: int = 256):
+@functools.partial(jax.jit, static_argnames=("policy", "chunk"))
+def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, policy="max_prob", chunk: int = 256):
   """(accuracy_K, macs_K) of every threshold setting (threshold_K, _KxE or _KxExC) at once.
 
   Walking the exits in order, an image is taken by exit e if it passes there
@@ -28,6 +29,7 @@ def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, higher_passes: bool
   is one fused element-wise pass over K x B per exit. The K settings are
   processed `chunk` at a time with lax.map, so memory is O(chunk * B).
   """
+  passes = policies.get(policy).passes
   threshold = jnp.asarray(threshold, jnp.float32)
   k = threshold.shape[0]
   chunk = min(chunk, k)
@@ -46,7 +48,7 @@ def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, higher_passes: bool
         passes_KxB = left_KxB
       else:
         t_e = t_KxExB[:, min(e, t_KxExB.shape[1] - 1)]
-        passes_KxB = score_ExB[e][None] >= t_e if higher_passes else score_ExB[e][None] <= t_e
+        passes_KxB = passes(score_ExB[e][None], t_e)
       taken_KxB = left_KxB & passes_KxB
       accuracy_KxB = accuracy_KxB + jnp.where(taken_KxB, correct_ExB[e][None], 0.0)
       macs_KxB = macs_KxB + jnp.where(taken_KxB, cost_E[e], 0.0)
@@ -62,7 +64,7 @@ def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, higher_passes: bool
 def _quantile_grid(scores, policy: str, num: int) -> np.ndarray:
   """num quantiles of `scores`, plus a threshold that no score passes."""
   scores = np.asarray(scores).ravel()
-  never = scores.max() + 1 if policies.HIGHER_PASSES[policy] else scores.min() - 1
+  never = scores.max() + 1 if policies.get(policy).higher_passes else scores.min() - 1
   return np.unique(np.concatenate([np.quantile(scores, np.linspace(0, 1, num)), [never]])).astype(np.float32)
 
 
@@ -113,8 +115,7 @@ def fit_budget(score_ExB, pred_ExB, labels_B, cost_E, candidates, budget_macs: f
   Ties go to the cheaper setting. If no candidate fits (the budget is below
   the first exit's cost), the cheapest one; the caller can tell from val_macs.
   """
-  accuracy_K, macs_K = jax.device_get(search(score_ExB, pred_ExB, labels_B, cost_E, candidates,
-                                             higher_passes=policies.HIGHER_PASSES[policy]))
+  accuracy_K, macs_K = jax.device_get(search(score_ExB, pred_ExB, labels_B, cost_E, candidates, policy=policy))
   fits = macs_K <= budget_macs
   if not fits.any():
     best = int(np.argmin(macs_K))
@@ -122,6 +123,36 @@ def fit_budget(score_ExB, pred_ExB, labels_B, cost_E, candidates, budget_macs: f
     order = np.lexsort((macs_K, -np.where(fits, accuracy_K, -np.inf)))
     best = int(order[0])
   return np.asarray(candidates)[best], float(accuracy_K[best]), float(macs_K[best])
+
+
+def fit_accuracy(score_ExB, pred_ExB, labels_B, cost_E, candidates, target: float, policy: str):
+  """(threshold, val_accuracy, val_macs): the cheapest candidate at least `target` accurate (else the most accurate)."""
+  accuracy_K, macs_K = jax.device_get(search(score_ExB, pred_ExB, labels_B, cost_E, candidates, policy=policy))
+  ok = accuracy_K >= target - 1e-9
+  best = int(np.argmin(np.where(ok, macs_K, np.inf))) if ok.any() else int(np.argmax(accuracy_K))
+  return np.asarray(candidates)[best], float(accuracy_K[best]), float(macs_K[best])
+
+
+def fit(logits_ExNxC, labels_N, cost_E, policy, budget_macs: float | None = None,
+        target_accuracy: float | None = None):
+  """(threshold_ExC, {"val_accuracy", "val_macs"}): per-exit thresholds fitted on these (validation) logits.
+
+  Exactly one goal: the best accuracy within `budget_macs` mean MACs, or the lowest cost reaching
+  `target_accuracy`.
+  """
+  if (budget_macs is None) == (target_accuracy is None):
+    raise UserError("give exactly one of a MACs budget and a target accuracy to fit thresholds for")
+  policy = policies.get(policy)
+  score_ExN, pred_ExN = policy.scores(jnp.asarray(logits_ExNxC))
+  candidates = per_exit_candidates(score_ExN, policy.name)
+  cost_E = np.asarray(cost_E, np.float32)
+  labels_N = jnp.asarray(labels_N)
+  if budget_macs is not None:
+    t_E, acc, macs = fit_budget(score_ExN, pred_ExN, labels_N, cost_E, candidates, budget_macs, policy.name)
+  else:
+    t_E, acc, macs = fit_accuracy(score_ExN, pred_ExN, labels_N, cost_E, candidates, target_accuracy, policy.name)
+  num_exits, num_classes = np.shape(logits_ExNxC)[0], np.shape(logits_ExNxC)[-1]
+  return thresholds.per_exit(t_E, num_exits, num_classes, policy), {"val_accuracy": acc, "val_macs": macs}
 
 
 @jax.jit

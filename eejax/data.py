@@ -82,6 +82,30 @@ def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: in
   return Dataset(train, val, splits["test"], class_names, f"{len(val)} images carved from train (seed {val_seed})")
 
 
+def from_config(data_cfg) -> Dataset:
+  """`load` with the settings of a config's `data` section."""
+  return load(data_cfg.source, val_size=data_cfg.val_size, val_seed=data_cfg.val_seed,
+              image_size=data_cfg.image_size, cache_dir=data_cfg.cache_dir, tfds_data_dir=data_cfg.tfds_data_dir,
+              download=data_cfg.download, max_images=data_cfg.max_images, test_split=data_cfg.test_split)
+
+
+def sample_images(data_cfg, n: int) -> np.ndarray:
+  """Up to n uint8 images of the evaluation split, never reading the training split (verifying an export).
+
+  A folder source decodes n files spread evenly over its sorted test folder (so every class shows); a tfds
+  source reads its test split.
+  """
+  kind, _, arg = data_cfg.source.partition(":")
+  if kind != "folder":
+    return from_config(data_cfg).test.images_NxHxWx3[:n]
+  folder = os.path.join(os.path.expanduser(arg), data_cfg.test_split)
+  paths = _images_under(folder)
+  if not paths:
+    raise UserError(f"no .jpg/.png images under {folder}: the run's evaluation split, where exports are verified")
+  picks = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
+  return np.stack([_decode(paths[i], data_cfg.image_size) for i in picks])
+
+
 def carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
   """Splits `val_size` images off `train`, chosen by a fixed permutation of `seed`."""
   if not 0 < val_size < len(train):

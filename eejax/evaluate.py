@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, inference, input_pipeline, policies, report, sharding
+from eejax import calibration, data, inference, input_pipeline, policies, report, sharding, thresholds
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
 
@@ -47,6 +47,19 @@ def predict(predict_fn, variables, images_NxHxWx3, mean_C, std_C, batch_size: in
   return in_batches(lambda x: predict_fn(variables, x, mean_C, std_C), images_NxHxWx3, batch_size, batch_axis=1)
 
 
+def val_logits(run) -> tuple[np.ndarray, np.ndarray]:
+  """(logits_ExNxC, labels_N) of a run's validation split: from its logits.npz, else predicted on its data."""
+  path = os.path.join(run.workdir, "logits.npz")
+  if os.path.exists(path):
+    with np.load(path) as saved:
+      return saved["val_logits"], saved["val_labels"]
+  ds = data.from_config(run.config.data)
+  mean_C, std_C = run.spec.stats
+  predict_fn = make_predict_fn(run.model, sharding.make_mesh())
+  return predict(predict_fn, run.variables, ds.val.images_NxHxWx3, mean_C, std_C, run.config.eval.batch_size), \
+      ds.val.labels_N
+
+
 def exit_accuracy(logits_ExNxC, labels_N) -> np.ndarray:
   return (np.argmax(logits_ExNxC, -1) == labels_N[None]).mean(-1)
 
@@ -66,7 +79,7 @@ def policy_report(logits_ExNxC, labels_N, macs: ExitMacs, policy: str, num_thres
   thresholds_K = calibration.curve_thresholds(score_ExN, policy, num_thresholds)
   accuracy_K, macs_K = jax.device_get(calibration.search(
       score_ExN, pred_ExN, jnp.asarray(labels_N), np.asarray(macs.cumulative, np.float32), thresholds_K,
-      higher_passes=policies.HIGHER_PASSES[policy]))
+      policy=policy))
   front = calibration.pareto_front(macs_K, accuracy_K)
   curve = [{"threshold": float(t), "accuracy": float(a), "macs": float(m), "pareto": bool(p)}
            for t, a, m, p in zip(thresholds_K, accuracy_K, macs_K, front)]
@@ -74,7 +87,10 @@ def policy_report(logits_ExNxC, labels_N, macs: ExitMacs, policy: str, num_thres
 
 
 def fitted_report(val, test, macs: ExitMacs, policy: str, budgets) -> list[dict]:
-  """Per-exit and global thresholds fitted on val for each budget < 1, both evaluated on test."""
+  """Per-exit and global thresholds fitted on val for each budget < 1, both evaluated on test.
+
+  Each row's "threshold_ExC" is the fitted setting in `eejax.thresholds`' JSON form.
+  """
   cost_E = np.asarray(macs.cumulative, np.float32)
   (val_logits, val_labels), (test_logits, test_labels) = val, test
   val_score, val_pred = policies.scores(jnp.asarray(val_logits), policy)
@@ -82,16 +98,17 @@ def fitted_report(val, test, macs: ExitMacs, policy: str, budgets) -> list[dict]
   per_exit = calibration.per_exit_candidates(val_score, policy)
   global_k = calibration.curve_thresholds(val_score, policy)
   global_kxe = np.repeat(global_k[:, None], per_exit.shape[1], axis=1)
-  higher = policies.HIGHER_PASSES[policy]
+  num_exits, num_classes = np.shape(val_logits)[0], np.shape(val_logits)[-1]
   out = []
   for budget in (b for b in budgets if b < 1):
     row = {"budget": float(budget)}
     for name, candidates in (("per_exit", per_exit), ("global", global_kxe)):
       t_E, val_acc, val_macs = calibration.fit_budget(val_score, val_pred, val_labels, cost_E, candidates,
                                                       budget * macs.full, policy)
+      t_ExC = thresholds.per_exit(t_E, num_exits, num_classes, policy)
       acc, spent = jax.device_get(calibration.search(test_score, test_pred, jnp.asarray(test_labels), cost_E,
-                                                     t_E[None], higher_passes=higher))
-      row[name] = {"thresholds": [float(t) for t in t_E[:-1]], "fits_budget_on_val": val_macs <= budget * macs.full,
+                                                     t_ExC[None], policy=policy))
+      row[name] = {"threshold_ExC": thresholds.to_json(t_ExC), "fits_budget_on_val": val_macs <= budget * macs.full,
                    "val_accuracy": val_acc,
                    "val_macs_fraction": val_macs / macs.full, "test_accuracy": float(acc[0]),
                    "test_macs_fraction": float(spent[0]) / macs.full}
@@ -110,7 +127,7 @@ def calibration_error_report(val, test) -> dict:
           "test_ece_scaled": np.asarray(after).tolist()}
 
 
-def real_inference_report(model, variables, images_NxHxWx3, mean_C, std_C, macs: ExitMacs, threshold_E,
+def real_inference_report(model, variables, images_NxHxWx3, mean_C, std_C, macs: ExitMacs, threshold_ExC,
                           batch_size: int, simulated_exit_N) -> dict:
   """Measured images/s of real early exit over the test set against the full network in batches.
 
@@ -121,7 +138,7 @@ def real_inference_report(model, variables, images_NxHxWx3, mean_C, std_C, macs:
   n = images_NxHxWx3.shape[0] // batch_size * batch_size
   images = images_NxHxWx3[:n]
   full = lambda: jax.block_until_ready([runner.full(images[i:i + batch_size]) for i in range(0, n, batch_size)])
-  early = lambda: runner(images, threshold_E, "max_prob")
+  early = lambda: runner(images, threshold_ExC, "max_prob")
   full_rate, _ = timed_rate(full, n)
   exit_rate, (_, exits, _) = timed_rate(early, n)
   mean_cost = float(np.asarray(macs.cumulative)[exits].mean())
@@ -142,13 +159,14 @@ def timed_rate(fn, n: int, repeats: int = 1):
   return n / best, out
 
 
-def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, workdir: str, mesh,
-                        method: str | None = None, extra: dict | None = None, mean_std=None) -> dict:
+def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, workdir: str, mesh, stats,
+                        method: str | None = None, extra: dict | None = None) -> dict:
   """Computes every exit's val and test logits once, then the report; writes the files.
 
-  mean_std: the (mean_C, std_C) the model was trained with; computed from ds.train if not given.
+  stats: the run's (mean_C, std_C), `eejax.run.RunSpec.stats`. Besides the report, thresholds.json gets every
+  per-exit setting fitted on validation (one per fitted policy and budget).
   """
-  mean_C, std_C = mean_std or input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  mean_C, std_C = stats
   predict_fn = make_predict_fn(model, mesh)
   logits = {name: predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size)
             for name, split in (("val", ds.val), ("test", ds.test))}
@@ -172,14 +190,18 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
   }
   if config.eval.real_inference and "max_prob" in fitted and fitted["max_prob"]:
     row = min(fitted["max_prob"], key=lambda r: abs(r["budget"] - 0.5))
-    threshold_E = np.asarray(row["per_exit"]["thresholds"] + [0.0], np.float32)
+    threshold_ExC = thresholds.from_json(row["per_exit"]["threshold_ExC"], "max_prob")
     score, pred = policies.scores(jnp.asarray(logits["test"]), "max_prob")
-    simulated = np.asarray(policies.first_exit(score, pred, threshold_E[None]))[0]
+    simulated = np.asarray(policies.first_exit(score, pred, threshold_ExC[None]))[0]
     result["real_inference"] = {"budget": row["budget"], **real_inference_report(
-        model, variables, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_E,
+        model, variables, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_ExC,
         config.eval.batch_size, simulated)}
   if jax.process_index() == 0:
     np.savez(os.path.join(workdir, "logits.npz"), val_logits=logits["val"], val_labels=ds.val.labels_N,
              test_logits=logits["test"], test_labels=ds.test.labels_N, cumulative_macs=np.asarray(macs.cumulative))
     report.write_all(result, workdir)
+    thresholds.save(workdir, [thresholds.entry(policy, thresholds.from_json(row["per_exit"]["threshold_ExC"], policy),
+                                               budget=row["budget"], fitted_on="val",
+                                               val_accuracy=row["per_exit"]["val_accuracy"])
+                              for policy, rows in fitted.items() for row in rows])
   return result

@@ -1,12 +1,13 @@
 r"""Batch-1 deployment exports of a trained early-exit model, each verified against JAX.
 
-  python -m eejax.export --workdir RUN --out DIR [--formats stablehlo,onnx,tflite] [--budget 0.5]
+  python -m eejax.export --workdir RUN --out DIR [--formats stablehlo,onnx,tflite] [--policy max_prob]
+                         [--budget 0.5]
 
 Every export computes f(image_1xHxWx3 uint8, threshold_ExC float32) ->
 (logits_1xC of the exit that answered, that exit's 0-based index) with the
-max-probability policy: exit e answers when its top softmax probability is at
-least threshold[e, predicted class] (per-exit thresholds repeat over the
-classes); the last exit always answers.
+run's exit policy (`eejax.policies`: max_prob, entropy or patience): exit e
+answers when the policy's score passes threshold_ExC[e, predicted class]; the
+last exit always answers.
 
   stablehlo  `jax.export` of one function with a `lax.cond` after every exit:
              the decisions run inside the graph (DIR/model.stablehlo,
@@ -14,28 +15,36 @@ classes); the last exit always answers.
   onnx       the same function through jax2onnx: `lax.cond` becomes ONNX `If`;
              run with onnxruntime (optional extra `eejax[export]`).
   tflite     a cascade, one TFLite model per stage (the blocks up to exit k and
-             head k) with the threshold test in host code between them; a
+             head k) with the policy's test in host code between them; a
              single-graph conversion of `lax.cond` is known to give wrong
              outputs (needs TensorFlow: `eejax[tflite]`).
 
-Verify forces every exit in turn (thresholds +inf before it, -inf at it), and
-reports per exit the max |logits - JAX's logits| over the images, whether the
-expected exit answered, and the latency (mean over the images of each one's
-fastest of 3 calls, so a mix of exits is weighted as the policy mixes them). A format whose optional
-dependency is missing is reported as such. The thresholds are the run's: a
-BTS-EE model's thresholds.json, else the max-probability per-exit thresholds
-fitted on validation for `--budget` (report.json).
+Verify forces every exit in turn (thresholds never before it, always at it),
+and reports per exit the max |logits - JAX's logits| over the images, whether
+the expected exit answered, and the latency (mean over the images of each
+one's fastest of 3 calls, so a mix of exits is weighted as the policy mixes
+them). A format whose optional dependency is missing is reported as such. The
+thresholds are the run's (thresholds.json: fitted on validation for `--budget`,
+or a BTS-EE model's CPM table), else fitted now on its validation logits.
+Nothing here reads the training images: the normalisation statistics come
+from the run (`eejax.run`), the images to verify on from its evaluation split.
 """
+import functools
 import json
 import os
 import time
+
+from absl import app, flags, logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import evaluate, inference, input_pipeline, sharding
+from eejax import calibration, data, evaluate, inference, input_pipeline, policies, sharding, thresholds
+from eejax.cli import fail, parse_flags
 from eejax.errors import UserError
+from eejax.flops import exit_macs
+from eejax.run import load_run
 
 FORMATS = ("stablehlo", "onnx", "tflite")
 
@@ -52,35 +61,11 @@ def stage_fns(model, variables, mean_C, std_C):
   return [stage(k) for k in range(model.num_exits)]
 
 
-def forced_thresholds(k: int, num_exits: int, num_classes: int) -> np.ndarray:
-  """threshold_ExC under which exit k answers every image: +inf before it, -inf at it."""
-  threshold = np.full((num_exits, num_classes), np.inf, np.float32)
-  threshold[k] = -np.inf
-  return threshold
-
-
-def as_threshold_ExC(threshold, num_exits: int, num_classes: int) -> np.ndarray:
-  """Per-exit (a number per row) or per-class (C numbers per row) thresholds, E-1 or E rows, as threshold_ExC.
-
-  None (a class that never exits there) becomes +inf; a missing last row is added (it is never read).
-  """
-  rows = []
-  for row in threshold:
-    values = [row] if row is None or np.isscalar(row) else list(row)
-    rows.append(np.broadcast_to(np.asarray([np.inf if v is None else v for v in values], np.float32), (num_classes,)))
-  t = np.stack(rows) if rows else np.zeros((0, num_classes), np.float32)
-  if t.shape[0] == num_exits - 1:
-    t = np.concatenate([t, np.zeros((1, num_classes), np.float32)])
-  if t.shape[0] != num_exits:
-    raise UserError(f"{t.shape[0]} rows of thresholds for a model with {num_exits} exits")
-  return t
-
-
 # ---------------------------------------------------------------- formats: export, then a runner (x, t) -> (logits, exit)
 
 
-def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str):
-  fn = inference.early_exit_fn(model, variables, mean_C, std_C, "max_prob")
+def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
+  fn = inference.early_exit_fn(model, variables, mean_C, std_C, policy)
   exported = jax.export.export(jax.jit(fn))(jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
                                             jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32))
   path = os.path.join(out_dir, "model.stablehlo")
@@ -92,7 +77,7 @@ def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str)
   return [path], lambda x, t: tuple(np.asarray(a) for a in call(x, t))
 
 
-def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str):
+def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
   import onnxruntime  # pylint: disable=g-import-not-at-top
   from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
   from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
@@ -100,7 +85,8 @@ def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str):
            jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32)]
   # Traced to a closed jaxpr first, so jax2onnx converts JAX primitives only: its Flax-level BatchNorm and
   # avg_pool plugins write graphs onnxruntime rejects inside `If` branches (jax2onnx 0.17.1, measured).
-  closed = jax.make_jaxpr(inference.early_exit_fn(model, variables, mean_C, std_C, "max_prob"))(*specs)
+  variables = jax.device_put(variables, jax.devices()[0])  # one device: a mesh sharding traces to `reshard`, which ONNX lacks
+  closed = jax.make_jaxpr(inference.early_exit_fn(model, variables, mean_C, std_C, policy))(*specs)
   path = os.path.join(out_dir, "model.onnx")
   to_onnx(lambda x, t: tuple(jaxpr_as_fun(closed)(x, t)), specs, return_mode="file", output_path=path)
   session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -108,7 +94,7 @@ def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str):
   return [path], lambda x, t: tuple(session.run(None, {names[0]: np.asarray(x), names[1]: np.asarray(t)}))
 
 
-def export_tflite(model, variables, mean_C, std_C, image_shape, out_dir: str):
+def export_tflite(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   interpreters, paths = [], []
@@ -134,15 +120,18 @@ def export_tflite(model, variables, mean_C, std_C, image_shape, out_dir: str):
     outs = sorted(interpreter.get_output_details(), key=lambda d: len(d["shape"]), reverse=True)
     return [interpreter.get_tensor(d["index"]) for d in outs]  # (h, logits): the feature map has more axes
 
-  def cascade(x, t):
-    h = np.asarray(x)
+  policy = policies.get(policy)
+
+  def cascade(x, t_ExC):
+    h, run_1, prev_1 = np.asarray(x), np.zeros(1, np.int32), np.full(1, -1)
     for k, interpreter in enumerate(interpreters):
-      h, logits = run_stage(interpreter, h)
+      h, logits_1xC = run_stage(interpreter, h)
       if k == len(interpreters) - 1:
-        return logits, np.int32(k)
-      probs = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
-      if probs.max() >= t[k, int(probs.argmax())]:  # the threshold test, on the host
-        return logits, np.int32(k)
+        return logits_1xC, np.int32(k)
+      score_1, pred_1, run_1 = policy.exit_score(logits_1xC, run_1, prev_1)  # the policy's test, on the host
+      if policy.passes(float(score_1[0]), t_ExC[k, int(pred_1[0])]):
+        return logits_1xC, np.int32(k)
+      prev_1 = pred_1
     raise AssertionError("unreachable")
   return paths, cascade
 
@@ -163,12 +152,12 @@ def _latency_ms(fn, images, rounds: int = 3) -> float:
   return float(np.mean(best))
 
 
-def verify(runner, reference_logits_NxExC, images_Nx1xHxWx3) -> list[dict]:
+def verify(runner, reference_logits_NxExC, images_Nx1xHxWx3, policy="max_prob") -> list[dict]:
   """Per exit k (forced): max |logits - reference| over the images, exit check, latency (ms)."""
   num_exits, num_classes = reference_logits_NxExC.shape[1:]
   rows = []
   for k in range(num_exits):
-    t = forced_thresholds(k, num_exits, num_classes)
+    t = thresholds.forced(k, num_exits, num_classes, policy)
     runner(images_Nx1xHxWx3[0], t)  # warm-up (compilation, allocation)
     diffs, right_exit = [], True
     for x, ref in zip(images_Nx1xHxWx3, reference_logits_NxExC):
@@ -189,22 +178,25 @@ def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E) -> dict:
           "predicted_mean_macs": float(np.mean(np.asarray(cost_E)[exits]))}
 
 
-def run_thresholds(workdir: str, budget: float):
-  """The run's calibrated thresholds and where they came from."""
-  path = os.path.join(workdir, "thresholds.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)["per_class_threshold_BxC"], "thresholds.json (per class)"
-  path = os.path.join(workdir, "report.json")
-  if not os.path.exists(path):
-    raise UserError(f"{workdir} has no report.json or thresholds.json: finish the run (or evaluate it) first")
-  with open(path, encoding="utf-8") as f:
-    report = json.load(f)
-  fitted = {round(r["budget"], 6): r for r in report.get("fitted_on_val", {}).get("max_prob", [])}
-  if round(budget, 6) not in fitted:
-    raise UserError(f"no max_prob thresholds fitted for budget {budget} in {path}; "
-                    f"available: {sorted(fitted)} (config.eval.budgets)")
-  return fitted[round(budget, 6)]["per_exit"]["thresholds"], f"report.json (per exit, fitted for {budget:g} of the MACs)"
+def run_threshold(run, policy, budget: float):
+  """(threshold_ExC, where it came from): the run's setting for `policy` and `budget`, else fitted now on its
+  validation logits for that budget."""
+  try:
+    saved = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
+  except UserError:  # no thresholds.json or report.json: nothing fitted yet
+    saved = []
+  try:
+    chosen = thresholds.pick(saved, policy, budget)
+    about = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in chosen.items() if k not in ("policy", "threshold_ExC"))
+    return chosen["threshold_ExC"], f"thresholds.json ({policies.get(policy).name}; {about})"
+  except UserError:
+    pass
+  macs = exit_macs(run.model, run.spec.image_shape)
+  logits_ExNxC, labels_N = evaluate.val_logits(run)
+  threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy, budget_macs=budget * macs.full)
+  return threshold_ExC, (f"fitted now on validation ({policies.get(policy).name}, budget {budget:g}: "
+                         f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs)")
 
 
 def plain_fn(model, variables, mean_C, std_C):
@@ -220,33 +212,35 @@ def plain_fn(model, variables, mean_C, std_C):
 
 
 def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float = 0.5, num_images: int = 200,
-                      log=print) -> dict:
+                      policy="max_prob", log=print, threshold_ExC=None, run=None) -> dict:
   """Exports `workdir`'s model in every format, verifies each and times it; writes out_dir/export_report.json/.md."""
-  from eejax import train  # pylint: disable=g-import-not-at-top
-  from eejax.flops import exit_macs  # pylint: disable=g-import-not-at-top
   unknown = [f for f in formats if f not in EXPORTERS]
   if unknown:
     raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
-  config, model, variables = train.load_run(workdir)
-  ds = train.load_dataset(config.data)
-  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
-  images = ds.test.images_NxHxWx3[:num_images]
+  policy = policies.get(policy)
+  run = run or load_run(workdir)
+  model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats
+  images = data.sample_images(run.config.data, num_images)
   reference_NxExC = evaluate.predict(evaluate.make_predict_fn(model, sharding.make_mesh()), variables, images, mean_C,
-                                     std_C, config.eval.batch_size).transpose(1, 0, 2)
+                                     std_C, run.config.eval.batch_size).transpose(1, 0, 2)
   images = images[:, None]
-  raw, source = run_thresholds(workdir, budget)
-  threshold_ExC = as_threshold_ExC(raw, model.num_exits, model.num_classes)
-  macs = exit_macs(model, ds.image_shape)
+  if threshold_ExC is None:
+    threshold_ExC, source = run_threshold(run, policy, budget)
+  else:
+    threshold_ExC, source = np.asarray(threshold_ExC, np.float32), "the caller"
+  image_shape = run.spec.image_shape
+  macs = exit_macs(model, image_shape)
   os.makedirs(out_dir, exist_ok=True)
   plain = jax.jit(plain_fn(model, variables, mean_C, std_C))
   plain(images[0])
-  report = {"workdir": workdir, "images": len(images), "thresholds": source, "device": jax.devices()[0].device_kind,
+  report = {"workdir": workdir, "images": len(images), "policy": policy.name, "thresholds": source,
+            "device": jax.devices()[0].device_kind,
             "exit_macs": list(macs.cumulative), "full_macs": macs.full,
             "plain_network_jax_latency_ms": _latency_ms(plain, images), "formats": {}}
   for fmt in formats:
     log(f"{fmt}: exporting ...")
     try:
-      paths, runner = EXPORTERS[fmt](model, variables, mean_C, std_C, ds.image_shape, out_dir)
+      paths, runner = EXPORTERS[fmt](model, variables, mean_C, std_C, image_shape, out_dir, policy)
     except ImportError as e:
       report["formats"][fmt] = {"status": f"not available here ({e}); {MISSING[fmt]}"}
       log(f"{fmt}: {report['formats'][fmt]['status']}")
@@ -255,12 +249,12 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
       report["formats"][fmt] = {"status": f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
       log(f"{fmt}: {report['formats'][fmt]['status']}")
       continue
-    exits = verify(runner, reference_NxExC, images)
-    policy = policy_latency(runner, images, threshold_ExC, macs.cumulative)
-    report["formats"][fmt] = {"status": "ok", "files": paths, "exits": exits, "policy": policy}
+    exits = verify(runner, reference_NxExC, images, policy)
+    calibrated = policy_latency(runner, images, threshold_ExC, macs.cumulative)
+    report["formats"][fmt] = {"status": "ok", "files": paths, "exits": exits, "policy": calibrated}
     log(f"{fmt}: " + "; ".join(f"exit {r['exit']}: max |diff| {r['max_abs_diff']:.2e}, "
                                f"{r['latency_ms']:.3f} ms" for r in exits)
-        + f"; calibrated: {policy['latency_ms']:.3f} ms, {policy['predicted_mean_macs'] / 1e6:.2f} M MACs")
+        + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs")
   with open(os.path.join(out_dir, "export_report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
   with open(os.path.join(out_dir, "export_report.md"), "w", encoding="utf-8") as f:
@@ -270,7 +264,8 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
 
 def markdown(report: dict) -> str:
   lines = [f"# Export of `{report['workdir']}`", "",
-           f"Batch 1 on {report['device']}, {report['images']} test images; thresholds from {report['thresholds']}. "
+           f"Batch 1 on {report['device']}, {report['images']} test images; policy `{report['policy']}`, "
+           f"thresholds from {report['thresholds']}. "
            f"Plain network (no early exits) in JAX: {report['plain_network_jax_latency_ms']:.3f} ms, "
            f"{report['full_macs'] / 1e6:.2f} M MACs.", "",
            "| format | exit | max abs diff vs JAX | forced exit answered | latency (ms) |", "|---|---|---|---|---|"]
@@ -288,24 +283,29 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(description="Export a trained eejax run for batch-1 deployment and verify it.")
-  parser.add_argument("--workdir", required=True, help="a finished run (or a BTS-EE models/NAME workdir)")
-  parser.add_argument("--out", required=True, help="folder for the exported files and export_report.md/.json")
-  parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated: {', '.join(FORMATS)}")
-  parser.add_argument("--budget", type=float, default=0.5, help="fitted max_prob thresholds for this MACs fraction")
-  parser.add_argument("--images", type=int, default=200, help="test images for verification and timing")
-  args = parser.parse_args()
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  flags.DEFINE_string("workdir", None, "A finished run (or a BTS-EE models/NAME workdir).")
+  flags.DEFINE_string("out", None, "Folder for the exported files and export_report.md/.json.")
+  flags.DEFINE_list("formats", list(FORMATS), f"Any of: {', '.join(FORMATS)}.")
+  flags.DEFINE_string("policy", "max_prob", f"Exit policy: {', '.join(policies.POLICIES)}.")
+  flags.DEFINE_float("budget", 0.5, "The thresholds fitted for this fraction of the full network's MACs.")
+  flags.DEFINE_integer("images", 200, "Evaluation-split images for verification and timing.")
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  if not f.workdir or not f.out:
+    fail("give --workdir=RUN and --out=DIR", "eejax.export")
   try:
-    report = export_and_verify(args.workdir, args.out, tuple(f for f in args.formats.split(",") if f), args.budget,
-                               args.images)
+    report = export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy)
   except UserError as e:
-    print(f"eejax.export: error: {e}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(e), "eejax.export")
   print(markdown(report))
 
 
 if __name__ == "__main__":
-  main()
+  define_flags()
+  app.run(main, flags_parser=functools.partial(parse_flags, program="eejax.export"))

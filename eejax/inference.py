@@ -11,28 +11,25 @@
 
 Both return, per image, the prediction, the 0-based index of the exit that
 answered and its cost (cumulative MACs), identical to `eejax.policies`'s
-simulation with the same thresholds. Thresholds: threshold_E (per exit) or
-threshold_ExC (per exit and predicted class); the last exit always answers.
+simulation with the same thresholds. Thresholds: a threshold_ExC
+(`eejax.thresholds`); the last exit always answers. Policies: any
+`eejax.policies.Policy` (or its name), each exit scored by `Policy.exit_score`.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from eejax import input_pipeline, policies
+from eejax.errors import UserError
 
 
-def _exit_score(logits_BxC, policy: str, run_B, prev_pred_B):
-  """(score_B, pred_B, run_B) of one exit; run_B counts agreeing consecutive exits (patience)."""
-  score_B, pred_B = _device_decision(logits_BxC, policy)
-  if policy == "patience":  # only patience reads the run; other policies pass it through untouched
-    run_B = jnp.where(pred_B == prev_pred_B, run_B + 1, 1)
-    score_B = run_B.astype(jnp.float32)
-  return score_B, pred_B, run_B
-
-
-def _threshold_at(threshold, k, pred_B):
-  threshold = jnp.asarray(threshold, jnp.float32)
-  return threshold[k] if threshold.ndim == 1 else threshold[k][pred_B]
+def check_threshold(threshold_ExC, num_exits: int):
+  """The threshold as float32 (E, C), or a UserError naming the shape it has."""
+  shape = np.shape(threshold_ExC)
+  if len(shape) != 2 or shape[0] != num_exits:
+    raise UserError(f"a threshold of shape {shape}; expected threshold_ExC with E={num_exits} rows (one per exit, "
+                    f"a column per class): eejax.thresholds.per_exit makes one from per-exit values")
+  return threshold_ExC
 
 
 def bucket_sizes(batch_size: int, smallest: int = 8) -> list[int]:
@@ -71,16 +68,16 @@ class BatchedEarlyExit:
     self._gather = jax.jit(lambda h, idx: h[idx])
     self._full = jax.jit(lambda x: model.apply(variables, input_pipeline.normalize(x, mean_C, std_C))[0])
 
-  def __call__(self, x_NxHxWx3, threshold, policy: str = "max_prob"):
+  def __call__(self, x_NxHxWx3, threshold_ExC, policy="max_prob"):
     """(pred_N, exit_N, cost_N) as numpy arrays, for any number N of images (a window at a time)."""
-    outs = [self._window(x_NxHxWx3[i:i + self.window], threshold, policy)
+    threshold_ExC = np.asarray(check_threshold(threshold_ExC, self.num_exits), np.float32)
+    policy = policies.get(policy)
+    outs = [self._window(x_NxHxWx3[i:i + self.window], threshold_ExC, policy)
             for i in range(0, x_NxHxWx3.shape[0], self.window)]
     return tuple(np.concatenate(parts) for parts in zip(*outs))
 
-  def _window(self, x_NxHxWx3, threshold, policy):
+  def _window(self, x_NxHxWx3, threshold_ExC, policy):
     n = x_NxHxWx3.shape[0]
-    higher = policies.HIGHER_PASSES[policy]
-    threshold = np.asarray(threshold, np.float32)
     pred_N, exit_N = np.zeros(n, np.int64), np.full(n, self.num_exits - 1)
     chunks = self._chunks(n)
     h_list = [self._stem(self._pad(x_NxHxWx3[s:s + m], size)) for s, m, size in chunks]
@@ -88,14 +85,13 @@ class BatchedEarlyExit:
     run, prev = np.zeros(n, np.int64), np.full(n, -1)
     for k in range(self.num_exits):
       outs = [self._segments[k](h) for h in h_list]
-      decisions = jax.device_get([self._decide(logits, policy) for _, logits in outs])  # the stage's one sync
+      decisions = jax.device_get([self._decide(logits, policy.name) for _, logits in outs])  # the stage's one sync
       score = np.concatenate([d[0][:m] for d, (_, m, _) in zip(decisions, chunks)])
       pred = np.concatenate([d[1][:m] for d, (_, m, _) in zip(decisions, chunks)])
-      if policy == "patience":
-        run = np.where(pred == prev, run + 1, 1)
+      if policy.uses_run:  # the agreement run with the earlier exits, on the host
+        run = np.asarray(policies.next_run(run, prev, pred))
         score = run.astype(np.float32)
-      t = threshold[k] if threshold.ndim == 1 else threshold[k][pred]
-      done = np.ones(len(active), bool) if k == self.num_exits - 1 else (score >= t if higher else score <= t)
+      done = np.ones(len(active), bool) if k == self.num_exits - 1 else policy.passes(score, threshold_ExC[k][pred])
       pred_N[active[done]], exit_N[active[done]] = pred[done], k
       stay = np.flatnonzero(~done)
       if stay.size == 0:
@@ -129,47 +125,47 @@ class BatchedEarlyExit:
 
 
 def _device_decision(logits_BxC, policy: str):
-  """(score_B, pred_B) of one exit; patience's score needs earlier exits and is made on the host."""
-  pred_B = jnp.argmax(logits_BxC, -1)
-  if policy == "patience":
-    return jnp.zeros(pred_B.shape, jnp.float32), pred_B
-  score_1xB, _ = policies.scores(logits_BxC[None], policy)
-  return score_1xB[0], pred_B
+  """(score_B, pred_B) of one exit; a score that needs the earlier exits (patience) is made on the host."""
+  policy = policies.get(policy)
+  if policy.uses_run:
+    return jnp.zeros(logits_BxC.shape[0], jnp.float32), jnp.argmax(logits_BxC, -1)
+  score_B, pred_B, _ = policy.exit_score(logits_BxC, None, None)
+  return score_B, pred_B
 
 
-def early_exit_fn(model, variables, mean_C, std_C, policy: str = "max_prob"):
-  """f(x_1xHxWx3 uint8, threshold_E or _ExC) -> (logits_1xC of the exit that answered, its 0-based index).
+def early_exit_fn(model, variables, mean_C, std_C, policy="max_prob"):
+  """f(x_1xHxWx3 uint8, threshold_ExC) -> (logits_1xC of the exit that answered, its 0-based index).
 
   A `lax.cond` after every exit but the last, so the decisions run inside the
   graph; the threshold is an input (jit- and export-ready, see eejax.export).
   """
   num_exits = model.num_exits
-  higher = policies.HIGHER_PASSES[policy]
+  policy = policies.get(policy)
 
-  def from_exit(k, h, run, prev, threshold):
+  def from_exit(k, h, run_1, prev_1, threshold_ExC):
     h, logits_1xC = model.apply(variables, h, method=lambda m, h: m.segment(k, h))
     if k == num_exits - 1:
       return logits_1xC, jnp.int32(k)
-    score, pred, run = _exit_score(logits_1xC, policy, run, prev)
-    t = _threshold_at(threshold, k, pred[0])
-    passes = score[0] >= t if higher else score[0] <= t
+    score_1, pred_1, run_1 = policy.exit_score(logits_1xC, run_1, prev_1)
+    passes = policy.passes(score_1[0], threshold_ExC[k][pred_1[0]])
     return jax.lax.cond(passes, lambda: (logits_1xC, jnp.int32(k)),
-                        lambda: from_exit(k + 1, h, run, pred, threshold))
+                        lambda: from_exit(k + 1, h, run_1, pred_1, threshold_ExC))
 
-  def run(x_1xHxWx3, threshold):
+  def run(x_1xHxWx3, threshold_ExC):
+    threshold_ExC = jnp.asarray(check_threshold(threshold_ExC, num_exits), jnp.float32)
     h = model.apply(variables, input_pipeline.normalize(x_1xHxWx3, mean_C, std_C), method=lambda m, x: m.stem(x))
-    return from_exit(0, h, jnp.zeros(1, jnp.int32), jnp.full(1, -1), threshold)
+    return from_exit(0, h, jnp.zeros(1, jnp.int32), jnp.full(1, -1), threshold_ExC)
 
   return run
 
 
-def single_image_fn(model, variables, mean_C, std_C, cost_E, threshold, policy: str = "max_prob"):
+def single_image_fn(model, variables, mean_C, std_C, cost_E, threshold_ExC, policy="max_prob"):
   """f(x_1xHxWx3 uint8) -> (pred, exit, cost): `early_exit_fn` with the thresholds fixed."""
   cascade = early_exit_fn(model, variables, mean_C, std_C, policy)
   cost_E = jnp.asarray(cost_E, jnp.float32)
 
   def run(x_1xHxWx3):
-    logits_1xC, k = cascade(x_1xHxWx3, jnp.asarray(threshold, jnp.float32))
+    logits_1xC, k = cascade(x_1xHxWx3, jnp.asarray(threshold_ExC, jnp.float32))
     return jnp.argmax(logits_1xC[0]).astype(jnp.int32), k, cost_E[k]
 
   return run

@@ -10,42 +10,28 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from eejax.cli import fail, parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:cpu.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the report.")
 
 
-def _fail(message: str) -> None:
-  print(f"eejax: error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def _parse_flags(argv):
-  """absl's parser, with config mistakes as one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e))
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # unknown --config.key, bad value
-    message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-    _fail(f"bad --config override: {message}")
-
-
 def main(argv):
   del argv
-  from eejax import checkpoint, train  # pylint: disable=g-import-not-at-top  # after flags: fast --help
+  from eejax import api, checkpoint  # pylint: disable=g-import-not-at-top  # after flags: fast --help
   from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if _CONFIG.value is None or not _WORKDIR.value:
-    _fail("give --config=configs/FILE.py[:preset] and --workdir=DIR")
+    fail("give --config=configs/FILE.py[:preset] and --workdir=DIR")
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    api.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
-    _fail(str(e))
+    fail(str(e))
   except checkpoint.Stopped as e:
     print(f"eejax: {e}", file=sys.stderr)
     sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -33,6 +33,10 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _threshold(t) -> str:
+  return "never" if t is None else f"{t:.4f}"
+
+
 def _fitted_lines(report: dict) -> list[str]:
   lines = []
   for policy, rows in report.get("fitted_on_val", {}).items():
@@ -45,8 +49,8 @@ def _fitted_lines(report: dict) -> list[str]:
     for row in rows:
       p, g = row["per_exit"], row["global"]
       mark = "" if p["fits_budget_on_val"] else "*"
-      per_exit = ", ".join(f"{t:.4f}" for t in p["thresholds"]) or "none (one exit)"
-      global_t = f"{g['thresholds'][0]:.4f}" if g["thresholds"] else "none"
+      per_exit = ", ".join(_threshold(row_C[0]) for row_C in p["threshold_ExC"][:-1]) or "none (one exit)"
+      global_t = _threshold(g["threshold_ExC"][0][0]) if len(g["threshold_ExC"]) > 1 else "none"
       lines.append(f"| {100 * row['budget']:.0f}%{mark} | {per_exit} "
                    f"| {_pct(p['test_accuracy'])} | {100 * p['test_macs_fraction']:.1f} "
                    f"| {global_t} | {_pct(g['test_accuracy'])} | {100 * g['test_macs_fraction']:.1f} |")
@@ -104,9 +108,15 @@ def plot_curve(report: dict, path: str) -> None:
   plt.close(fig)
 
 
-def write_all(report: dict, workdir: str) -> None:
+def write_files(workdir: str, report: dict, text: str, plot, default=None) -> None:
+  """report.json, report.md (`text`) and curve.png (`plot(report, path)`): every job's report files."""
+  os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2)
+    json.dump(report, f, indent=2, default=default)
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report))
-  plot_curve(report, os.path.join(workdir, "curve.png"))
+    f.write(text)
+  plot(report, os.path.join(workdir, "curve.png"))
+
+
+def write_all(report: dict, workdir: str) -> None:
+  write_files(workdir, report, markdown(report), plot_curve)

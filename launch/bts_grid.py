@@ -40,9 +40,9 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from eejax import boosted, bts  # pylint: disable=g-import-not-at-top,wrong-import-position
-from eejax.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from eejax import boosted, bts
+from eejax.cli import fail, parse_flags
+from eejax.errors import UserError
 
 POSITION_FRACTIONS = ((1 / 4, 1 / 2, 3 / 4), (1 / 2, 3 / 4), (1 / 4, 1 / 2), (1 / 3, 2 / 3))
 WIDTHS = (2, 4, 8, 16)
@@ -91,12 +91,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
-    sys.exit("bts_grid: error: give --config=configs/FILE.py:bts and --workdir=DIR")
+    fail("give --config=configs/FILE.py:bts and --workdir=DIR", "bts_grid")
   try:
     bb = bts.prepare(config)
     sets = [boosted.check_positions(s, bb.num_blocks) for s in position_sets(bb.num_blocks)]
   except UserError as e:
-    sys.exit(f"bts_grid: error: {e}")
+    fail(str(e), "bts_grid")
   settings = boosted.Settings.from_config(config.bts, seed=config.seed)
   device_train, memo = boosted.device_arrays(bb.train), {}
   os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
@@ -121,7 +121,7 @@ def main(argv):
                       for r in done) + f" ({elapsed:.0f}s)", flush=True)
   command = "python launch/bts_grid.py " + " ".join(sys.argv[1:])
   reference = bb.reference()
-  report = {"method": "bts-ee grid", "backbone": bb.workdir, "backbone_name": bb.config.model.name,
+  report = {"method": "bts-ee grid", "backbone": bb.run.workdir, "backbone_name": bb.run.config.model.name,
             "reference": reference, "rows": rows, "pairs": bts.paired(rows), "command": command}
   with open(os.path.join(workdir, "grid.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
@@ -134,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -40,7 +40,7 @@ def row(name, report):
           "entropy_budget_accuracy": entropy["budgets"],
           "entropy_fitted_50": None if at_half is None else {
               "test_accuracy": at_half["test_accuracy"], "mean_macs": at_half["test_macs_fraction"] * report["full_macs"],
-              "macs_fraction": at_half["test_macs_fraction"], "thresholds": at_half["thresholds"]}}
+              "macs_fraction": at_half["test_macs_fraction"], "thresholds": [row[0] for row in at_half["threshold_ExC"][:-1]]}}
 
 
 def markdown(rows, command):

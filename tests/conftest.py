@@ -55,3 +55,14 @@ def run_main(args, env_extra=None, timeout=600):
 def smoke_args(tree, workdir, cache_dir, *extra):
   return ["--config", "configs/cifar10.py:smoke", f"--workdir={workdir}", f"--config.data.source=folder:{tree}",
           f"--config.data.cache_dir={cache_dir}", "--config.data.val_size=8", *extra]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  """(root, tree, workdir) of a finished smoke run on a tiny tree, one per test module."""
+  root = tmp_path_factory.mktemp("smoke_run")
+  tree, workdir = str(root / "tree"), str(root / "w")
+  make_tree(tree, per_class=(32, 8), size=16)
+  r = run_main(smoke_args(tree, workdir, "", "--config.eval.real_inference=False"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  return root, tree, workdir

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_tree, run_main
-from eejax import boosted, policies, train
+from eejax import boosted, data, input_pipeline, policies, run, thresholds
 from eejax.boosted import Features, Settings
 from eejax.models.heads import Conv1dHead
 
@@ -54,7 +54,7 @@ def synthetic_features(seed=0, n=(600, 300, 300), c=4):
 def test_stage_k_never_trains_on_images_earlier_branches_answered():
   train_f, val_f, _ = synthetic_features()
   settings = Settings(epochs=3, batch_size=32, learning_rate=1e-2, steps_per_call=5)
-  params, thresholds, stages = boosted.fit_branches(train_f, val_f, (1, 2), 4, 0.05, True, settings,
+  params, threshold_ExC, stages = boosted.fit_branches(train_f, val_f, (1, 2), 4, 0.05, True, settings,
                                                     boosted.device_arrays(train_f), record=True, log=lambda s: None)
   # What each branch answers on the training set, recomputed here from its parameters and thresholds.
   head = Conv1dHead(4, width=4)
@@ -65,7 +65,7 @@ def test_stage_k_never_trains_on_images_earlier_branches_answered():
     assert len(seen) == (~exited).sum() == stages[b]["train_images"]  # and on every image still in play
     logits = head.apply({"params": params[b]}, jnp.asarray(train_f.pooled[pos - 1])[:, None, None, :])
     conf, pred = (np.asarray(a)[0] for a in policies.max_prob(logits[None]))
-    exited |= conf >= thresholds[b][pred]
+    exited |= conf >= threshold_ExC[b][pred]
   assert 0 < stages[0]["train_exits"] < len(train_f.labels_N)  # the exclusion did something
   # Non-boosted: every branch sees every image.
   _, _, stages = boosted.fit_branches(train_f, val_f, (1, 2), 4, 0.05, False, settings,
@@ -95,7 +95,7 @@ def bts_args(tree, backbone, workdir, *extra, margins="0.0,0.1"):
 
 def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone_run):
   root, tree, backbone = backbone_run
-  _, _, before = train.load_run(backbone)
+  before = run.load_run(backbone).variables
   workdir = str(root / "bts")
   r = run_main(bts_args(tree, backbone, workdir))
   assert r.returncode == 0, r.stderr[-3000:]
@@ -103,9 +103,10 @@ def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone
   assert {(row["mode"], row["margin"]) for row in report["rows"]} == {
       ("boosted", 0.0), ("boosted", 0.1), ("nonboosted", 0.0), ("nonboosted", 0.1)}
   assert len(report["pairs"]) == 2 and os.path.exists(os.path.join(workdir, "curve.png"))
-  _, _, after = train.load_run(backbone)  # the backbone run itself is untouched
+  after = run.load_run(backbone).variables  # the backbone run itself is untouched
   jax.tree.map(np.testing.assert_array_equal, before, after)
-  config, model, variables = train.load_run(os.path.join(workdir, "models", "boosted_m0.1"))
+  branches = run.load_run(os.path.join(workdir, "models", "boosted_m0.1"))
+  config, model, variables = branches.config, branches.model, branches.variables
   assert model.head == "conv1d" and tuple(model.exit_after) == (2, 5)
   for collection in ("params", "batch_stats"):  # stem, blocks and BN statistics: bit-identical to the backbone
     backbone_part = {k: v for k, v in before[collection].items() if k.startswith(("stem_", "blocks_"))}
@@ -115,15 +116,17 @@ def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone
   final = max((k for k in before["params"] if k.startswith("heads_")), key=lambda k: int(k.split("_")[1]))
   jax.tree.map(np.testing.assert_array_equal, before["params"][final], variables["params"]["heads_2"])
   # The reloaded network's exits give the accuracies the report states (the cached-feature path).
-  ds = train.load_dataset(config.data)
-  from eejax import input_pipeline  # pylint: disable=g-import-not-at-top
-  mean, std = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  ds = data.from_config(config.data)
+  mean, std = branches.spec.stats
+  np.testing.assert_array_equal(np.stack(input_pipeline.channel_stats(ds.train.images_NxHxWx3)), np.stack([mean, std]))
   logits, _ = model.apply(variables, input_pipeline.normalize(jnp.asarray(ds.test.images_NxHxWx3), mean, std))
   row = next(r for r in report["rows"] if r["mode"] == "boosted" and r["margin"] == 0.1)
   np.testing.assert_allclose((np.argmax(logits, -1) == ds.test.labels_N).mean(-1), row["test"]["exit_accuracy"],
                              atol=1e-6)
-  thresholds = json.load(open(os.path.join(workdir, "models", "boosted_m0.1", "thresholds.json")))
-  assert thresholds["per_class_threshold_BxC"] == row["thresholds"]
+  (saved,) = thresholds.load(os.path.join(workdir, "models", "boosted_m0.1"), 3, 3)
+  assert saved["method"] == "cpm" and saved["margin"] == 0.1 and saved["policy"] == "max_prob"
+  np.testing.assert_array_equal(saved["threshold_ExC"], thresholds.from_json(row["threshold_ExC"], "max_prob"))
+  assert np.isposinf(saved["threshold_ExC"][-1]).all()  # the final classifier's row: never read, stored as never
   # Run again: every finished model is kept, not retrained; another margin is added to the same report.
   again = run_main(bts_args(tree, backbone, workdir, margins="0.0,0.1,0.2"))
   assert again.returncode == 0 and again.stdout.count("finished before, kept") == 4, again.stdout

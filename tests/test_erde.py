@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from eejax import losses
+from eejax import losses, run
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.models import MultiExitNet
@@ -102,8 +102,8 @@ def test_teacher_to_student_run(tiny_tree, tmp_path):
   assert result["method"] == "erde"
   # The checkpoint holds the student's state and nothing of the teacher.
   saved = ocp.CheckpointManager(os.path.join(student, "checkpoints")).restore(10)
-  _, student_model, student_vars = train.load_run(student)
-  _, _, teacher_vars = train.load_run(teacher)
+  student_run, teacher_run = run.load_run(student), run.load_run(teacher)
+  student_vars, teacher_vars = student_run.variables, teacher_run.variables
   assert set(saved) == {"step", "params", "batch_stats", "opt_state"}
   n_leaves = lambda tree: sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(tree))
   assert n_leaves(saved["params"]) == n_leaves(student_vars["params"]) != n_leaves(teacher_vars["params"])

@@ -1,5 +1,7 @@
 """Exports: thresholds as ExC, and each format's verify step against JAX on a small random model."""
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -7,18 +9,8 @@ import numpy as np
 import pytest
 
 
-from eejax import export, policies
+from eejax import export, policies, thresholds
 from eejax.models import MultiExitNet
-
-
-def test_thresholds_as_ExC_from_per_exit_and_per_class_forms():
-  np.testing.assert_array_equal(export.as_threshold_ExC([0.3, 0.7], 3, 2), np.float32([[0.3, 0.3], [0.7, 0.7], [0, 0]]))
-  t = export.as_threshold_ExC([[0.5, None], [None, 0.9]], 3, 2)
-  assert t[0, 0] == 0.5 and np.isinf(t[0, 1]) and np.isinf(t[1, 0]) and t.shape == (3, 2)
-  with pytest.raises(Exception, match="rows of thresholds"):
-    export.as_threshold_ExC([0.1], 3, 2)
-  forced = export.forced_thresholds(1, 3, 4)
-  assert np.isposinf(forced[0]).all() and np.isneginf(forced[1]).all()
 
 
 @functools.lru_cache(maxsize=None)
@@ -33,33 +25,37 @@ def small_model(head="pool_conv"):
   return model, variables, mean, std, images[:, None], reference
 
 
-def check_format(fmt, tmp_path, head="pool_conv"):
+def check_format(fmt, tmp_path, head="pool_conv", policy="max_prob"):
   model, variables, mean, std, images, reference = small_model(head)
-  _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path))
-  rows = export.verify(runner, reference, images)
+  _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path), policy)
+  rows = export.verify(runner, reference, images, policy)
   assert [r["exit"] for r in rows] == [1, 2, 3]
   for r in rows:
     assert r["answered_at_forced_exit"] and r["max_abs_diff"] < 1e-4, r
   # At real thresholds the exported decisions equal the policy's simulation on the JAX logits.
-  conf_ExN, pred_ExN = policies.max_prob(jnp.asarray(reference.transpose(1, 0, 2)))
-  threshold = np.quantile(np.asarray(conf_ExN[:-1]), 0.5, axis=1)
-  want = np.asarray(policies.first_exit(conf_ExN, pred_ExN, np.append(threshold, 0.0)[None]))[0]
-  t_ExC = export.as_threshold_ExC(threshold.tolist(), 3, 5)
+  score_ExN, pred_ExN = policies.scores(jnp.asarray(reference.transpose(1, 0, 2)), policy)
+  threshold = np.quantile(np.asarray(score_ExN[:-1]), 0.5, axis=1)
+  if policy == "patience":  # exit 2 answers where it agrees with exit 1
+    threshold = np.float32([2, 2])
+  t_ExC = thresholds.per_exit(threshold, 3, 5, policy)
+  want = np.asarray(policies.first_exit(score_ExN, pred_ExN, t_ExC[None], policy))[0]
   got = [int(np.asarray(runner(x, t_ExC)[1])) for x in images]
   np.testing.assert_array_equal(got, want)
-  assert 0 < (want == 0).sum() < len(want)  # the thresholds did split the images
+  assert len(set(want.tolist())) > 1  # the thresholds did split the images
 
 
-def test_stablehlo_export_verifies_every_exit(tmp_path):
-  check_format("stablehlo", tmp_path)
+@pytest.mark.parametrize("policy", ["max_prob", "entropy", "patience"])
+def test_stablehlo_export_verifies_every_exit(tmp_path, policy):
+  check_format("stablehlo", tmp_path, "erde" if policy == "patience" else "pool_conv", policy)  # exits that agree
   assert (tmp_path / "model.stablehlo").stat().st_size > 0
 
 
-@pytest.mark.parametrize("head", ["pool_conv", "erde"])
-def test_onnx_export_verifies_every_exit(tmp_path, head):
+@pytest.mark.parametrize("head,policy", [("pool_conv", "max_prob"), ("erde", "max_prob"), ("linear", "entropy"),
+                                         ("erde", "patience")])
+def test_onnx_export_verifies_every_exit(tmp_path, head, policy):
   pytest.importorskip("onnxruntime", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
   pytest.importorskip("jax2onnx", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
-  check_format("onnx", tmp_path, head)  # heads with BatchNorm and avg_pool inside the `If` branches
+  check_format("onnx", tmp_path, head, policy)  # heads with BatchNorm and avg_pool inside the `If` branches
 
 
 def test_onnx_export_of_variables_on_a_mesh(tmp_path):
@@ -89,3 +85,26 @@ def test_cli_errors_are_one_line(tmp_path):
                      cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode == 2 and "is not an eejax workdir" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
 
+
+
+def test_exporting_a_finished_run_never_reads_its_training_images(tmp_path):
+  """The statistics come from run.json; the training tree (and any decoded cache) is gone before the export."""
+  import shutil, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO, make_tree, run_main, smoke_args  # pylint: disable=g-import-not-at-top
+  tree, workdir = str(tmp_path / "tree"), str(tmp_path / "w")
+  make_tree(tree, per_class=(32, 8), size=16)
+  r = run_main(smoke_args(tree, workdir, "", "--config.eval.real_inference=False"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  shutil.rmtree(os.path.join(tree, "train"))
+  for policy in ("entropy", "patience"):
+    out = tmp_path / f"export_{policy}"
+    r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={workdir}", f"--out={out}",
+                        "--formats=stablehlo,onnx", f"--policy={policy}", "--images=6"],
+                       cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "computing them once" not in r.stdout  # the statistics were in run.json
+    report = json.load(open(out / "export_report.json"))
+    assert report["policy"] == policy
+    for fmt in ("stablehlo", "onnx"):
+      assert report["formats"][fmt]["status"] == "ok", report["formats"][fmt]
+      assert all(e["answered_at_forced_exit"] and e["max_abs_diff"] < 1e-4 for e in report["formats"][fmt]["exits"])

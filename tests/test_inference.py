@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from eejax import inference, input_pipeline, policies
+from eejax import inference, input_pipeline, policies, thresholds
 from eejax.flops import exit_macs
 from eejax.models import MultiExitNet
 
@@ -27,7 +27,7 @@ def setup():
 
 def simulated(logits, threshold, policy):
   score, pred = policies.scores(logits, policy)
-  exit_b = np.asarray(policies.first_exit(score, pred, jnp.asarray(threshold)[None], policies.HIGHER_PASSES[policy]))[0]
+  exit_b = np.asarray(policies.first_exit(score, pred, jnp.asarray(threshold)[None], policy))[0]
   return np.asarray(pred)[exit_b, np.arange(exit_b.size)], exit_b
 
 
@@ -36,9 +36,9 @@ def test_batched_and_single_equal_simulation(setup, policy):
   model, variables, images, mean, std, cost, logits = setup
   score, _ = policies.scores(logits, policy)
   # Per-exit thresholds at the exits' median scores: about half the images leave at each exit.
-  threshold = np.append(np.median(np.asarray(score[:-1]), axis=1), 0).astype(np.float32)
+  threshold = thresholds.per_exit(np.median(np.asarray(score[:-1]), axis=1), 3, 4, policy)
   if policy == "patience":  # exit 1 can only answer with patience 1; exit 2 when it agrees with exit 1
-    threshold = np.array([3, 2, 0], np.float32)
+    threshold = thresholds.per_exit([3, 2], 3, 4, policy)
   want_pred, want_exit = simulated(logits, threshold, policy)
   assert len(set(want_exit.tolist())) == (2 if policy == "patience" else 3)  # the exits share the work
   runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=32, smallest_bucket=4)
@@ -65,6 +65,7 @@ def test_batched_and_single_equal_simulation(setup, policy):
 def test_per_class_thresholds(setup):
   model, variables, images, mean, std, cost, logits = setup
   threshold = np.random.default_rng(2).uniform(0.25, 0.5, (3, 4)).astype(np.float32)
+  threshold[0, 1] = np.inf  # class 1 never answers at exit 1
   want_pred, want_exit = simulated(logits, threshold, "max_prob")
   runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=64)
   pred, exit_b, _ = runner(images, threshold)
@@ -74,7 +75,7 @@ def test_per_class_thresholds(setup):
 
 def test_export_round_trip_has_real_conditionals(setup):
   model, variables, images, mean, std, cost, logits = setup
-  threshold = np.array([0.4, 0.45, 0.0], np.float32)
+  threshold = thresholds.per_exit([0.4, 0.45], 3, 4, "max_prob")
   want_pred, want_exit = simulated(logits, threshold, "max_prob")
   fn = inference.single_image_fn(model, variables, mean, std, cost, threshold)
   exported = inference.export_single_image(fn, (16, 16, 3))
@@ -97,3 +98,11 @@ def test_bucket_sizes():
   assert inference.bucket_sizes(64) == [64, 32, 16, 8]
   assert inference.bucket_sizes(100, smallest=10) == [100, 50, 25]
   assert inference.bucket_sizes(4) == [4]
+
+
+def test_a_threshold_of_another_shape_is_one_user_error(setup):
+  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  model, variables, images, mean, std, cost, _ = setup
+  runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=8)
+  with pytest.raises(UserError, match=r"threshold_ExC with E=3 rows"):
+    runner(images[:8], np.float32([0.5, 0.5, 0.0]))

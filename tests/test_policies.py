@@ -63,8 +63,8 @@ def test_policy_matches_numpy_loop(policy, granularity):
   threshold = {"global": picks[:, 0, 0], "per_exit": picks[:, :, 0], "per_class": picks}[granularity]
   if policy == "patience":
     threshold = np.round(threshold)
-  higher = policies.HIGHER_PASSES[policy]
-  exits = np.asarray(policies.first_exit(jnp.asarray(score), jnp.asarray(pred), threshold, higher))
+  higher = policies.get(policy).higher_passes
+  exits = np.asarray(policies.first_exit(jnp.asarray(score), jnp.asarray(pred), threshold, policy))
   acc, macs, _ = jax.device_get(policies.outcome(jnp.asarray(exits), jnp.asarray(pred), jnp.asarray(labels), cost))
   ref_acc, ref_macs, ref_exits = np_loop(score, pred, labels, cost, threshold, higher)
   np.testing.assert_array_equal(exits, ref_exits)
@@ -75,10 +75,32 @@ def test_policy_matches_numpy_loop(policy, granularity):
 def test_last_exit_always_answers():
   score = jnp.zeros((3, 5))
   pred = jnp.zeros((3, 5), jnp.int32)
-  assert (policies.first_exit(score, pred, jnp.array([1.0]), True) == 2).all()
-  assert (policies.first_exit(score, pred, jnp.array([-1.0]), False) == 2).all()
-  assert (policies.first_exit(score, pred, jnp.array([0.0]), True) == 0).all()  # ties pass
+  assert (policies.first_exit(score, pred, jnp.array([1.0]), "max_prob") == 2).all()
+  assert (policies.first_exit(score, pred, jnp.array([-1.0]), "entropy") == 2).all()
+  assert (policies.first_exit(score, pred, jnp.array([0.0]), "max_prob") == 0).all()  # ties pass
 
 
 def test_agreement_run_doctest_values():
   np.testing.assert_array_equal(policies.agreement_run(jnp.array([[1, 0], [1, 0], [2, 0]])), [[1, 1], [2, 2], [1, 3]])
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_one_exit_at_a_time_equals_all_exits_at_once(policy):
+  """Policy.exit_score (what inference and every export use) walks the exits to the same scores as Policy.scores."""
+  p = policies.get(policy)
+  logits = np.random.default_rng(1).normal(size=(4, 50, 3)).astype(np.float32)
+  logits[:, :10] = logits[:1, :10]  # long agreement runs
+  score_ExB, pred_ExB = p.scores(jnp.asarray(logits))
+  run_B, prev_B = jnp.zeros(50, jnp.int32), jnp.full(50, -1)
+  for e in range(4):
+    score_B, pred_B, run_B = p.exit_score(jnp.asarray(logits[e]), run_B, prev_B)
+    np.testing.assert_allclose(score_B, score_ExB[e], rtol=1e-6)
+    np.testing.assert_array_equal(pred_B, pred_ExB[e])
+    prev_B = pred_B
+  assert p.passes(jnp.float32(0.5), p.never) == False  # pylint: disable=g-explicit-bool-comparison
+
+
+def test_an_unknown_policy_is_one_user_error():
+  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match="unknown policy 'maxprob'; valid: entropy, max_prob, patience"):
+    policies.get("maxprob")

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, run_main, smoke_args
 from configs import cifar10
-from eejax import train
+from eejax import run, state, train
 from eejax.errors import UserError
 
 
@@ -32,7 +32,7 @@ def smoke_config(tree, cache_dir, **overrides):
 
 
 def params_of(workdir, collections=("params", "batch_stats")):
-  _, _, variables = train.load_run(workdir)
+  variables = run.load_run(workdir).variables
   return jax.tree.leaves(jax.device_get({c: variables[c] for c in collections}))
 
 
@@ -150,8 +150,8 @@ def test_one_step_chunks_equal_a_two_step_scan():
   config = cifar10.get_config("smoke")
   mesh = sharding.make_mesh()
   rep = sharding.replicated(mesh)
-  model = train.build_model(config.model, 3)
-  tx = train.make_optimizer(config.train, train.make_schedule(config.train, 4))
+  model = run.build_model(config.model, 3)
+  tx = state.make_optimizer(config.train, state.make_schedule(config.train, 4))
   rng = np.random.default_rng(0)
   data_dev = {"images": jnp.asarray(rng.integers(0, 255, (64, 16, 16, 3), dtype=np.uint8)),
               "labels": jnp.asarray(rng.integers(0, 3, 64).astype(np.int32)), "mean": jnp.full(3, 0.5),
@@ -159,39 +159,12 @@ def test_one_step_chunks_equal_a_two_step_scan():
   keys = (jax.random.key(1), jax.random.key(2))
   step_fn = functools.partial(train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config, 3),
                               batch_size=16, crop_pad=4, flip=True, batch_sharding=sharding.batch_sharded(mesh))
-  fresh = lambda: jax.device_put(train.init_state(model, tx, jax.random.key(0), (16, 16, 3)), rep)
+  fresh = lambda: jax.device_put(state.init_state(model, tx, jax.random.key(0), (16, 16, 3)), rep)
   one, two = train.make_train_chunk(step_fn, 1, rep), train.make_train_chunk(step_fn, 2, rep)
-  a, m1 = one(fresh(), data_dev, keys, {})
-  a, m2 = one(a, data_dev, keys, {})
-  b, m12 = two(fresh(), data_dev, keys, {})
+  a, m1 = one(fresh(), data_dev, keys, None)
+  a, m2 = one(a, data_dev, keys, None)
+  b, m12 = two(fresh(), data_dev, keys, None)
   assert int(a.step) == int(b.step) == 2
   np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"]]), m12["loss"], rtol=1e-6)
   for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
     np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("clip", [0.0, 0.5])
-def test_grad_clip_bounds_the_step_to_the_learning_rate_times_the_clip(clip):
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  config = cifar10.get_config("smoke")
-  config.train.update(grad_clip=clip, weight_decay=0.0, momentum=0.0, nesterov=False)
-  tx = train.make_optimizer(config.train, lambda step: 0.1)
-  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
-  grads = {"w": jnp.full((3, 4), 2.0), "b": jnp.full(4, 2.0)}  # global norm 2 * 4 = 8
-  updates, _ = tx.update(grads, tx.init(params), params)
-  want = 0.1 * (clip if clip else 8.0)
-  np.testing.assert_allclose(float(optax.tree.norm(updates)), want, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(updates["b"]), -want / 8.0 * 2.0 * np.ones(4), rtol=1e-6)  # direction kept
-
-
-def test_without_a_clip_the_optimizer_state_keeps_the_layout_older_checkpoints_have():
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-  config = cifar10.get_config("smoke")
-  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
-  mask = lambda p: jax.tree.map(lambda x: x.ndim > 1, p)
-  older = optax.chain(optax.add_decayed_weights(5e-4, mask=mask),
-                      optax.sgd(lambda step: 0.1, momentum=0.9, nesterov=True))
-  ours = train.make_optimizer(config.train, lambda step: 0.1)
-  assert jax.tree.structure(ours.init(params)) == jax.tree.structure(older.init(params))

@@ -14,6 +14,8 @@ from eejax.errors import unknown_name
 from eejax.models.heads import HEADS, LinearHead
 from eejax.models.resnet import block_plan, exit_points, get_arch
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: the compute dtype
+
 
 def scale_gradient(x, scale: float):
   """x in the forward pass; its gradient times `scale` in the backward pass (exactly x forward, any scale)."""

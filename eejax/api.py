@@ -1,0 +1,88 @@
+"""The public API: one call each to train, load a run, fit thresholds, predict with real early exit, export.
+
+Named so that they never collide with the package's modules (`eejax.train`, `eejax.export`).
+
+  import eejax
+  run = eejax.load_run("/tmp/cpu")
+  threshold_ExC = eejax.fit_thresholds(run, budget=0.5)             # or target_accuracy=0.70
+  pred_N, exit_N, cost_N = eejax.predict(run, images_NxHxWx3, threshold_ExC)
+  eejax.export_run(run, "/tmp/cpu/export", threshold_ExC, formats=("stablehlo",))
+
+Thresholds are fitted on the run's validation logits (saved with the run, so
+nothing is decoded again); images are uint8 NxHxWx3 as the dataset stores them.
+"""
+import os
+
+import numpy as np
+
+from eejax import calibration, evaluate, export as exports, inference, policies, schemes, thresholds, validate
+from eejax.flops import exit_macs
+from eejax.run import Run, load_run
+
+__all__ = ["Run", "export_run", "fit_thresholds", "load_run", "predict", "train_and_evaluate"]
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Checks the config's names, then runs its scheme's job (the training loop, or BTS-EE's); returns the report."""
+  validate.check_config(config)
+  job = schemes.get(config.scheme).job
+  if job is not None:
+    return job(config, workdir)
+  from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
+  return loop.train_and_evaluate(config, workdir)
+
+
+def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float | None = None,
+                   policy="max_prob", save: bool = False) -> np.ndarray:
+  """threshold_ExC fitted on the run's validation split: the most accurate setting within `budget` (a fraction of
+  the full network's MACs), or the cheapest reaching `target_accuracy`. `save` adds it to the run's thresholds.json.
+  """
+  macs = exit_macs(run.model, run.spec.image_shape)
+  logits_ExNxC, labels_N = evaluate.val_logits(run)
+  threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy,
+                                       budget_macs=None if budget is None else budget * macs.full,
+                                       target_accuracy=target_accuracy)
+  print(f"{policies.get(policy).name} thresholds {np.round(threshold_ExC[:-1, 0], 4).tolist()}: validation accuracy "
+        f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs")
+  if save:
+    goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}
+    try:
+      entries = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
+    except Exception:  # pylint: disable=broad-except  # nothing saved before
+      entries = []
+    entries = [e for e in entries if not (e["policy"] == policies.get(policy).name and
+                                          all(e.get(k) == v for k, v in goal.items()))]
+    thresholds.save(run.workdir, [{**e, "threshold_ExC": thresholds.to_json(e["threshold_ExC"])} for e in entries]
+                    + [thresholds.entry(policy, threshold_ExC, fitted_on="val", **goal,
+                                        val_accuracy=fit["val_accuracy"])])
+  return threshold_ExC
+
+
+def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_size: int = 256):
+  """(pred_N, exit_N, cost_N): real early exit, images that answer are not computed further."""
+  mean_C, std_C = run.spec.stats
+  cost_E = exit_macs(run.model, run.spec.image_shape).cumulative
+  runner = inference.BatchedEarlyExit(run.model, run.variables, mean_C, std_C, cost_E,
+                                      min(batch_size, len(images_NxHxWx3)))
+  return runner(np.asarray(images_NxHxWx3), threshold_ExC, policy)
+
+
+def export_run(run: Run, out_dir: str, threshold_ExC=None, policy="max_prob", formats=("stablehlo",),
+           budget: float = 0.5, num_images: int = 50) -> dict:
+  """Exports the run for batch-1 deployment and verifies every format; see `eejax.export`. Returns the report.
+
+  `threshold_ExC` (e.g. from `fit_thresholds`) is the setting the calibrated latency is measured at; without it,
+  the run's setting for `policy` and `budget`.
+  """
+  return exports.export_and_verify(run.workdir, out_dir, tuple(formats), budget, num_images, policy,
+                                   threshold_ExC=threshold_ExC, run=run)
+
+
+def report_markdown(workdir: str) -> str:
+  """The report.md of a finished run (or of an export folder)."""
+  for name in ("report.md", "export_report.md"):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        return f.read()
+  raise FileNotFoundError(f"no report.md in {workdir}")

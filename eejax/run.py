@@ -1,0 +1,161 @@
+"""The workdir format, in one place: what a run saves and how any later step loads it.
+
+A workdir holds config.json (the settings that made it), run.json (a
+`RunSpec`: the model's settings, the classes and image shape, and the channel
+statistics the images are normalised with), checkpoints/ (orbax) and, once
+evaluated, report.json, logits.npz and thresholds.json. `load_run` rebuilds the
+model from run.json alone, so serving, calibrating or exporting a finished run
+never decodes its training set. A workdir written before run.json held the
+model and statistics still loads: the statistics are recomputed once from its
+training data, with a line saying so, and saved.
+"""
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from eejax import checkpoint, data, input_pipeline, sharding, state
+from eejax.errors import UserError
+from eejax.models import MultiExitNet
+from eejax.models.multi_exit import DTYPES
+
+# Config keys added after the first runs were saved: an older config.json gets them with their neutral value.
+LATER_KEYS = {"model.head_dropout": 0.0, "model.exit_grad_scale": 1.0, "train.grad_clip": 0.0,
+              "train.transfer_guard": "disallow", "data.test_split": "test"}
+
+
+def model_settings(model_cfg, ensemble_teachers: bool = False) -> dict:
+  """MultiExitNet's keyword arguments (less num_classes) from a config's `model` section, as JSON values."""
+  return {"arch": model_cfg.name, "width": float(model_cfg.width),
+          "exit_after": None if model_cfg.exit_after is None else [int(b) for b in model_cfg.exit_after],
+          "head": model_cfg.head, "head_width": int(model_cfg.head_width),
+          "head_dropout": float(model_cfg.head_dropout), "exit_grad_scale": float(model_cfg.exit_grad_scale),
+          "ensemble_teachers": bool(ensemble_teachers), "dtype": model_cfg.dtype}
+
+
+def make_model(settings: dict, num_classes: int) -> MultiExitNet:
+  exit_after = settings["exit_after"]
+  return MultiExitNet(num_classes=num_classes, **{**settings, "dtype": DTYPES[settings["dtype"]],
+                                                  "exit_after": None if exit_after is None else tuple(exit_after)})
+
+
+def build_model(model_cfg, num_classes: int, ensemble_teachers: bool = False) -> MultiExitNet:
+  """The MultiExitNet of a config's `model` section (names already checked by `eejax.validate`)."""
+  return make_model(model_settings(model_cfg, ensemble_teachers), num_classes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """What serving a run needs besides its weights: the model, the classes and image shape, the statistics."""
+  model: dict  # `model_settings`
+  num_classes: int
+  image_shape: tuple
+  mean_C: tuple
+  std_C: tuple
+
+  @classmethod
+  def of(cls, model: dict, num_classes: int, image_shape, mean_C, std_C) -> "RunSpec":
+    return cls(model, int(num_classes), tuple(int(d) for d in image_shape),
+               tuple(float(m) for m in np.asarray(mean_C, np.float32)),
+               tuple(float(s) for s in np.asarray(std_C, np.float32)))
+
+  def build(self) -> MultiExitNet:
+    return make_model(self.model, self.num_classes)
+
+  @property
+  def stats(self):
+    """(mean_C, std_C) float32: `input_pipeline.normalize`'s arguments."""
+    return np.asarray(self.mean_C, np.float32), np.asarray(self.std_C, np.float32)
+
+  def check_matches(self, num_classes: int, image_shape, what: str, workdir: str, hint: str = "") -> None:
+    """One line when another run (a teacher, a backbone) saw other classes or image shapes than this data."""
+    if self.num_classes != num_classes or tuple(self.image_shape) != tuple(image_shape):
+      raise UserError(f"the {what} in {workdir} was trained on {self.num_classes} classes of "
+                      f"{list(self.image_shape)} images; {hint or 'this run has'} {num_classes} classes of "
+                      f"{list(image_shape)}")
+
+
+@dataclasses.dataclass
+class Run:
+  """A loaded workdir: its config, model, variables (on the device mesh) and spec."""
+  workdir: str
+  config: ml_collections.ConfigDict
+  model: MultiExitNet
+  variables: dict
+  spec: RunSpec
+
+
+def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpec:
+  """The spec of a new run on `ds`: the channel statistics come from its training images, once."""
+  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  return RunSpec.of(model_settings(config.model, ensemble_teachers), ds.num_classes, ds.image_shape, mean_C, std_C)
+
+
+def save_run(workdir: str, config, spec: RunSpec) -> None:
+  """config.json and run.json, written when a run starts (process 0)."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  _write_spec(workdir, spec)
+
+
+def save_model(workdir: str, config, spec: RunSpec, variables) -> None:
+  """A finished, loadable run of `variables` that was not trained here (BTS-EE's branch models)."""
+  save_run(workdir, config, spec)
+  tx = state.make_optimizer(config.train, optax.constant_schedule(0.0))
+  checkpoint.save(checkpoint.manager(workdir, 1), 0, state.state_of(variables, tx))
+
+
+def _write_spec(workdir: str, spec: RunSpec) -> None:
+  with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
+    json.dump(dataclasses.asdict(spec), f, indent=1)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, "run.json"))):
+    raise UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give the --workdir of a run")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  for key, value in LATER_KEYS.items():
+    section, name = key.split(".")
+    if section in config and name not in config[section]:
+      config[section][name] = value
+  return config
+
+
+def load_spec(workdir: str, config=None) -> RunSpec:
+  """run.json as a RunSpec; an older one (classes and shape only) is completed once and saved."""
+  with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
+    raw = json.load(f)
+  if "model" in raw and "mean_C" in raw:
+    return RunSpec.of(raw["model"], raw["num_classes"], raw["image_shape"], raw["mean_C"], raw["std_C"])
+  config = config or load_config(workdir)
+  print(f"{workdir}: run.json has no channel statistics (an older run); computing them once from its training "
+        f"images ({config.data.source}) and saving them")
+  ds = data.from_config(config.data)
+  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  # Older runs stored no model settings either: scheme=mate was the one that built the ensemble teachers.
+  spec = RunSpec.of(model_settings(config.model, config.get("scheme") == "mate"), raw["num_classes"],
+                    raw["image_shape"], mean_C, std_C)
+  if jax.process_index() == 0:
+    _write_spec(workdir, spec)
+  return spec
+
+
+def load_run(workdir: str, mesh=None) -> Run:
+  """The run in `workdir` from its latest checkpoint, its variables replicated over `mesh` (default: all devices)."""
+  config = load_config(workdir)
+  spec = load_spec(workdir, config)
+  model = spec.build()
+  tx = state.make_optimizer(config.train, optax.constant_schedule(0.0))
+  mesh = mesh or sharding.make_mesh()
+  abstract = jax.eval_shape(functools.partial(state.init_state, model, tx, image_shape=spec.image_shape),
+                            jax.random.key(0))
+  restored = checkpoint.restore_from_workdir(workdir, checkpoint.as_abstract(abstract, sharding.replicated(mesh)))
+  return Run(workdir, config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, spec)

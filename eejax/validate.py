@@ -1,0 +1,24 @@
+"""Every name in a config checked once, where the config enters (`eejax.main`, `eejax.api.train`), before any data.
+
+The modules below trust what passed here: a wrong name is one `UserError`
+listing the valid ones, never a KeyError from deep inside a run.
+"""
+from eejax import policies, schemes, state
+from eejax.errors import UserError, unknown_name
+from eejax.models import DTYPES, HEADS
+from eejax.models.resnet import get_arch
+
+
+def check_config(config) -> None:
+  get_arch(config.model.name)
+  if config.model.head not in HEADS:
+    raise unknown_name("model.head", config.model.head, HEADS)
+  if config.model.dtype not in DTYPES:
+    raise unknown_name("model.dtype", config.model.dtype, DTYPES)
+  scheme = schemes.get(config.scheme)
+  if scheme.has_section and scheme.name not in config:
+    raise UserError(f"scheme={scheme.name} reads a config.{scheme.name} section, which this config lacks")
+  if config.train.schedule not in state.SCHEDULES:
+    raise unknown_name("train.schedule", config.train.schedule, state.SCHEDULES)
+  for name in (*config.eval.policies, *config.eval.fit_policies):
+    policies.get(name)

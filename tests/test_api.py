@@ -1,0 +1,57 @@
+"""The public API: a notebook's cells, one call each, on a finished smoke run."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eejax
+from eejax import calibration, data, policies, thresholds
+from eejax.errors import UserError
+from eejax.flops import exit_macs
+
+
+def test_fit_for_a_budget_is_the_setting_the_report_fitted(smoke_run):
+  _, _, workdir = smoke_run
+  run = eejax.load_run(workdir)
+  for policy in ("max_prob", "entropy"):
+    got = eejax.fit_thresholds(run, budget=0.5, policy=policy)
+    saved = thresholds.pick(thresholds.load(workdir, 3, 3), policy, 0.5)["threshold_ExC"]
+    np.testing.assert_array_equal(got, saved)
+
+
+def test_fit_for_a_target_accuracy_is_the_cheapest_that_reaches_it(smoke_run):
+  _, _, workdir = smoke_run
+  run = eejax.load_run(workdir)
+  saved = np.load(os.path.join(workdir, "logits.npz"))
+  score, pred = policies.scores(jnp.asarray(saved["val_logits"]), "max_prob")
+  cost_E = exit_macs(run.model, (16, 16, 3)).cumulative
+  candidates = calibration.per_exit_candidates(score, "max_prob")
+  acc_K, macs_K = (np.asarray(a) for a in calibration.search(score, pred, jnp.asarray(saved["val_labels"]),
+                                                              np.float32(cost_E), candidates))
+  target = float(np.median(acc_K))
+  t = eejax.fit_thresholds(run, target_accuracy=target, save=True)
+  acc, macs = (float(a[0]) for a in calibration.search(score, pred, jnp.asarray(saved["val_labels"]),
+                                                        np.float32(cost_E), t[None]))
+  assert acc >= target and macs == pytest.approx(macs_K[acc_K >= target].min(), rel=1e-6)
+  entries = thresholds.load(workdir, 3, 3)
+  assert any(e.get("target_accuracy") == target for e in entries)  # saved beside the budget ones
+  with pytest.raises(UserError, match="exactly one"):
+    eejax.fit_thresholds(run, budget=0.5, target_accuracy=0.5)
+
+
+def test_predict_is_the_simulated_policy_and_export_verifies(smoke_run):
+  root, _, workdir = smoke_run
+  run = eejax.load_run(workdir)
+  t = eejax.fit_thresholds(run, budget=0.5)
+  test = data.from_config(run.config.data).test
+  pred_N, exit_N, cost_N = eejax.predict(run, test.images_NxHxWx3, t, batch_size=8)
+  logits = np.load(os.path.join(workdir, "logits.npz"))["test_logits"]
+  score, pred = policies.scores(jnp.asarray(logits), "max_prob")
+  want_exit = np.asarray(policies.first_exit(score, pred, t[None]))[0]
+  np.testing.assert_array_equal(exit_N, want_exit)
+  np.testing.assert_array_equal(pred_N, np.asarray(pred)[want_exit, np.arange(len(want_exit))])
+  report = eejax.export_run(run, str(root / "export"), t, num_images=6)
+  assert report["formats"]["stablehlo"]["status"] == "ok"
+  assert json.load(open(root / "export" / "export_report.json"))["thresholds"] == "the caller"

@@ -1,0 +1,50 @@
+"""The workdir format: a run saves its model and statistics, loads from them alone, and older runs still load."""
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from eejax import data, input_pipeline, run
+from eejax.errors import UserError
+
+
+def test_run_json_holds_the_model_and_the_training_images_statistics(smoke_run):
+  _, _, workdir = smoke_run
+  loaded = run.load_run(workdir)
+  ds = data.from_config(loaded.config.data)
+  mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
+  np.testing.assert_array_equal(loaded.spec.stats[0], mean_C)
+  np.testing.assert_array_equal(loaded.spec.stats[1], std_C)
+  assert loaded.spec.model["arch"] == "resnet8" and loaded.spec.num_classes == 3
+  assert loaded.model.num_exits == 3 and loaded.spec.image_shape == (16, 16, 3)
+  assert os.path.exists(os.path.join(workdir, "thresholds.json"))
+
+
+def test_an_older_workdir_loads_with_its_statistics_computed_once(smoke_run, tmp_path, capsys):
+  _, _, workdir = smoke_run
+  old = str(tmp_path / "old")
+  shutil.copytree(workdir, old)
+  with open(os.path.join(old, "run.json"), "w") as f:  # what runs saved before run.json held more
+    json.dump({"num_classes": 3, "image_shape": [16, 16, 3]}, f)
+  config = json.load(open(os.path.join(old, "config.json")))
+  del config["model"]["exit_grad_scale"], config["train"]["grad_clip"]  # keys added later
+  json.dump(config, open(os.path.join(old, "config.json"), "w"))
+  before, after = run.load_run(workdir), run.load_run(old)
+  assert "computing them once" in capsys.readouterr().out
+  assert after.spec == before.spec and after.config.train.grad_clip == 0.0
+  jax.tree.map(np.testing.assert_array_equal, before.variables, after.variables)
+  run.load_run(old)
+  assert "computing them once" not in capsys.readouterr().out  # saved the first time
+
+
+def test_not_a_workdir_and_a_mismatched_run_are_one_line(smoke_run, tmp_path):
+  _, _, workdir = smoke_run
+  with pytest.raises(UserError, match="is not an eejax workdir"):
+    run.load_run(str(tmp_path))
+  spec = run.load_run(workdir).spec
+  with pytest.raises(UserError, match=r"teacher in W was trained on 3 classes of \[16, 16, 3\] images; this run has "
+                                      r"10 classes of \[32, 32, 3\]"):
+    spec.check_matches(10, (32, 32, 3), "teacher", "W")
