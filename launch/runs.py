@@ -1,23 +1,29 @@
 """Helpers shared by the launch scripts: arguments, one resumable eejax job, table cells and files."""
-import argparse
 import json
 import os
 import subprocess
 import sys
+import types
+
+from absl import flags
+
+from eejax.cli import parse_flags
 
 
 def parse_args(doc: str, scales, name: str):
-  """The launch scripts' common arguments; --root defaults to workdirs/<name>_<scale>. Works from the repo root."""
-  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-  parser.add_argument("--scale", choices=sorted(scales), default="cpu")
-  parser.add_argument("--config", default="configs/cifar10.py")
-  parser.add_argument("--data", default="folder:../shared/data/cifar10", help="data.source ('' keeps the config's)")
-  parser.add_argument("--root", default=None, help="folder for the runs' workdirs and the table")
-  parser.add_argument("extra", nargs="*", help="more --config.x=y overrides for every run")
-  args = parser.parse_args()
-  args.root = args.root or os.path.join("workdirs", f"{name}_{args.scale}")
+  """The launch scripts' common flags (absl, as every eejax command line); --root defaults to workdirs/<name>_<scale>.
+
+  Anything after `--` is passed to every run as more --config.x=y overrides. Works from the repo root.
+  """
+  flags.DEFINE_enum("scale", "cpu", sorted(scales), doc.splitlines()[0])
+  flags.DEFINE_string("config", "configs/cifar10.py", "The config file of every run.")
+  flags.DEFINE_string("data", "folder:../shared/data/cifar10", "data.source ('' keeps the config's).")
+  flags.DEFINE_string("root", None, "Folder for the runs' workdirs and the table.")
+  extra = parse_flags(sys.argv, program=name)[1:]
+  f = flags.FLAGS
+  root = f.root or os.path.join("workdirs", f"{name}_{f.scale}")
   os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return args
+  return types.SimpleNamespace(scale=f.scale, config=f.config, data=f.data, root=root, extra=list(extra))
 
 
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
