@@ -45,8 +45,11 @@ per-class Class Precision Margin thresholds (scheme=boosted, config.bts; eejax/b
   Result (bts_cpu): README.md, "BTS-EE". python launch/bts_grid.py runs the 64-configuration grid.
 Our reading of the paper, labelled in config.bts: the branch pools the feature map and runs a 1D
 convolution along the channels before a dense layer; targets are the labels (KD from the backbone at
-T=4 optional); CPM takes, per class, the lowest threshold whose validation precision is at least the
-backbone's minus the margin, and a class with none never exits at that branch.
+T=4 optional); CPM (`bts.cpm`, eejax/cpm.py) by default follows our reconstruction of the CalexNet
+papers' rule (relative margin, a support floor of 30 validation images, the largest prefix of the
+confidence-sorted predictions whose precision clears the bar); `bts.cpm=absolute` is eejax's first
+reading (the lowest threshold whose precision is at least the backbone's minus the margin). A class with
+no valid threshold never exits at that branch.
 
 Every leaf can be overridden, e.g. `--config.train.epochs=10`.
 """
@@ -139,7 +142,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.bts.weight_decay = 5e-4  # on kernels
   config.bts.distill_weight = 0.0  # our reading's default: labels only; e.g. 0.5 mixes in KD from the backbone
   config.bts.distill_temperature = 4.0
-  config.bts.num_thresholds = 101  # CPM candidate thresholds: linspace(0, 1, n) on the max softmax probability
+  config.bts.cpm = "paper"  # paper: relative margin, support floor, exact confidences (our reconstruction) | absolute
+  config.bts.min_support = 30  # paper CPM: validation images of a predicted class that must pass its threshold
+  config.bts.num_thresholds = 101  # absolute CPM's candidate thresholds: linspace(0, 1, n) on the max probability
   config.bts.steps_per_call = 50  # branch training steps per jitted call (lax.scan)
 
   config.eval = ml_collections.ConfigDict()
@@ -149,6 +154,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.policies = ("max_prob", "entropy", "patience")  # curves on test
   config.eval.fit_policies = ("max_prob", "entropy")  # thresholds fitted on val per budget, reported on test
   config.eval.real_inference = True  # time real batched early exit at the 50% budget's thresholds
+  # Thresholds certified by Learn then Test (eejax.risk): risk <= epsilon with probability >= 1 - delta.
+  config.eval.risks = ("disagreement", "accuracy_loss")
+  config.eval.risk_epsilons = (0.005, 0.01, 0.02, 0.05)
+  config.eval.risk_delta = 0.1
+  config.eval.risk_family = "global"  # global (one threshold, grid fixed in advance) | per_exit (half of val builds it)
 
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 2000

@@ -1,7 +1,7 @@
 """eejax: early-exit image classifiers in JAX/Flax.
 
 The public API (`eejax.api`), one call each: `train_and_evaluate`,
-`load_run`, `fit_thresholds`, `predict`, `export_run`. Imported on first use,
+`load_run`, `fit_thresholds`, `certify_thresholds`, `predict`, `export_run`. Imported on first use,
 so `import eejax` stays light.
 
 Names carry shapes, one meaning per letter across the package: E exits (of the
@@ -13,7 +13,7 @@ bins, P epochs of a BTS-EE stage.
 
 __version__ = "0.1.0"
 
-_API = ("train_and_evaluate", "load_run", "fit_thresholds", "predict", "export_run", "Run")
+_API = ("train_and_evaluate", "load_run", "fit_thresholds", "certify_thresholds", "predict", "export_run", "Run")
 
 
 def __getattr__(name):

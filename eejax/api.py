@@ -15,11 +15,11 @@ import os
 
 import numpy as np
 
-from eejax import calibration, evaluate, export as exports, inference, policies, schemes, thresholds, validate
+from eejax import calibration, evaluate, export as exports, inference, policies, risk, schemes, thresholds, validate
 from eejax.flops import exit_macs
 from eejax.run import Run, load_run
 
-__all__ = ["Run", "export_run", "fit_thresholds", "load_run", "predict", "train_and_evaluate"]
+__all__ = ["Run", "certify_thresholds", "export_run", "fit_thresholds", "load_run", "predict", "train_and_evaluate"]
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -56,6 +56,19 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
                     + [thresholds.entry(policy, threshold_ExC, fitted_on="val", **goal,
                                         val_accuracy=fit["val_accuracy"])])
   return threshold_ExC
+
+
+def certify_thresholds(run: Run, epsilon: float, delta: float = 0.1, risk_name: str = "disagreement",
+                       policy="max_prob", family: str = "per_exit") -> dict:
+  """The cheapest threshold_ExC whose risk on new images is at most `epsilon` with probability >= 1 - delta,
+  certified on the run's validation split (`eejax.risk`: Learn then Test). Returns `risk.certify`'s dict."""
+  macs = exit_macs(run.model, run.spec.image_shape)
+  logits_ExNxC, labels_N = evaluate.val_logits(run)
+  out = risk.certify(logits_ExNxC, labels_N, macs.cumulative, epsilon, delta, risk_name, policy, family)
+  print(f"{'certified' if out['certified'] else 'nothing certified'}: {risk_name} <= {100 * epsilon:g}% with "
+        f"probability >= {100 * (1 - delta):g}%; validation risk {100 * out['risk']:.2f}%, "
+        f"{100 * (1 - out['macs'] / macs.full):.1f}% of the MACs saved")
+  return out
 
 
 def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_size: int = 256):

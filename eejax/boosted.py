@@ -3,7 +3,7 @@
 Aperstein & Apartsin, arXiv 2509.08318 (2025). Branch b (a `conv1d` head after
 block positions[b]) is trained only on the training images that branches
 1..b-1 did not answer, then calibrated with the Class Precision Margin (CPM,
-`eejax.calibration.cpm_thresholds`) on validation; only then is branch b+1
+`eejax.cpm`) on validation; only then is branch b+1
 trained. The non-boosted baseline trains the same branches on every image and
 calibrates them with the same CPM.
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import calibration, evaluate, input_pipeline, losses, policies, run, state, thresholds
+from eejax import cpm, evaluate, input_pipeline, losses, policies, run, state, thresholds
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models.heads import Conv1dHead
@@ -50,7 +50,9 @@ class Settings:
   distill_weight: float = 0.0
   distill_temperature: float = 4.0
   steps_per_call: int = 50
-  num_thresholds: int = 101  # CPM candidates: linspace(0, 1, num_thresholds)
+  num_thresholds: int = 101  # absolute CPM's candidates: linspace(0, 1, num_thresholds)
+  cpm: str = "paper"  # the CPM rule, eejax.cpm.RULES
+  min_support: int = 30  # paper CPM: validation images of the class that must pass a threshold
   seed: int = 0
 
   @classmethod
@@ -247,11 +249,12 @@ def fit_branches(train: Features, val: Features, positions, head_width: int, mar
         memo[memo_key] = (params, info)
     apply = _apply_fn(head)
     conf_1xN, pred_1xN = policies.max_prob(apply(params, val.pooled[pos - 1])[None])
-    threshold_C, val_exits_N = calibration.cpm_branch(conf_1xN[0], pred_1xN[0], reach_N, val.labels_N,
-                                                      val_ref_pred_N, settings.candidates_K, margin, num_classes)
+    threshold_C, val_exits_N = cpm.cpm_branch(conf_1xN[0], pred_1xN[0], reach_N, val.labels_N, val_ref_pred_N,
+                                              settings.candidates_K, margin, num_classes, settings.cpm,
+                                              settings.min_support)
     val_exits_N = np.asarray(val_exits_N)
     conf_1xN, pred_1xN = policies.max_prob(apply(params, device_train["pooled"][pos - 1])[None])
-    train_exits_N = np.asarray(calibration.cpm_exits(conf_1xN[0], pred_1xN[0], threshold_C)) & in_play_N
+    train_exits_N = np.asarray(cpm.cpm_exits(conf_1xN[0], pred_1xN[0], threshold_C)) & in_play_N
     stage = {"branch": b + 1, "after_block": pos, **{k: v for k, v in info.items() if k != "seen"},
              "val_reaching": int(reach_N.sum()), "val_exits": int(val_exits_N.sum()),
              "train_exits": int(train_exits_N.sum()),

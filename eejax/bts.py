@@ -22,6 +22,7 @@ from eejax.flops import exit_macs
 from eejax.run import Run, load_run
 
 MODES = ("boosted", "nonboosted")
+LEGACY_BTS = {"cpm": "absolute", "min_support": 30}  # bts settings added later, as runs before them behaved
 
 
 @dataclasses.dataclass
@@ -185,6 +186,9 @@ def _check_same_run(config, workdir: str) -> None:
   with open(path, encoding="utf-8") as f:
     before = json.load(f)
   now = json.loads(config.to_json_best_effort())
+  before.setdefault("bts", {})
+  for key, value in LEGACY_BTS.items():  # a run saved before the setting existed used its old behaviour
+    before["bts"].setdefault(key, value)
   for section in ("bts", "data"):
     old = {k: v for k, v in before.get(section, {}).items() if k not in ("margins", "baseline")}
     new = {k: v for k, v in now[section].items() if k not in ("margins", "baseline")}

@@ -19,8 +19,10 @@ from eejax.errors import UserError
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "chunk"))
-def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, policy="max_prob", chunk: int = 256):
+def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, policy="max_prob", chunk: int = 256, hits_ExB=None):
   """(accuracy_K, macs_K) of every threshold setting (threshold_K, _KxE or _KxExC) at once.
+
+  hits_ExB, if given, replaces correct = (pred == label) (e.g. agreement with the last exit, `eejax.risk`).
 
   Walking the exits in order, an image is taken by exit e if it passes there
   and at no earlier exit (the last exit takes everything left):
@@ -35,7 +37,7 @@ def search(score_ExB, pred_ExB, labels_B, cost_E, threshold, policy="max_prob", 
   chunk = min(chunk, k)
   padded = -(-k // chunk) * chunk
   threshold = jnp.concatenate([threshold, jnp.repeat(threshold[-1:], padded - k, axis=0)])
-  correct_ExB = (pred_ExB == labels_B[None]).astype(jnp.float32)
+  correct_ExB = (pred_ExB == labels_B[None]).astype(jnp.float32) if hits_ExB is None else hits_ExB.astype(jnp.float32)
   cost_E = jnp.asarray(cost_E, jnp.float32)
   num_exits = score_ExB.shape[0]
 
@@ -177,64 +179,3 @@ def expected_calibration_error(logits_ExNxC, labels_N, num_bins: int = 15):
   onehot_ExNxM = jax.nn.one_hot(bin_ExN, num_bins)
   gap_ExM = jnp.abs(jnp.einsum("enm,en->em", onehot_ExNxM, correct_ExN - conf_ExN))
   return gap_ExM.sum(-1) / logits_ExNxC.shape[1]
-
-
-
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def cpm_thresholds(conf_ExN, pred_ExN, reach_ExN, labels_N, ref_pred_N, candidates_K, margin, num_classes: int):
-  """Class Precision Margin: threshold_ExC, per branch and predicted class, fitted on validation.
-
-  Among the images that reach branch e (reach_ExN), those the branch predicts
-  as class c with confidence >= t have precision
-  prec[e,c,t] = #correct / #passing. The reference precision ref[e,c] is the
-  final classifier's (ref_pred_N) on class c over the same images (1 when it
-  never predicts c there). threshold[e,c] is the lowest candidate t (candidates_K
-  ascending) with at least one passing image and prec >= ref - margin (to 1e-6);
-  a class with no such candidate gets +inf: the branch never answers it.
-
-  All (E, C, K) at once: two einsums of the E x N x C class masks with the
-  E x N x K pass masks; memory O(E N (C + K)).
-  """
-  reach_ExN = reach_ExN.astype(jnp.float32)
-  pred_ExNxC = jax.nn.one_hot(pred_ExN, num_classes) * reach_ExN[..., None]
-  correct_ExN = (pred_ExN == labels_N[None]).astype(jnp.float32)
-  passes_ExNxK = (conf_ExN[..., None] >= candidates_K).astype(jnp.float32)
-  passing_ExCxK = jnp.einsum("enc,enk->eck", pred_ExNxC, passes_ExNxK)
-  right_ExCxK = jnp.einsum("enc,enk->eck", pred_ExNxC * correct_ExN[..., None], passes_ExNxK)
-  ref_NxC = jax.nn.one_hot(ref_pred_N, num_classes)
-  ref_count_ExC = reach_ExN @ ref_NxC
-  ref_right_ExC = reach_ExN @ (ref_NxC * (ref_pred_N == labels_N)[:, None])
-  ref_ExC = jnp.where(ref_count_ExC > 0, ref_right_ExC / jnp.maximum(ref_count_ExC, 1), 1.0)
-  precision_ExCxK = right_ExCxK / jnp.maximum(passing_ExCxK, 1)
-  valid_ExCxK = (passing_ExCxK > 0) & (precision_ExCxK >= ref_ExC[..., None] - margin - 1e-6)
-  first_ExC = jnp.argmax(valid_ExCxK, axis=-1)
-  return jnp.where(valid_ExCxK.any(-1), jnp.asarray(candidates_K, jnp.float32)[first_ExC], jnp.inf)
-
-
-def cpm_exits(conf_N, pred_N, threshold_C):
-  """exits_N: the images a branch answers under per-class thresholds (conf >= threshold[pred])."""
-  return conf_N >= jnp.asarray(threshold_C)[pred_N]
-
-
-def cpm_branch(conf_N, pred_N, reach_N, labels_N, ref_pred_N, candidates_K, margin, num_classes: int):
-  """(threshold_C, answered_N) of one branch: CPM on the images reaching it, and which of those it answers."""
-  threshold_C = cpm_thresholds(conf_N[None], pred_N[None], jnp.asarray(reach_N)[None], labels_N, ref_pred_N,
-                               candidates_K, margin, num_classes=num_classes)[0]
-  return threshold_C, cpm_exits(conf_N, pred_N, threshold_C) & jnp.asarray(reach_N)
-
-
-def fit_cpm(logits_ExNxC, labels_N, candidates_K, margin: float):
-  """threshold_BxC for the B = E - 1 branches of logits_ExNxC (the last exit is the reference).
-
-  Branch by branch: branch b is calibrated on the validation images that
-  branches 1..b-1 (with their fitted thresholds) did not answer.
-  """
-  conf_ExN, pred_ExN = policies.max_prob(jnp.asarray(logits_ExNxC))
-  reach_N = jnp.ones(conf_ExN.shape[1], jnp.bool_)
-  thresholds = []
-  for b in range(conf_ExN.shape[0] - 1):
-    threshold_C, answered_N = cpm_branch(conf_ExN[b], pred_ExN[b], reach_N, labels_N, pred_ExN[-1], candidates_K,
-                                         margin, logits_ExNxC.shape[-1])
-    thresholds.append(threshold_C)
-    reach_N = reach_N & ~answered_N
-  return jnp.stack(thresholds) if thresholds else jnp.zeros((0, logits_ExNxC.shape[-1]))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, data, inference, input_pipeline, policies, report, sharding, thresholds
+from eejax import calibration, data, inference, input_pipeline, policies, report, risk, sharding, thresholds
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
 
@@ -116,6 +116,27 @@ def fitted_report(val, test, macs: ExitMacs, policy: str, budgets) -> list[dict]
   return out
 
 
+def risk_report(val, test, macs: ExitMacs, eval_cfg, policy: str = "max_prob") -> list[dict]:
+  """Per risk and epsilon: the thresholds certified on val (Learn then Test), their test risk and MACs, and the
+  budget-fitted setting at the same validation MACs beside them (which certifies nothing)."""
+  (val_logits, val_labels), (test_logits, test_labels) = val, test
+  cost_E = np.asarray(macs.cumulative, np.float32)
+  rows = []
+  for name in eval_cfg.risks:
+    for eps in eval_cfg.risk_epsilons:
+      out = risk.certify(val_logits, val_labels, cost_E, eps, eval_cfg.risk_delta, name, policy, eval_cfg.risk_family)
+      test_risk, test_macs = risk.risk_of(out["threshold_ExC"], test_logits, test_labels, cost_E, name, policy)
+      budget_t, _ = calibration.fit(val_logits, val_labels, cost_E, policy, budget_macs=out["macs"])
+      budget_risk, budget_macs = risk.risk_of(budget_t, test_logits, test_labels, cost_E, name, policy)
+      rows.append({"risk": name, "epsilon": eps, "delta": eval_cfg.risk_delta, "policy": policy,
+                   "family": eval_cfg.risk_family, "certified": out["certified"], "val_risk": out["risk"],
+                   "val_macs_saved": 1 - out["macs"] / macs.full, "test_risk": test_risk,
+                   "test_macs_saved": 1 - test_macs / macs.full, "budget_fitted_test_risk": budget_risk,
+                   "budget_fitted_test_macs_saved": 1 - budget_macs / macs.full,
+                   "threshold_ExC": thresholds.to_json(out["threshold_ExC"])})
+  return rows
+
+
 def calibration_error_report(val, test) -> dict:
   """Per-exit temperatures fitted on val, and test ECE before and after scaling."""
   (val_logits, val_labels), (test_logits, test_labels) = val, test
@@ -185,6 +206,7 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
                                     config.eval.budgets) for p in config.eval.policies},
       "fitted_on_val": fitted,
       "calibration": calibration_error_report(val, test),
+      "certified": risk_report(val, test, macs, config.eval) if len(macs.cumulative) > 1 else [],
       "splits": {"train": len(ds.train), "val": len(ds.val), "test": len(ds.test), "val_source": ds.val_source},
       **(extra or {}),
   }

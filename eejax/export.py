@@ -14,6 +14,10 @@ last exit always answers.
              reloadable with `jax.export.deserialize`).
   onnx       the same function through jax2onnx: `lax.cond` becomes ONNX `If`;
              run with onnxruntime (optional extra `eejax[export]`).
+  onnx_static  one ONNX graph without control flow returning every exit's logits
+             for any batch size; the caller decides (`eejax.export_onnx`).
+  onnx_stages  one ONNX graph per stage and a driver that applies the thresholds
+             between them and passes on only the images still in play.
   tflite     a cascade, one TFLite model per stage (the blocks up to exit k and
              head k) with the policy's test in host code between them; a
              single-graph conversion of `lax.cond` is known to give wrong
@@ -40,25 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, data, evaluate, inference, input_pipeline, policies, sharding, thresholds
+from eejax import calibration, data, evaluate, export_onnx, inference, input_pipeline, policies, sharding, thresholds
 from eejax.cli import fail, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
 
-FORMATS = ("stablehlo", "onnx", "tflite")
-
-
-def stage_fns(model, variables, mean_C, std_C):
-  """[stage_k]: stage 0 maps x_1xHxWx3 uint8 to (h, logits_1xC); stage k > 0 maps h to (h, logits_1xC)."""
-  def stage(k):
-    def fn(inp):
-      h = inp
-      if k == 0:
-        h = model.apply(variables, input_pipeline.normalize(inp, mean_C, std_C), method=lambda m, x: m.stem(x))
-      return model.apply(variables, h, method=lambda m, h: m.segment(k, h))
-    return fn
-  return [stage(k) for k in range(model.num_exits)]
+FORMATS = ("stablehlo", "onnx", "onnx_static", "onnx_stages", "tflite")
 
 
 # ---------------------------------------------------------------- formats: export, then a runner (x, t) -> (logits, exit)
@@ -77,30 +69,13 @@ def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str,
   return [path], lambda x, t: tuple(np.asarray(a) for a in call(x, t))
 
 
-def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
-  import onnxruntime  # pylint: disable=g-import-not-at-top
-  from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-  from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
-  specs = [jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
-           jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32)]
-  # Traced to a closed jaxpr first, so jax2onnx converts JAX primitives only: its Flax-level BatchNorm and
-  # avg_pool plugins write graphs onnxruntime rejects inside `If` branches (jax2onnx 0.17.1, measured).
-  variables = jax.device_put(variables, jax.devices()[0])  # one device: a mesh sharding traces to `reshard`, which ONNX lacks
-  closed = jax.make_jaxpr(inference.early_exit_fn(model, variables, mean_C, std_C, policy))(*specs)
-  path = os.path.join(out_dir, "model.onnx")
-  to_onnx(lambda x, t: tuple(jaxpr_as_fun(closed)(x, t)), specs, return_mode="file", output_path=path)
-  session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-  names = [i.name for i in session.get_inputs()]
-  return [path], lambda x, t: tuple(session.run(None, {names[0]: np.asarray(x), names[1]: np.asarray(t)}))
-
-
 def export_tflite(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
   interpreters, paths = [], []
   shape = (1, *image_shape)
   dtype = tf.uint8
-  for k, fn in enumerate(stage_fns(model, variables, mean_C, std_C)):
+  for k, fn in enumerate(inference.stage_fns(model, variables, mean_C, std_C)):
     tf_fn = tf.function(jax2tf.convert(fn, native_serialization=False, enable_xla=False), autograph=False)
     concrete = tf_fn.get_concrete_function(tf.TensorSpec(shape, dtype))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf_fn)
@@ -136,9 +111,12 @@ def export_tflite(model, variables, mean_C, std_C, image_shape, out_dir: str, po
   return paths, cascade
 
 
-EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx, "tflite": export_tflite}
-MISSING = {"onnx": "pip install 'eejax[export]' (jax2onnx, onnxruntime)", "tflite": "pip install 'eejax[tflite]' "
-           "(tensorflow; never on a TPU runtime)"}
+EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx.export_onnx,
+             "onnx_static": export_onnx.export_onnx_static, "onnx_stages": export_onnx.export_onnx_stages,
+             "tflite": export_tflite}
+ONNX_EXTRA = "pip install 'eejax[export]' (jax2onnx, onnxruntime)"
+MISSING = {"onnx": ONNX_EXTRA, "onnx_static": ONNX_EXTRA, "onnx_stages": ONNX_EXTRA,
+           "tflite": "pip install 'eejax[tflite]' (tensorflow; never on a TPU runtime)"}
 
 
 def _latency_ms(fn, images, rounds: int = 3) -> float:
@@ -167,6 +145,20 @@ def verify(runner, reference_logits_NxExC, images_Nx1xHxWx3, policy="max_prob") 
     rows.append({"exit": k + 1, "max_abs_diff": max(diffs), "answered_at_forced_exit": bool(right_exit),
                  "latency_ms": _latency_ms(lambda x: runner(x, t), images_Nx1xHxWx3)})
   return rows
+
+
+def batch_latency(runner, images_Nx1xHxWx3, threshold_ExC, batch: int = 64) -> dict:
+  """A batch form's time per batch of `batch` images (best of 3) and whether it decides as batch 1 does."""
+  x_BxHxWx3 = np.concatenate([images_Nx1xHxWx3[:, 0]] * -(-batch // len(images_Nx1xHxWx3)))[:batch]
+  runner.batch(x_BxHxWx3, threshold_ExC)
+  best = np.inf
+  for _ in range(3):
+    t0 = time.perf_counter()
+    _, exit_B = runner.batch(x_BxHxWx3, threshold_ExC)
+    best = min(best, 1e3 * (time.perf_counter() - t0))
+  singles = [int(np.asarray(runner(x[None], threshold_ExC)[1])) for x in x_BxHxWx3]
+  return {"batch": batch, "ms_per_batch": float(best), "ms_per_image": float(best / batch),
+          "exits_match_batch_1": bool(np.array_equal(exit_B, singles))}
 
 
 def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E) -> dict:
@@ -252,6 +244,8 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
     exits = verify(runner, reference_NxExC, images, policy)
     calibrated = policy_latency(runner, images, threshold_ExC, macs.cumulative)
     report["formats"][fmt] = {"status": "ok", "files": paths, "exits": exits, "policy": calibrated}
+    if hasattr(runner, "batch"):
+      report["formats"][fmt]["batch64"] = batch_latency(runner, images, threshold_ExC)
     log(f"{fmt}: " + "; ".join(f"exit {r['exit']}: max |diff| {r['max_abs_diff']:.2e}, "
                                f"{r['latency_ms']:.3f} ms" for r in exits)
         + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs")
@@ -280,6 +274,10 @@ def markdown(report: dict) -> str:
     shares = " / ".join(f"{100 * s:.0f}" for s in p["exit_share"])
     lines.append(f"| {fmt} | calibrated (exits {shares}%) | | | {p['latency_ms']:.3f} "
                  f"(predicted {p['predicted_mean_macs'] / 1e6:.2f} M MACs) |")
+    if "batch64" in r:
+      b = r["batch64"]
+      lines.append(f"| {fmt} | calibrated, batch {b['batch']} | | decisions as at batch 1: "
+                   f"{b['exits_match_batch_1']} | {b['ms_per_batch']:.3f} per batch, {b['ms_per_image']:.4f} per image |")
   return "\n".join(lines) + "\n"
 
 

@@ -174,3 +174,15 @@ def single_image_fn(model, variables, mean_C, std_C, cost_E, threshold_ExC, poli
 def export_single_image(fn, image_shape):
   """jax.export of `single_image_fn` for uint8 inputs of shape (1, *image_shape)."""
   return jax.export.export(jax.jit(fn))(jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8))
+
+
+def stage_fns(model, variables, mean_C, std_C):
+  """[stage_k]: stage 0 maps x_1xHxWx3 uint8 to (h, logits_1xC); stage k > 0 maps h to (h, logits_1xC)."""
+  def stage(k):
+    def fn(inp):
+      h = inp
+      if k == 0:
+        h = model.apply(variables, input_pipeline.normalize(inp, mean_C, std_C), method=lambda m, x: m.stem(x))
+      return model.apply(variables, h, method=lambda m, h: m.segment(k, h))
+    return fn
+  return [stage(k) for k in range(model.num_exits)]

@@ -26,7 +26,7 @@ def markdown(report: dict) -> str:
               "| budget (% of full MACs) | accuracy (%) |", "|---:|---:|"]
     for budget, acc in policy["budgets"].items():
       lines.append(f"| {100 * float(budget):.0f} | {_pct(acc)} |")
-  lines += _fitted_lines(report) + _calibration_lines(report) + _real_inference_lines(report)
+  lines += _fitted_lines(report) + certified_lines(report) + _calibration_lines(report) + _real_inference_lines(report)
   if report.get("train_images_per_s"):
     lines += ["", f"Training throughput: {report['train_images_per_s']:,.0f} images/s "
               f"(steady state, compilation excluded), {report.get('train_steps')} steps."]
@@ -54,6 +54,25 @@ def _fitted_lines(report: dict) -> list[str]:
       lines.append(f"| {100 * row['budget']:.0f}%{mark} | {per_exit} "
                    f"| {_pct(p['test_accuracy'])} | {100 * p['test_macs_fraction']:.1f} "
                    f"| {global_t} | {_pct(g['test_accuracy'])} | {100 * g['test_macs_fraction']:.1f} |")
+  return lines
+
+
+def certified_lines(report: dict) -> list[str]:
+  rows = report.get("certified")
+  if not rows:
+    return []
+  r0 = rows[0]
+  lines = ["", f"## Certified thresholds (Learn then Test, `{r0['policy']}`, {r0['family']} family)", "",
+           f"With probability at least {1 - r0['delta']:.0%} over the validation draw, the risk on new images is at "
+           "most epsilon. disagreement: the answering exit's class differs from the full network's; accuracy_loss: "
+           "the full network is right and the answering exit wrong. Beside it, the setting fitted on validation for "
+           "the same MACs budget, which certifies nothing.", "",
+           "| risk | epsilon (%) | certified | MACs saved, val (%) | risk on test (%) | MACs saved, test (%) "
+           "| budget-fitted: risk on test (%) | MACs saved, test (%) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['risk']} | {100 * r['epsilon']:g} | {'yes' if r['certified'] else 'no'} "
+                 f"| {100 * r['val_macs_saved'] + 0.0:.1f} | {_pct(r['test_risk'])} | {100 * r['test_macs_saved'] + 0.0:.1f} "
+                 f"| {_pct(r['budget_fitted_test_risk'])} | {100 * r['budget_fitted_test_macs_saved'] + 0.0:.1f} |")
   return lines
 
 

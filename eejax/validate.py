@@ -3,7 +3,7 @@
 The modules below trust what passed here: a wrong name is one `UserError`
 listing the valid ones, never a KeyError from deep inside a run.
 """
-from eejax import policies, schemes, state
+from eejax import cpm, policies, risk, schemes, state
 from eejax.errors import UserError, unknown_name
 from eejax.models import DTYPES, HEADS
 from eejax.models.resnet import get_arch
@@ -22,3 +22,12 @@ def check_config(config) -> None:
     raise unknown_name("train.schedule", config.train.schedule, state.SCHEDULES)
   for name in (*config.eval.policies, *config.eval.fit_policies):
     policies.get(name)
+  for name in config.eval.risks:
+    if name not in risk.RISKS:
+      raise unknown_name("eval.risks entry", name, risk.RISKS)
+  if "bts" in config and config.bts.cpm not in cpm.RULES:
+    raise unknown_name("bts.cpm", config.bts.cpm, cpm.RULES)
+  if config.eval.risk_family not in risk.FAMILIES:
+    raise unknown_name("eval.risk_family", config.eval.risk_family, risk.FAMILIES)
+  if not 0 < config.eval.risk_delta < 1 or not all(0 < e < 1 for e in config.eval.risk_epsilons):
+    raise UserError("eval.risk_delta and every eval.risk_epsilons value must lie strictly between 0 and 1")

@@ -60,3 +60,28 @@ def test_a_single_exit_model_gets_a_report(tmp_path):
   md = open(tmp_path / "report.md", encoding="utf-8").read()
   want = 100 * np.mean(np.argmax(test[0][0], -1) == test[1])
   assert f"| none (one exit) | {want:.2f} | 100.0 | none | {want:.2f} | 100.0 |" in md
+
+
+def test_the_certified_section_holds_its_guarantee_on_test_and_is_written(tmp_path):
+  """Synthetic 3-exit logits: every certified row's test risk is within epsilon at this size; the table is written."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from test_risk import population  # pylint: disable=g-import-not-at-top
+  logits, labels, _ = population(12000, seed=4)
+  val, test = (logits[:, :4000], labels[:4000]), (logits[:, 4000:], labels[4000:])
+  macs = ExitMacs(backbone=(8, 8, 8), head=(2, 2, 2), cumulative=(10, 20, 30), full=30)
+  cfg = ml_collections.ConfigDict({"risks": ("disagreement", "accuracy_loss"), "risk_epsilons": (0.02, 0.05),
+                                   "risk_delta": 0.1, "risk_family": "global"})
+  rows = evaluate.risk_report(val, test, macs, cfg)
+  assert len(rows) == 4 and all(r["certified"] for r in rows)
+  for r in rows:
+    assert r["test_risk"] <= r["epsilon"] + 0.005 and r["val_macs_saved"] > 0
+  saved = [r["val_macs_saved"] for r in rows if r["risk"] == "disagreement"]
+  assert saved[0] < saved[1]  # a looser tolerance certifies more savings
+  rep = {"method": "joint", "model": "m", "dataset": "d", "full_macs": 30, "policies": {}, "splits": {"test": 8000},
+         "exits": [{"exit": e + 1, "accuracy": 0.5, "macs": c} for e, c in enumerate((10, 20, 30))], "certified": rows}
+  report.write_all(rep, str(tmp_path))
+  md = open(tmp_path / "report.md", encoding="utf-8").read()
+  assert "## Certified thresholds (Learn then Test, `max_prob`, global family)" in md
+  assert sum(line.startswith("| disagreement |") for line in md.splitlines()) == 2

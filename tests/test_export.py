@@ -108,3 +108,23 @@ def test_exporting_a_finished_run_never_reads_its_training_images(tmp_path):
     for fmt in ("stablehlo", "onnx"):
       assert report["formats"][fmt]["status"] == "ok", report["formats"][fmt]
       assert all(e["answered_at_forced_exit"] and e["max_abs_diff"] < 1e-4 for e in report["formats"][fmt]["exits"])
+
+
+@pytest.mark.parametrize("fmt", ["onnx_static", "onnx_stages"])
+@pytest.mark.parametrize("policy", ["max_prob", "patience"])
+def test_onnx_forms_without_control_flow_verify_and_batch(tmp_path, fmt, policy):
+  pytest.importorskip("onnxruntime", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
+  pytest.importorskip("jax2onnx", reason="ONNX export needs the 'export' extra (jax2onnx, onnxruntime)")
+  check_format(fmt, tmp_path, "erde", policy)
+  import onnx  # pylint: disable=g-import-not-at-top
+  for path in tmp_path.glob("*.onnx"):
+    graph = onnx.load(str(path)).graph
+    assert not any(node.op_type in ("If", "Loop") for node in graph.node), path  # no control flow at all
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # any batch size
+  assert len(list(tmp_path.glob("stage_*.onnx"))) == (3 if fmt == "onnx_stages" else 0)
+  model, variables, mean, std, images, reference = small_model("erde")
+  (tmp_path / "again").mkdir()
+  _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path / "again"), policy)
+  t_ExC = thresholds.per_exit([2, 2] if policy == "patience" else [0.3, 0.3], 3, 5, policy)
+  timing = export.batch_latency(runner, images, t_ExC, batch=8)
+  assert timing["exits_match_batch_1"] and timing["ms_per_batch"] > 0

@@ -1,0 +1,61 @@
+r"""Certified early-exit thresholds for a finished run, from its saved validation and test logits.
+
+  python -m eejax.certify --workdir RUN [--risks disagreement,accuracy_loss] [--epsilons 0.005,0.01,0.02,0.05]
+                          [--delta 0.1] [--family global] [--policy max_prob]
+
+Prints the report's "Certified thresholds" table (`eejax.evaluate.risk_report`, `eejax.risk`) for a run
+evaluated before the report had it, or for other settings; writes RUN/certified.md and .json.
+"""
+import json
+import os
+
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from eejax import evaluate, report, risk
+from eejax.cli import fail, parse_flags
+from eejax.errors import UserError
+from eejax.flops import exit_macs
+from eejax.run import load_run
+
+def define_flags() -> None:
+  """The command line's flags (defined only when this module runs as the program)."""
+  flags.DEFINE_string("workdir", None, "A finished run with logits.npz.")
+  flags.DEFINE_list("risks", list(risk.RISKS), f"Any of: {', '.join(risk.RISKS)}.")
+  flags.DEFINE_list("epsilons", ["0.005", "0.01", "0.02", "0.05"], "Risk tolerances (fractions).")
+  flags.DEFINE_float("delta", 0.1, "1 - the confidence of the guarantee.")
+  flags.DEFINE_enum("family", "global", list(risk.FAMILIES), "The ordered family of candidate thresholds.")
+  flags.DEFINE_string("policy", "max_prob", "Exit policy.")
+
+
+def main(argv) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  if not f.workdir:
+    fail("give --workdir=RUN", "eejax.certify")
+  try:
+    run = load_run(f.workdir)
+    path = os.path.join(f.workdir, "logits.npz")
+    if not os.path.exists(path):
+      raise UserError(f"{path} is missing: certify reads the validation and test logits a finished run saves")
+    saved = np.load(path)
+    cfg = ml_collections.ConfigDict({"risks": tuple(f.risks), "risk_epsilons": tuple(float(e) for e in f.epsilons),
+                                     "risk_delta": f.delta, "risk_family": f.family})
+    rows = evaluate.risk_report((saved["val_logits"], saved["val_labels"]),
+                                (saved["test_logits"], saved["test_labels"]),
+                                exit_macs(run.model, run.spec.image_shape), cfg, f.policy)
+  except UserError as e:
+    fail(str(e), "eejax.certify")
+  text = "\n".join(report.certified_lines({"certified": rows})).strip() + "\n"
+  with open(os.path.join(f.workdir, "certified.md"), "w", encoding="utf-8") as out:
+    out.write(text)
+  with open(os.path.join(f.workdir, "certified.json"), "w", encoding="utf-8") as out:
+    json.dump(rows, out, indent=1)
+  print(text)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main, flags_parser=lambda argv: parse_flags(argv, "eejax.certify"))

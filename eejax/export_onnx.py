@@ -1,0 +1,129 @@
+"""The ONNX forms of a batch-1 early-exit export (`eejax.export`), each returning (files, runner).
+
+  onnx         one graph, the decisions inside as ONNX `If` (from `lax.cond`).
+  onnx_static  one graph without control flow that returns every exit's logits for a batch of any size;
+               the decision is the caller's (here: the policy on the host). For runtimes that reject
+               `If` (TensorRT, several mobile runtimes).
+  onnx_stages  one graph per stage (the blocks up to exit k and head k, any batch size) and a small driver
+               that passes the features of the images still in play to the next stage and applies the
+               thresholds between stages, as the TFLite cascade does.
+
+A runner maps (x_1xHxWx3 uint8, threshold_ExC) to (logits_1xC of the exit that answered, its index);
+the two new forms also have `runner.batch(x_BxHxWx3, threshold_ExC) -> (logits_BxC, exit_B)`.
+Everything needs the optional extra `eejax[export]` (jax2onnx, onnxruntime).
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eejax import inference, input_pipeline, policies
+
+
+def _session(path: str):
+  import onnxruntime  # pylint: disable=g-import-not-at-top
+  return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def _convert(fn, specs, path: str) -> None:
+  from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
+  to_onnx(fn, specs, return_mode="file", output_path=path)
+
+
+def _convert_any_batch(fn, shape, dtype, path: str) -> None:
+  """fn(x_Bx...) to ONNX with a symbolic batch B, through a closed jaxpr (JAX primitives only, see export_onnx)."""
+  from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
+  batch = jax.export.symbolic_shape("B")[0]
+  closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *shape), dtype))
+  _convert(lambda x: tuple(jaxpr_as_fun(closed)(x)), [jax.ShapeDtypeStruct((batch, *shape), dtype)], path)
+
+
+def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
+  from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
+  specs = [jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
+           jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32)]
+  # Traced to a closed jaxpr first, so jax2onnx converts JAX primitives only: its Flax-level BatchNorm and
+  # avg_pool plugins write graphs onnxruntime rejects inside `If` branches (jax2onnx 0.17.1, measured).
+  variables = jax.device_put(variables, jax.devices()[0])  # one device: a mesh sharding traces to `reshard`
+  closed = jax.make_jaxpr(inference.early_exit_fn(model, variables, mean_C, std_C, policy))(*specs)
+  path = os.path.join(out_dir, "model.onnx")
+  _convert(lambda x, t: tuple(jaxpr_as_fun(closed)(x, t)), specs, path)
+  session = _session(path)
+  names = [i.name for i in session.get_inputs()]
+  return [path], lambda x, t: tuple(session.run(None, {names[0]: np.asarray(x), names[1]: np.asarray(t)}))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _first_exit_B(logits_ExBxC, threshold_ExC, policy):
+  score_ExB, pred_ExB = policy.scores(logits_ExBxC)
+  return policies.first_exit(score_ExB, pred_ExB, threshold_ExC[None], policy)[0]
+
+
+def decide(logits_ExBxC, threshold_ExC, policy):
+  """(logits_BxC of the answering exit, exit_B): the policy applied to every exit's logits (one jitted call)."""
+  exit_B = np.asarray(_first_exit_B(logits_ExBxC, np.asarray(threshold_ExC, np.float32), policies.get(policy)))
+  return np.asarray(logits_ExBxC)[exit_B, np.arange(exit_B.size)], exit_B
+
+
+def export_onnx_static(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
+  policy = policies.get(policy)
+  variables = jax.device_get(variables)
+  all_exits = lambda x: model.apply(variables, input_pipeline.normalize(x, mean_C, std_C))[0]
+  path = os.path.join(out_dir, "model_static.onnx")
+  _convert_any_batch(all_exits, tuple(image_shape), jnp.uint8, path)
+  session = _session(path)
+  name = session.get_inputs()[0].name
+
+  def batch(x_BxHxWx3, threshold_ExC):
+    logits_ExBxC = np.stack(session.run(None, {name: np.asarray(x_BxHxWx3)}))  # one output per exit, or one stack
+    return decide(logits_ExBxC.reshape(-1, *logits_ExBxC.shape[-2:]), threshold_ExC, policy)
+
+  def runner(x_1xHxWx3, threshold_ExC):
+    logits_1xC, exit_1 = batch(x_1xHxWx3, threshold_ExC)
+    return logits_1xC, np.int32(exit_1[0])
+  runner.batch = batch
+  return [path], runner
+
+
+def export_onnx_stages(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
+  policy = policies.get(policy)
+  variables = jax.device_get(variables)
+  sessions, paths = [], []
+  spec = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
+  for k, fn in enumerate(inference.stage_fns(model, variables, mean_C, std_C)):
+    path = os.path.join(out_dir, f"stage_{k}.onnx")
+    _convert_any_batch(fn, spec.shape[1:], spec.dtype, path)
+    paths.append(path)
+    sessions.append(_session(path))
+    h = jax.eval_shape(fn, spec)[0]
+    spec = jax.ShapeDtypeStruct(h.shape, h.dtype)
+
+  exit_score = jax.jit(policy.exit_score)  # compiled once per number of images still in play
+
+  def batch(x_BxHxWx3, threshold_ExC):
+    n = x_BxHxWx3.shape[0]
+    out_logits, exit_B = [None] * n, np.full(n, len(sessions) - 1)
+    h, active = np.asarray(x_BxHxWx3), np.arange(n)
+    run_B, prev_B = np.zeros(n, np.int32), np.full(n, -1)
+    for k, session in enumerate(sessions):
+      h, logits_BxC = session.run(None, {session.get_inputs()[0].name: h})
+      if k < len(sessions) - 1:
+        score_B, pred_B, run_B = (np.asarray(a) for a in exit_score(logits_BxC, run_B, prev_B))
+        done = np.asarray(policy.passes(score_B, np.asarray(threshold_ExC)[k][pred_B]))
+      else:
+        done = np.ones(len(active), bool)
+      for i in np.flatnonzero(done):
+        out_logits[active[i]], exit_B[active[i]] = logits_BxC[i], k
+      keep = np.flatnonzero(~done)
+      if keep.size == 0:
+        break
+      h, active, run_B, prev_B = h[keep], active[keep], run_B[keep], pred_B[keep]
+    return np.stack(out_logits), exit_B
+
+  def runner(x_1xHxWx3, threshold_ExC):
+    logits_1xC, exit_1 = batch(x_1xHxWx3, threshold_ExC)
+    return logits_1xC, np.int32(exit_1[0])
+  runner.batch = batch
+  return paths, runner
