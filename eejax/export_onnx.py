@@ -13,6 +13,7 @@ the two new forms also have `runner.batch(x_BxHxWx3, threshold_ExC) -> (logits_B
 Everything needs the optional extra `eejax[export]` (jax2onnx, onnxruntime).
 """
 import functools
+import importlib.metadata
 import os
 
 import jax
@@ -27,7 +28,30 @@ def _session(path: str):
   return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
 
 
+@functools.lru_cache(maxsize=None)
+def available() -> str | None:
+  """None where ONNX export works here, else why not (a missing extra, or a jax2onnx that this jax breaks)."""
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top
+    import onnxruntime  # pylint: disable=g-import-not-at-top,unused-import
+    from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    return f"{e}"
+  try:
+    spec = jax.ShapeDtypeStruct((1,), jnp.float32)
+    probe = lambda x: jax.lax.cond(x[0] > 0, lambda: jax.jit(jax.nn.relu)(x), lambda: jax.nn.softmax(x))
+    closed = jax.make_jaxpr(probe)(spec)
+    jax2onnx.to_onnx(lambda x: jaxpr_as_fun(closed)(x)[0], [spec], return_mode="proto")  # what the exports do
+  except Exception as e:  # pylint: disable=broad-except  # e.g. jax2onnx 0.17.1 on jax 0.12: ClosedJaxpr is gone
+    return f"jax2onnx {importlib.metadata.version('jax2onnx')} does not run on jax {jax.__version__} " \
+           f"({type(e).__name__}: {str(e)[:120]})"
+  return None
+
+
 def _convert(fn, specs, path: str) -> None:
+  reason = available()
+  if reason is not None:
+    raise ImportError(reason)  # reported as "not available here" by eejax.export
   from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
   to_onnx(fn, specs, return_mode="file", output_path=path)
 
