@@ -46,15 +46,10 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
         f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs")
   if save:
     goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}
-    try:
-      entries = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
-    except Exception:  # pylint: disable=broad-except  # nothing saved before
-      entries = []
-    entries = [e for e in entries if not (e["policy"] == policies.get(policy).name and
-                                          all(e.get(k) == v for k, v in goal.items()))]
-    thresholds.save(run.workdir, [{**e, "threshold_ExC": thresholds.to_json(e["threshold_ExC"])} for e in entries]
-                    + [thresholds.entry(policy, threshold_ExC, fitted_on="val", **goal,
-                                        val_accuracy=fit["val_accuracy"])])
+    entries = [e for e in thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
+               if not (e["policy"] == policies.get(policy).name and all(e.get(k) == v for k, v in goal.items()))]
+    thresholds.save(run.workdir, entries + [thresholds.entry(policy, threshold_ExC, fitted_on="val", **goal,
+                                                             val_accuracy=fit["val_accuracy"])])
   return threshold_ExC
 
 

@@ -118,13 +118,17 @@ def fit_budget(score_ExB, pred_ExB, labels_B, cost_E, candidates, budget_macs: f
   the first exit's cost), the cheapest one; the caller can tell from val_macs.
   """
   accuracy_K, macs_K = jax.device_get(search(score_ExB, pred_ExB, labels_B, cost_E, candidates, policy=policy))
+  best = pick_budget(accuracy_K, macs_K, budget_macs)
+  return np.asarray(candidates)[best], float(accuracy_K[best]), float(macs_K[best])
+
+
+def pick_budget(accuracy_K, macs_K, budget_macs: float) -> int:
+  """The index of the most accurate setting within the budget, ties to the cheaper; the cheapest if none fits."""
+  accuracy_K, macs_K = np.asarray(accuracy_K), np.asarray(macs_K)
   fits = macs_K <= budget_macs
   if not fits.any():
-    best = int(np.argmin(macs_K))
-  else:
-    order = np.lexsort((macs_K, -np.where(fits, accuracy_K, -np.inf)))
-    best = int(order[0])
-  return np.asarray(candidates)[best], float(accuracy_K[best]), float(macs_K[best])
+    return int(np.argmin(macs_K))
+  return int(np.lexsort((macs_K, -np.where(fits, accuracy_K, -np.inf)))[0])
 
 
 def fit_accuracy(score_ExB, pred_ExB, labels_B, cost_E, candidates, target: float, policy: str):

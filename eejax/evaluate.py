@@ -121,12 +121,20 @@ def risk_report(val, test, macs: ExitMacs, eval_cfg, policy: str = "max_prob") -
   budget-fitted setting at the same validation MACs beside them (which certifies nothing)."""
   (val_logits, val_labels), (test_logits, test_labels) = val, test
   cost_E = np.asarray(macs.cumulative, np.float32)
+  # The budget-fitted alternative: the per-exit candidates scored on val once, one pick per certified budget.
+  score_ExN, pred_ExN = policies.scores(jnp.asarray(val_logits), policy)
+  candidates_KxE = calibration.per_exit_candidates(score_ExN, policy)
+  accuracy_K, macs_K = jax.device_get(calibration.search(score_ExN, pred_ExN, jnp.asarray(val_labels), cost_E,
+                                                         candidates_KxE, policy=policy))
+  num_exits, num_classes = np.shape(val_logits)[0], np.shape(val_logits)[-1]
   rows = []
   for name in eval_cfg.risks:
-    for eps in eval_cfg.risk_epsilons:
-      out = risk.certify(val_logits, val_labels, cost_E, eps, eval_cfg.risk_delta, name, policy, eval_cfg.risk_family)
+    certified = risk.certify_each(val_logits, val_labels, cost_E, eval_cfg.risk_epsilons, eval_cfg.risk_delta, name,
+                                  policy, eval_cfg.risk_family)
+    for eps, out in zip(eval_cfg.risk_epsilons, certified):
       test_risk, test_macs = risk.risk_of(out["threshold_ExC"], test_logits, test_labels, cost_E, name, policy)
-      budget_t, _ = calibration.fit(val_logits, val_labels, cost_E, policy, budget_macs=out["macs"])
+      budget_E = candidates_KxE[calibration.pick_budget(accuracy_K, macs_K, out["macs"])]
+      budget_t = thresholds.per_exit(budget_E, num_exits, num_classes, policy)
       budget_risk, budget_macs = risk.risk_of(budget_t, test_logits, test_labels, cost_E, name, policy)
       rows.append({"risk": name, "epsilon": eps, "delta": eval_cfg.risk_delta, "policy": policy,
                    "family": eval_cfg.risk_family, "certified": out["certified"], "val_risk": out["risk"],
@@ -222,8 +230,8 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
     np.savez(os.path.join(workdir, "logits.npz"), val_logits=logits["val"], val_labels=ds.val.labels_N,
              test_logits=logits["test"], test_labels=ds.test.labels_N, cumulative_macs=np.asarray(macs.cumulative))
     report.write_all(result, workdir)
-    thresholds.save(workdir, [thresholds.entry(policy, thresholds.from_json(row["per_exit"]["threshold_ExC"], policy),
-                                               budget=row["budget"], fitted_on="val",
-                                               val_accuracy=row["per_exit"]["val_accuracy"])
+    thresholds.save(workdir, [{"policy": policy, "threshold_ExC": row["per_exit"]["threshold_ExC"],
+                               "budget": row["budget"], "fitted_on": "val",
+                               "val_accuracy": row["per_exit"]["val_accuracy"]}
                               for policy, rows in fitted.items() for row in rows])
   return result

@@ -173,10 +173,7 @@ def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E) -> dict:
 def run_threshold(run, policy, budget: float):
   """(threshold_ExC, where it came from): the run's setting for `policy` and `budget`, else fitted now on its
   validation logits for that budget."""
-  try:
-    saved = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
-  except UserError:  # no thresholds.json or report.json: nothing fitted yet
-    saved = []
+  saved = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
   try:
     chosen = thresholds.pick(saved, policy, budget)
     about = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"

@@ -49,31 +49,28 @@ def available() -> str | None:
 
 
 def _convert(fn, specs, path: str) -> None:
+  """fn to an ONNX file through a closed jaxpr, so jax2onnx converts JAX primitives only: its Flax-level
+  BatchNorm and avg_pool plugins write graphs onnxruntime rejects (jax2onnx 0.17.1, measured)."""
   reason = available()
   if reason is not None:
     raise ImportError(reason)  # reported as "not available here" by eejax.export
+  from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
   from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
-  to_onnx(fn, specs, return_mode="file", output_path=path)
+  closed = jax.make_jaxpr(fn)(*specs)
+  to_onnx(lambda *args: tuple(jaxpr_as_fun(closed)(*args)), specs, return_mode="file", output_path=path)
 
 
 def _convert_any_batch(fn, shape, dtype, path: str) -> None:
-  """fn(x_Bx...) to ONNX with a symbolic batch B, through a closed jaxpr (JAX primitives only, see export_onnx)."""
-  from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
-  batch = jax.export.symbolic_shape("B")[0]
-  closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct((batch, *shape), dtype))
-  _convert(lambda x: tuple(jaxpr_as_fun(closed)(x)), [jax.ShapeDtypeStruct((batch, *shape), dtype)], path)
+  """fn(x_Bx...) to ONNX with a symbolic batch B (one symbol for the jaxpr and the ONNX input)."""
+  _convert(fn, [jax.ShapeDtypeStruct((jax.export.symbolic_shape("B")[0], *shape), dtype)], path)
 
 
 def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
-  from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
   specs = [jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
            jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32)]
-  # Traced to a closed jaxpr first, so jax2onnx converts JAX primitives only: its Flax-level BatchNorm and
-  # avg_pool plugins write graphs onnxruntime rejects inside `If` branches (jax2onnx 0.17.1, measured).
   variables = jax.device_put(variables, jax.devices()[0])  # one device: a mesh sharding traces to `reshard`
-  closed = jax.make_jaxpr(inference.early_exit_fn(model, variables, mean_C, std_C, policy))(*specs)
   path = os.path.join(out_dir, "model.onnx")
-  _convert(lambda x, t: tuple(jaxpr_as_fun(closed)(x, t)), specs, path)
+  _convert(inference.early_exit_fn(model, variables, mean_C, std_C, policy), specs, path)
   session = _session(path)
   names = [i.name for i in session.get_inputs()]
   return [path], lambda x, t: tuple(session.run(None, {names[0]: np.asarray(x), names[1]: np.asarray(t)}))

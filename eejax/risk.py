@@ -91,12 +91,8 @@ def per_exit_family(score_ExN, hits_ExN, cost_E, policy, num: int = 40) -> np.nd
       score_ExN, jnp.zeros(score_ExN.shape, jnp.int32), jnp.zeros(score_ExN.shape[1], jnp.int32), cost_E,
       candidates_KxE, policy=policy.name, hits_ExB=hits_ExN)))
   never_E = np.full(candidates_KxE.shape[1], policy.never, np.float32)
-  out = [never_E]
-  for budget in np.linspace(1.0, 0.0, num) * float(np.asarray(cost_E)[-1]):
-    fits = macs_K <= budget
-    if fits.any():
-      out.append(candidates_KxE[np.lexsort((macs_K, -np.where(fits, kept_K, -np.inf)))[0]])
-  return np.stack(out)
+  budgets = [b for b in np.linspace(1.0, 0.0, num) * float(np.asarray(cost_E)[-1]) if (macs_K <= b).any()]
+  return np.stack([never_E] + [candidates_KxE[calibration.pick_budget(kept_K, macs_K, b)] for b in budgets])
 
 
 def certify(logits_ExNxC, labels_N, cost_E, epsilon: float, delta: float = 0.1, risk: str = "disagreement",
@@ -106,6 +102,12 @@ def certify(logits_ExNxC, labels_N, cost_E, epsilon: float, delta: float = 0.1, 
   Returns {"threshold_ExC", "certified" (False: none was, every image goes to the last exit), "risk",
   "macs", "p_value", "n", ...} measured on the images it was certified on.
   """
+  return certify_each(logits_ExNxC, labels_N, cost_E, (epsilon,), delta, risk, policy, family, seed)[0]
+
+
+def certify_each(logits_ExNxC, labels_N, cost_E, epsilons, delta: float = 0.1, risk: str = "disagreement",
+                 policy="max_prob", family: str = "global", seed: int = 0) -> list[dict]:
+  """`certify` for several tolerances: the family is built and scored once, only the tests differ."""
   policy = policies.get(policy)
   if family not in FAMILIES:
     raise unknown_name("risk family", family, FAMILIES)
@@ -122,25 +124,27 @@ def certify(logits_ExNxC, labels_N, cost_E, epsilon: float, delta: float = 0.1, 
     family_K = per_exit_family(score_ExN[:, fit_idx], hits(pred_ExN[:, fit_idx], labels_N[fit_idx], risk), cost_E,
                                policy)
   score_ExN, pred_ExN, labels_N = score_ExN[:, test_idx], pred_ExN[:, test_idx], labels_N[test_idx]
-  hits_ExN = hits(pred_ExN, labels_N, risk)
   kept_K, macs_K = jax.device_get(calibration.search(score_ExN, pred_ExN, labels_N, cost_E, family_K,
-                                                     policy=policy.name, hits_ExB=hits_ExN))
+                                                     policy=policy.name, hits_ExB=hits(pred_ExN, labels_N, risk)))
   risk_K = 1.0 - np.asarray(kept_K, np.float64)
   n = len(test_idx)
-  p_K = hb_p_values(risk_K, n, epsilon)
-  certified = fixed_sequence(p_K, delta)
-  if certified:
-    best = int(np.argmin(np.where(np.arange(len(p_K)) < certified, macs_K, np.inf)))
-    t = family_K[best]
-    threshold_ExC = (thresholds.per_exit(t, num_exits, num_classes, policy) if np.ndim(t) == 1
-                     else thresholds.per_exit(np.full(num_exits, t), num_exits, num_classes, policy))
-    chosen = {"risk": float(risk_K[best]), "macs": float(macs_K[best]), "p_value": float(p_K[best])}
-  else:
-    threshold_ExC = np.full((num_exits, num_classes), policy.never, np.float32)
-    chosen = {"risk": 0.0, "macs": float(cost_E[-1]), "p_value": None}
-  return {"threshold_ExC": threshold_ExC, "certified": bool(certified), **chosen, "n": n, "epsilon": epsilon,
-          "delta": delta, "risk_name": risk, "policy": policy.name, "family": family,
-          "candidates_certified": certified, "candidates": len(p_K)}
+  about = {"n": n, "delta": delta, "risk_name": risk, "policy": policy.name, "family": family,
+           "candidates": len(family_K)}
+  out = []
+  for epsilon in epsilons:
+    p_K = hb_p_values(risk_K, n, epsilon)
+    certified = fixed_sequence(p_K, delta)
+    if certified:
+      best = int(np.argmin(np.where(np.arange(len(p_K)) < certified, macs_K, np.inf)))
+      t_E = np.broadcast_to(family_K[best], (num_exits,))  # a global threshold serves every exit
+      threshold_ExC = thresholds.per_exit(t_E, num_exits, num_classes, policy)
+      chosen = {"risk": float(risk_K[best]), "macs": float(macs_K[best]), "p_value": float(p_K[best])}
+    else:
+      threshold_ExC = np.full((num_exits, num_classes), policy.never, np.float32)
+      chosen = {"risk": 0.0, "macs": float(cost_E[-1]), "p_value": None}
+    out.append({"threshold_ExC": threshold_ExC, "certified": bool(certified), **chosen, "epsilon": epsilon,
+                "candidates_certified": certified, **about})
+  return out
 
 
 def risk_of(threshold_ExC, logits_ExNxC, labels_N, cost_E, risk: str, policy="max_prob") -> tuple[float, float]:

@@ -58,12 +58,16 @@ def entry(policy, threshold_ExC, **about) -> dict:
 
 
 def save(workdir: str, entries: list[dict]) -> None:
+  """Writes the entries (threshold_ExC as an array or already in JSON form) to thresholds.json."""
+  entries = [{**e, "threshold_ExC": to_json(e["threshold_ExC"])} if isinstance(e["threshold_ExC"], np.ndarray)
+             else e for e in entries]
   with open(os.path.join(workdir, FILE), "w", encoding="utf-8") as f:  # one entry a line
     f.write('{"thresholds": [\n' + ",\n".join(json.dumps(e) for e in entries) + "\n]}\n")
 
 
 def load(workdir: str, num_exits: int, num_classes: int) -> list[dict]:
-  """The run's fitted settings (entries with "threshold_ExC" as an array), newest format or older ones."""
+  """The run's fitted settings (entries with "threshold_ExC" as an array), newest format or older ones; [] when
+  the run has none yet (no thresholds.json and no report.json)."""
   path = os.path.join(workdir, FILE)
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -75,7 +79,7 @@ def load(workdir: str, num_exits: int, num_classes: int) -> list[dict]:
   for e in entries:
     t = e["threshold_ExC"] if isinstance(e["threshold_ExC"], np.ndarray) else from_json(e["threshold_ExC"], e["policy"])
     if t.shape != (num_exits, num_classes):
-      raise UserError(f"{path}: a threshold of shape {t.shape} for a model with {num_exits} exits and "
+      raise UserError(f"{workdir}: a threshold of shape {t.shape} for a model with {num_exits} exits and "
                       f"{num_classes} classes; it belongs to another run")
     out.append({**e, "threshold_ExC": t})
   return out
@@ -105,7 +109,7 @@ def _from_report(workdir: str, num_exits: int, num_classes: int) -> list[dict]:
   """Entries from an older run's report.json: per-exit settings fitted on validation, per policy and budget."""
   path = os.path.join(workdir, "report.json")
   if not os.path.exists(path):
-    raise UserError(f"{workdir} has no {FILE} or report.json: finish the run (or fit thresholds) first")
+    return []
   with open(path, encoding="utf-8") as f:
     report = json.load(f)
   return [{"policy": policy, "budget": row["budget"], "fitted_on": "val",
