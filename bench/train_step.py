@@ -20,10 +20,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-import torch_peer
+try:  # the peer; without PyTorch eejax is still measured, and the line says the peer was skipped
+  import torch
+  import torch.nn.functional as F
+  import torch_peer
+except ImportError:
+  torch = None
 from configs import cifar10
 from eejax import flops, sharding, train
 from eejax.run import build_model
@@ -159,28 +162,34 @@ def main():
   parser.add_argument("--json", help="write every measured figure to this file")
   args = parser.parse_args()
   rows = []
-  compile_mode = args.torch_compile == "on" or (args.torch_compile == "auto" and torch.cuda.is_available())
-  torch.set_num_threads(max(1, torch.get_num_threads()))
+  compile_mode = torch is not None and (args.torch_compile == "on" or (args.torch_compile == "auto"
+                                                                       and torch.cuda.is_available()))
+  peer_line = ("torch not installed: the PyTorch peer is skipped (pip install 'eejax[bench]')" if torch is None else
+               f"torch {torch.__version__} (compile {'on' if compile_mode else 'off'})")
+  if torch is not None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()} x{jax.device_count()}), host "
-        f"{platform.machine()}; jax {jax.__version__}, torch {torch.__version__} "
-        f"(compile {'on' if compile_mode else 'off'}); {time.strftime('%Y-%m-%d')}")
+        f"{platform.machine()}; jax {jax.__version__}, {peer_line}; {time.strftime('%Y-%m-%d')}")
   for arch in args.models.split(","):
     width = args.width if arch in ("resnet18", "resnet34", "resnet50") else 1.0
-    ours, theirs = same_function(arch, width)
-    print(f"{arch} x{width}: same function check, joint loss eejax {ours:.6f} torch {theirs:.6f} "
-          f"(rel. diff {abs(ours - theirs) / abs(theirs):.1e})")
-    if abs(ours - theirs) > 1e-3 * abs(theirs):
-      raise SystemExit("the two implementations differ; not timing them")
+    if torch is not None:
+      ours, theirs = same_function(arch, width)
+      print(f"{arch} x{width}: same function check, joint loss eejax {ours:.6f} torch {theirs:.6f} "
+            f"(rel. diff {abs(ours - theirs) / abs(theirs):.1e})")
+      if abs(ours - theirs) > 1e-3 * abs(theirs):
+        raise SystemExit("the two implementations differ; not timing them")
     for dtype in args.dtypes.split(","):
       multi, multi_compile, model = eejax_step(arch, width, args.batch, dtype, False, args.steps, args.steps_per_call)
       plain, _, _ = eejax_step(arch, width, args.batch, dtype, True, args.steps, args.steps_per_call)
-      peer, peer_compile = torch_step(arch, width, args.batch, dtype, args.steps, compile_mode)
+      peer, peer_compile = (torch_step(arch, width, args.batch, dtype, args.steps, compile_mode)
+                            if torch is not None else (None, None))
       peak, source = measured_peak_macs_per_s(dtype)
       sheet = datasheet_peak_macs_per_s(dtype)
       fwd = flops.exit_macs(model, (32, 32, 3)).cumulative[-1]
+      versus = ("torch skipped" if peer is None else
+                f"torch {peer:9.1f} img/s (first steps {peer_compile:.1f} s) -> eejax/torch {multi / peer:.2f}x")
       print(f"  {dtype:8s} batch {args.batch}: eejax multi-exit {multi:9.1f} img/s (compile {multi_compile:.1f} s), "
-            f"plain {plain:9.1f} img/s -> multi/plain cost {plain / multi:.3f}x; torch {peer:9.1f} img/s "
-            f"(first steps {peer_compile:.1f} s) -> eejax/torch {multi / peer:.2f}x; utilisation "
+            f"plain {plain:9.1f} img/s -> multi/plain cost {plain / multi:.3f}x; {versus}; utilisation "
             f"{100 * multi * 3 * fwd / peak:.1f}% of {peak / 1e12:.3f} T MAC/s ({source})"
             + ("" if sheet is None else f", {100 * multi * 3 * fwd / sheet:.1f}% of the datasheet's "
                f"{sheet / 1e12:.1f} T MAC/s"))

@@ -81,7 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = "tfds:cifar10"  # tfds:NAME | folder:PATH (class-per-folder train/ and test/)
+  config.data.source = "cifar10"  # built-in (downloaded once) | NAME:PATH (its original file) | folder:PATH | tfds:NAME
+  config.data.mirror = ""  # built-in sources: a base URL serving the original file names instead of their homes
   config.data.max_images = 0  # per split, a seeded random subset for quick runs; 0: all
   config.data.test_split = "test"  # folder sources: the folder of the labelled evaluation split
   config.data.val_size = 5000  # images carved from train when the source has no validation split
@@ -89,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.image_size = config_dict.placeholder(int)  # resize to NxN; None keeps the source's size
   config.data.cache_dir = "~/.cache/eejax"  # decoded uint8 arrays; '' disables the cache
   config.data.tfds_data_dir = config_dict.placeholder(str)  # None: tfds's default (~/tensorflow_datasets)
-  config.data.download = False  # tfds: download and prepare when missing (needs network and TensorFlow)
+  config.data.download = False  # tfds only: download and prepare when missing (needs network and TensorFlow)
   config.data.crop_pad = 4  # pixels of zero padding for the random crop; 0 disables the crop
   config.data.flip = True  # random horizontal flip
 

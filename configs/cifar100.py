@@ -1,4 +1,4 @@
-r"""CIFAR-100, jointly trained multi-exit ResNets (tfds:cifar100, or a class-per-folder copy).
+r"""CIFAR-100, jointly trained multi-exit ResNets (the 100 fine labels of cifar-100-python.tar.gz).
 
 Presets:
 
@@ -13,8 +13,8 @@ Presets:
             python -m eejax.main --config configs/cifar100.py:cpu --workdir /tmp/c100cpu
           Result: not measured yet.
 
-tfds:cifar100 must be prepared in tfds's data_dir, or downloaded on first use
-with --config.data.download=True (network access and `pip install 'eejax[tfds]'`).
+The archive is downloaded on first use (eejax.datasets); offline, give a copy with
+--config.data.source=cifar100:/path/to/cifar-100-python.tar.gz.
 """
 from configs import cifar10
 
@@ -23,5 +23,5 @@ def get_config(arg: str | None = None):
   if arg not in (None, "", "cpu", *cifar10.PRESETS):
     raise ValueError(f"unknown preset {arg!r} for configs/cifar100.py; valid: cpu, {', '.join(cifar10.PRESETS)}")
   config = cifar10.get_config(arg or None)
-  config.data.source = "tfds:cifar100"
+  config.data.source = "cifar100"
   return config

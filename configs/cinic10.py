@@ -1,8 +1,8 @@
 r"""CINIC-10 (Darlow et al. 2018): 270,000 32x32 images in CIFAR-10's classes, ImageNet and CIFAR.
 
-CINIC-10 ships as a class-per-folder tree `train/ valid/ test/<class>/*.png` (90,000 each); eejax
-reads `valid/` as the validation split. Download it from https://github.com/BayesWatch/cinic-10 and
-unpack it, then point data.source at it (the default below is ~/data/cinic10).
+CINIC-10.tar.gz unpacks to a class-per-folder tree `train/ valid/ test/<class>/*.png` (90,000 each);
+eejax downloads and unpacks it on first use (eejax.datasets) and reads `valid/` as the validation
+split. Offline: --config.data.source=cinic10:/path/to/CINIC-10.tar.gz, or folder:PATH to an unpacked copy.
 
 Presets (the paper's BTS-EE setting is ResNet-18 on CINIC-10):
 
@@ -22,7 +22,7 @@ def get_config(arg: str | None = None):
   if arg not in (None, "", "cpu", "smoke", *cifar10.PRESETS):
     raise ValueError(f"unknown preset {arg!r} for configs/cinic10.py; valid: cpu, smoke, {', '.join(cifar10.PRESETS)}")
   config = cifar10.get_config(arg or None)
-  config.data.source = "folder:~/data/cinic10"  # train/, valid/ (validation), test/
+  config.data.source = "cinic10"  # train/, valid/ (validation), test/ of CINIC-10.tar.gz
   if not arg:
     config.train.epochs = 100
   return config

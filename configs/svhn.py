@@ -1,4 +1,4 @@
-r"""SVHN (cropped digits), jointly trained multi-exit ResNets (tfds:svhn_cropped).
+r"""SVHN (cropped digits: train_32x32.mat, test_32x32.mat), jointly trained multi-exit ResNets.
 
 Digits are not mirror-symmetric, so the horizontal flip is off.
 
@@ -15,8 +15,8 @@ Presets:
             python -m eejax.main --config configs/svhn.py:cpu --workdir /tmp/svhncpu
           Result: not measured yet.
 
-tfds:svhn_cropped must be prepared in tfds's data_dir, or downloaded on first use
-with --config.data.download=True (network access and `pip install 'eejax[tfds]'`).
+Both files are downloaded on first use (eejax.datasets; label 10 is the digit 0); offline, give a
+folder holding them with --config.data.source=svhn:/path/to/folder.
 """
 from configs import cifar10
 
@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   if arg not in (None, "", "cpu", *cifar10.PRESETS):
     raise ValueError(f"unknown preset {arg!r} for configs/svhn.py; valid: cpu, {', '.join(cifar10.PRESETS)}")
   config = cifar10.get_config(arg or None)
-  config.data.source = "tfds:svhn_cropped"
+  config.data.source = "svhn"
   config.data.flip = False
   cpu = bool(arg) and arg.endswith("cpu")
   config.train.epochs = 4 if cpu else 40

@@ -1,11 +1,10 @@
-r"""Tiny ImageNet (200 classes, 64x64) from its own folder layout, for self-distillation.
+r"""Tiny ImageNet (200 classes, 64x64) from tiny-imagenet-200.zip, for self-distillation.
 
-The dataset is not on the development machines; point the config at a copy:
+The zip is downloaded and unpacked on first use (eejax.datasets); offline, give a copy with
+--config.data.source=tiny_imagenet:/path/to/tiny-imagenet-200.zip (or folder:PATH, unpacked):
 
-  python -m eejax.main --config configs/tiny_imagenet.py:mate \
-    --config.data.source=folder:/data/tiny-imagenet-200 --workdir /tmp/tin_mate
-  python launch/self_distillation.py --scale gpu --config configs/tiny_imagenet.py \
-    --data folder:/data/tiny-imagenet-200
+  python -m eejax.main --config configs/tiny_imagenet.py:mate --workdir /tmp/tin_mate
+  python launch/self_distillation.py --scale gpu --config configs/tiny_imagenet.py
 
 Layout as the archive unpacks: train/<wnid>/images/*.JPEG, val/images/*.JPEG
 with val/val_annotations.txt. The official test split has no labels, so val/ is
@@ -21,7 +20,7 @@ def get_config(arg: str | None = None):
   if arg not in (None, "", "mate", "byot"):
     raise ValueError(f"unknown preset {arg!r} for configs/tiny_imagenet.py; valid: mate, byot")
   config = cifar10.get_config(arg or None)
-  config.data.source = "folder:tiny-imagenet-200"
+  config.data.source = "tiny_imagenet"  # tiny-imagenet-200.zip; val/ is the test split
   config.data.test_split = "val"
   config.data.val_size = 10000
   config.data.crop_pad = 8

@@ -1,12 +1,12 @@
-"""Datasets as uint8 numpy arrays on the host: class-per-folder trees and tfds.
+"""Datasets as uint8 numpy arrays on the host: the papers' datasets, class-per-folder trees and tfds.
 
 `load(source, ...)` returns a `Dataset` with train / val / test splits:
 
+* `cifar10`, `cifar100`, `svhn`, `tiny_imagenet`, `cinic10` (`eejax.datasets`):
+  read from their authors' original files, downloaded on first use (or
+  `NAME:PATH`, a copy already on disk). No TensorFlow.
 * `folder:PATH`: `PATH/train/<class>/**` and `PATH/<test_split>/<class>/**`
-  (JPEG or PNG, RGB or greyscale, one size; images may sit in sub-folders of a
-  class folder), the layout CINIC-10 ships in. A split folder without class
-  folders but with a `val_annotations.txt` (file, class per line: Tiny
-  ImageNet's val/) is labelled from it. The validation split is
+  (`eejax.folders`; JPEG or PNG, one size). The validation split is
   `PATH/valid/` or `PATH/val/` when present (and not the test split), else
   carved from train.
 * `tfds:NAME`: a TensorFlow Datasets dataset already prepared in
@@ -16,7 +16,6 @@
 Decoded arrays are cached in `cache_dir` so a second run does not decode again.
 Everything that happens on the accelerator lives in `eejax.input_pipeline`.
 """
-import concurrent.futures
 import dataclasses
 import hashlib
 import os
@@ -24,9 +23,10 @@ import socket
 
 import numpy as np
 
+from eejax import datasets, folders
 from eejax.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+DEFAULT_CACHE = "~/.cache/eejax"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,23 +57,31 @@ class Dataset:
 
 def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: int | None = None,
          cache_dir: str | None = None, tfds_data_dir: str | None = None, download: bool = False,
-         max_images: int = 0, test_split: str = "test") -> Dataset:
-  """Loads `source` ('folder:PATH' or 'tfds:NAME'); see the module docstring.
+         max_images: int = 0, test_split: str = "test", mirror: str = "") -> Dataset:
+  """Loads `source` (a built-in name, 'folder:PATH' or 'tfds:NAME'); see the module docstring.
 
   max_images > 0 keeps a random subset (seeded by val_seed) of at most that many
   images in every split, for quick runs; the validation split is then carved
   from the reduced train split.
   """
   kind, _, arg = source.partition(":")
-  if kind == "folder" and arg:
+  if kind in datasets.BUILTIN:
+    spec = datasets.BUILTIN[kind]
+    store = os.path.expanduser(cache_dir or DEFAULT_CACHE)  # downloads go there even when arrays are not cached
+    read = lambda: _wrap(*datasets.read(spec, arg, store, mirror, image_size))
+    splits, class_names = _cached(read, datasets.cache_key(spec, image_size), cache_dir)
+  elif kind == "folder" and arg:  # a subset is chosen before decoding: a quick run decodes only what it uses
     arg = os.path.expanduser(arg)
-    splits, class_names = _cached(lambda: _read_folder(arg, image_size, test_split),
-                                  _folder_key(arg, f"{image_size}:{test_split}"), cache_dir)
+    keep = (max_images, val_seed)
+    splits, class_names = _cached(lambda: _wrap(*folders.read_tree(arg, image_size, test_split, keep)),
+                                  _folder_key(arg, f"{image_size}:{test_split}:{keep if max_images else ''}"),
+                                  cache_dir)
   elif kind == "tfds" and arg:
     key = f"tfds:{arg}:{tfds_data_dir}:{image_size}"
     splits, class_names = _cached(lambda: _read_tfds(arg, tfds_data_dir, download, image_size), key, cache_dir)
-  else:
-    raise UserError(f"data.source={source!r}: expected 'folder:PATH' or 'tfds:NAME' (e.g. tfds:cifar10)")
+  else:  # also checked where a config enters (eejax.validate)
+    raise UserError(f"data.source={source!r}: expected one of {', '.join(datasets.BUILTIN)} (NAME or NAME:PATH "
+                    "to a copy of its original files), 'folder:PATH' or 'tfds:NAME'")
   if max_images:
     splits = {name: subset(split, max_images, val_seed) for name, split in splits.items()}
   if "val" in splits:
@@ -86,7 +94,8 @@ def from_config(data_cfg) -> Dataset:
   """`load` with the settings of a config's `data` section."""
   return load(data_cfg.source, val_size=data_cfg.val_size, val_seed=data_cfg.val_seed,
               image_size=data_cfg.image_size, cache_dir=data_cfg.cache_dir, tfds_data_dir=data_cfg.tfds_data_dir,
-              download=data_cfg.download, max_images=data_cfg.max_images, test_split=data_cfg.test_split)
+              download=data_cfg.download, max_images=data_cfg.max_images, test_split=data_cfg.test_split,
+              mirror=data_cfg.mirror)
 
 
 def sample_images(data_cfg, n: int) -> np.ndarray:
@@ -99,11 +108,11 @@ def sample_images(data_cfg, n: int) -> np.ndarray:
   if kind != "folder":
     return from_config(data_cfg).test.images_NxHxWx3[:n]
   folder = os.path.join(os.path.expanduser(arg), data_cfg.test_split)
-  paths = _images_under(folder)
+  paths = folders.images_under(folder)
   if not paths:
     raise UserError(f"no .jpg/.png images under {folder}: the run's evaluation split, where exports are verified")
   picks = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
-  return np.stack([_decode(paths[i], data_cfg.image_size) for i in picks])
+  return np.stack([folders.decode(paths[i], data_cfg.image_size) for i in picks])
 
 
 def carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
@@ -117,11 +126,15 @@ def carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
 
 
 def subset(split: Split, n: int, seed: int) -> Split:
-  """At most n images of `split`, a seeded random choice kept in the original order."""
+  """At most n images of `split`, a seeded random choice kept in the original order (`folders.chosen`)."""
   if n >= len(split):
     return split
-  idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+  idx = folders.chosen(len(split), n, seed)
   return Split(split.images_NxHxWx3[idx], split.labels_N[idx])
+
+
+def _wrap(arrays, class_names):
+  return {s: Split(images, labels) for s, (images, labels) in arrays.items()}, class_names
 
 
 # ---------------------------------------------------------------- caching
@@ -161,84 +174,6 @@ def _folder_key(root: str, image_size) -> str:
       st = os.stat(os.path.join(dirpath, name))
       digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
   return "folder:" + digest.hexdigest()
-
-
-# ---------------------------------------------------------------- folder trees
-
-
-def _read_folder(root: str, image_size, test_split: str = "test"):
-  if not os.path.isdir(os.path.join(root, "train")) or not os.path.isdir(os.path.join(root, test_split)):
-    raise UserError(
-        f"data folder {root!r} not found or incomplete: expected {root}/train/<class>/*.jpg|png and "
-        f"{root}/{test_split}/<class>/*.jpg|png; set --config.data.source=folder:PATH or tfds:NAME")
-  class_names = tuple(sorted(d for d in os.listdir(os.path.join(root, "train"))
-                             if os.path.isdir(os.path.join(root, "train", d))))
-  splits = {"train": _read_folder_split(root, "train", class_names, image_size),
-            "test": _read_folder_split(root, test_split, class_names, image_size)}
-  for name in ("valid", "val"):
-    if name != test_split and os.path.isdir(os.path.join(root, name)):
-      splits["val"] = _read_folder_split(root, name, class_names, image_size)
-      break
-  return splits, class_names
-
-
-def _images_under(folder: str) -> list[str]:
-  """Every image file under `folder`, sub-folders included, in sorted order."""
-  found = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames.sort()
-    found += [os.path.join(dirpath, n) for n in sorted(filenames) if n.lower().endswith(IMAGE_EXTENSIONS)]
-  return found
-
-
-def _annotated_split(root, split, class_names):
-  """(paths, labels) of a split labelled by val_annotations.txt (file<TAB>class...), or None."""
-  annotations = os.path.join(root, split, "val_annotations.txt")
-  if not os.path.exists(annotations):
-    return None
-  index = {name: i for i, name in enumerate(class_names)}
-  by_name = {os.path.basename(p): p for p in _images_under(os.path.join(root, split))}
-  paths, labels = [], []
-  with open(annotations, encoding="utf-8") as f:
-    for line in f:
-      name, cls = line.split("\t")[:2]
-      if name in by_name and cls in index:
-        paths.append(by_name[name])
-        labels.append(index[cls])
-  return paths, labels
-
-
-def _read_folder_split(root, split, class_names, image_size) -> Split:
-  paths, labels = [], []
-  annotated = None if os.path.isdir(os.path.join(root, split, class_names[0])) else _annotated_split(
-      root, split, class_names)
-  if annotated:
-    paths, labels = annotated
-  for label, cls in enumerate(class_names if not annotated else ()):
-    folder = os.path.join(root, split, cls)
-    if not os.path.isdir(folder):
-      raise UserError(f"{folder} is missing: every class in {root}/train must also be in {root}/{split}")
-    names = _images_under(folder)
-    paths += names
-    labels += [label] * len(names)
-  if not paths:
-    raise UserError(f"no .jpg/.png images under {root}/{split}/<class>/")
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    images = list(pool.map(lambda p: _decode(p, image_size), paths, chunksize=256))
-  shapes = {im.shape for im in images}
-  if len(shapes) > 1:
-    raise UserError(f"images under {root}/{split} have different sizes {sorted(shapes)[:3]}...; "
-                    "set --config.data.image_size=N to resize them all to NxN")
-  return Split(np.stack(images), np.asarray(labels, np.int32))
-
-
-def _decode(path, image_size) -> np.ndarray:
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-  with Image.open(path) as im:
-    im = im.convert("RGB")
-    if image_size and im.size != (image_size, image_size):
-      im = im.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(im, np.uint8)
 
 
 # ---------------------------------------------------------------- tfds

@@ -26,7 +26,8 @@ from eejax.models.multi_exit import DTYPES
 
 # Config keys added after the first runs were saved: an older config.json gets them with their neutral value.
 LATER_KEYS = {"model.head_dropout": 0.0, "model.exit_grad_scale": 1.0, "train.grad_clip": 0.0,
-              "train.transfer_guard": "disallow", "data.test_split": "test"}
+              "train.transfer_guard": "disallow", "data.test_split": "test",
+              "data.mirror": ""}
 
 
 def model_settings(model_cfg, ensemble_teachers: bool = False) -> dict:

@@ -23,8 +23,13 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+        try:
+          from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        except ImportError:
+          print("tensorboardX is not installed: metrics go to metrics.jsonl only (pip install tensorboardX "
+                "for TensorBoard files)", file=sys.stderr)
+        else:
+          self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._active:

@@ -4,7 +4,7 @@
   python launch/gpu_evidence.py --root R --data DIR --scale cpu  # the same steps, tiny: checks the plumbing
 
 DIR is the class-per-folder CIFAR-10 tree. Each step is one command whose
-output goes to R/<step>.log; a finished step leaves R/<step>.json (command,
+output goes to R/logs/<step>.log; a finished step leaves R/steps/<step>.json (command,
 exit status, seconds) and is skipped when the script runs again, so a stopped
 run continues where it was. Workdirs go under R/work/. The main job's epochs
 follow the measured training throughput: as many (a multiple of 10, 40 to
@@ -18,9 +18,9 @@ R/summary.md lists every step's command, status, time and last lines.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
+
+import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The GPU recipe for ResNet-18 with 4 exits: bfloat16 compute, batch 512, the learning rate scaled with it.
@@ -88,7 +88,7 @@ def main_variant(work, cpu):
   return ablations(cpu)[best]
 
 
-def steps(args):
+def evidence_steps(args):
   py, data = sys.executable, f"folder:{args.data}"
   work = os.path.join(args.root, "work")
   main_wd = os.path.join(work, "main")
@@ -142,23 +142,13 @@ def steps(args):
                      *bts_common, *(["--config.bts.epochs=5"] if not cpu else [])]
 
 
-def tail(path, n):
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    lines = [l.rstrip() for l in f.read().replace("\r", "\n").splitlines() if l.strip()]
-  return lines[-n:]
-
-
 def write_summary(root, names):
   lines = ["# Accelerator evidence: steps", ""]
   for name in names:
-    done = os.path.join(root, f"{name}.json")
-    if os.path.exists(done):
-      with open(done, encoding="utf-8") as f:
-        info = json.load(f)
+    info = steps.record(root, name)
+    if info is not None:
       lines += [f"## {name}: exit status {info['status']}, {info['seconds']:.0f} s", "",
-                "`" + " ".join(info["command"]) + "`", "", "```", *tail(os.path.join(root, f"{name}.log"), 25),
+                "`" + " ".join(info["command"]) + "`", "", "```", *steps.tail(steps.log_path(root, name), 25),
                 "```", ""]
     else:
       lines += [f"## {name}: not run", ""]
@@ -183,34 +173,14 @@ def main():
   os.chdir(ROOT)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
                                                      os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-  run_steps(args.root, list(steps(args)), env, set(filter(None, args.only.split(","))))
-
-
-def finished(root, name):
-  done = os.path.join(root, f"{name}.json")
-  if not os.path.exists(done):
-    return False
-  with open(done, encoding="utf-8") as f:
-    return json.load(f)["status"] == 0
+  run_steps(args.root, list(evidence_steps(args)), env, set(filter(None, args.only.split(","))))
 
 
 def run_steps(root, named_commands, env, only=frozenset()):
   """Runs each (name, command or callable giving one) in order, skipping finished ones; a failure goes on."""
-  for name, command in named_commands:
-    if (only and name not in only) or finished(root, name):
-      continue
-    command = command() if callable(command) else command
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(command)}", flush=True)
-    start = time.perf_counter()
-    with open(os.path.join(root, f"{name}.log"), "w", encoding="utf-8") as log:
-      status = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    seconds = time.perf_counter() - start
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: exit status {status} after {seconds:.0f} s", flush=True)
-    print("\n".join(tail(os.path.join(root, f"{name}.log"), 8)), flush=True)
-    with open(os.path.join(root, f"{name}.json"), "w", encoding="utf-8") as f:
-      json.dump({"command": command, "status": status, "seconds": seconds}, f)
-    write_summary(root, [n for n, _ in named_commands])
-  write_summary(root, [n for n, _ in named_commands])
+  names = [n for n, _ in named_commands]
+  steps.run_steps(root, named_commands, env, only, after_each=lambda: write_summary(root, names))
+  write_summary(root, names)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import types
 
 from absl import flags
 
+import steps
 from eejax.cli import parse_flags
 
 
@@ -17,7 +18,7 @@ def parse_args(doc: str, scales, name: str):
   """
   flags.DEFINE_enum("scale", "cpu", sorted(scales), doc.splitlines()[0])
   flags.DEFINE_string("config", "configs/cifar10.py", "The config file of every run.")
-  flags.DEFINE_string("data", "folder:../shared/data/cifar10", "data.source ('' keeps the config's).")
+  flags.DEFINE_string("data", "", "data.source of every run ('': the config's own, e.g. cifar10, downloaded).")
   flags.DEFINE_string("root", None, "Folder for the runs' workdirs and the table.")
   extra = parse_flags(sys.argv, program=name)[1:]
   f = flags.FLAGS
@@ -35,7 +36,7 @@ def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
     command = [sys.executable, "-m", "eejax.main", "--config", config, f"--workdir={workdir}",
                *([f"--config.data.source={data}"] if data else []), *extra]
     print(f"[{name}] {' '.join(command)}", flush=True)
-    code = subprocess.call(command)
+    code = subprocess.call(steps.with_parent(command))  # stopped with this launcher
     if code:
       sys.exit(f"[{name}] failed with status {code}; rerun the same command to resume")
   with open(report, encoding="utf-8") as f:

@@ -1,7 +1,7 @@
 """Joint vs BYOT vs MATE with the same backbone, budget and seed, in one comparison table.
 
   python launch/self_distillation.py --scale cpu --data folder:../shared/data/cifar10
-  python launch/self_distillation.py --scale gpu --config configs/cifar100.py --data ''
+  python launch/self_distillation.py --scale gpu --config configs/cifar100.py
 
 Runs (each `python -m eejax.main` in ROOT/<scheme>, resumed if interrupted,
 skipped if finished), then ROOT/comparison.md and .json: per-exit test

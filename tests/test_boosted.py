@@ -1,7 +1,6 @@
 """BTS-EE: batches from the images in play only, stage-by-stage exclusion, a frozen backbone, the CLI job."""
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -147,22 +146,9 @@ def test_bts_job_errors_are_one_line(backbone_run, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_grid_launcher_runs_all_64_configurations_and_resumes(backbone_run):
-  root, tree, backbone = backbone_run
-  workdir = str(root / "grid")
-  command = [sys.executable, "launch/bts_grid.py", *bts_args(tree, backbone, workdir, "--config.bts.epochs=1")]
-  r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-  assert r.returncode == 0, r.stderr[-3000:]
-  grid = json.load(open(os.path.join(workdir, "grid.json")))
-  keys = {(tuple(p["positions"]), p["head_width"], p["margin"]) for p in grid["pairs"]}
-  assert len(grid["pairs"]) == 64 and len(keys) == 64 and len(grid["rows"]) == 128
-  assert {k[0] for k in keys} == {(2, 4, 7), (4, 7), (2, 4), (3, 6)}  # ResNet-20: 9 blocks
-  for p in grid["pairs"]:
-    assert p["accuracy_difference"] == pytest.approx(p["boosted_accuracy"] - p["nonboosted_accuracy"])
-  table = open(os.path.join(workdir, "grid.md")).read()
-  assert sum(line.startswith("| 2,4,7 |") or line.startswith("| 4,7 |") or line.startswith("| 2,4 |")
-             or line.startswith("| 3,6 |") for line in table.splitlines()) == 64
-  assert os.path.getsize(os.path.join(workdir, "grid.png")) > 10000
-  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
-  assert again.returncode == 0 and "[1/16]" not in again.stdout  # every configuration was kept and skipped
-  assert json.load(open(os.path.join(workdir, "grid.json")))["pairs"] == grid["pairs"]
+def test_grid_position_sets():
+  """The grid's four branch-position sets (its end to end run: tests/test_reproduce.py, stage bts)."""
+  sys.path.insert(0, os.path.join(REPO, "launch"))
+  import bts_grid  # pylint: disable=g-import-not-at-top
+  assert bts_grid.position_sets(9) == [(2, 4, 7), (4, 7), (2, 4), (3, 6)]  # ResNet-20: 9 blocks
+  assert bts_grid.position_sets(8) == [(2, 4, 6), (4, 6), (2, 4), (3, 5)]  # ResNet-18

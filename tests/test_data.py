@@ -7,7 +7,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import SHARED_CIFAR10, make_tree
-from eejax import data
+from eejax import data, folders
 from eejax.errors import UserError
 
 
@@ -53,7 +53,7 @@ def test_cache_avoids_decoding_and_notices_changes(tmp_path, monkeypatch):
   def no_decode(*args):
     raise AssertionError("decoded although cached")
 
-  monkeypatch.setattr(data, "_decode", no_decode)
+  monkeypatch.setattr(folders, "decode", no_decode)
   second = data.load(f"folder:{root}", val_size=2, cache_dir=cache)
   np.testing.assert_array_equal(first.train.images_NxHxWx3, second.train.images_NxHxWx3)
   monkeypatch.undo()
@@ -76,8 +76,17 @@ def test_corrupt_cache_is_rebuilt(tmp_path):
 def test_max_images_subsets_every_split(tmp_path):
   root = str(tmp_path / "t")
   make_tree(root, per_class=(10, 10), size=8)
-  ds = data.load(f"folder:{root}", max_images=12, val_size=4, cache_dir="")
+  ds = data.load(f"folder:{root}", max_images=12, val_size=4, cache_dir="", val_seed=3)
   assert (len(ds.train), len(ds.val), len(ds.test)) == (8, 4, 12)
+  # Only the chosen files are decoded, and they are the images a seeded subset of everything would keep.
+  whole = data.load(f"folder:{root}", val_size=4, cache_dir="", val_seed=3)
+  test = data.subset(whole.test, 12, 3)
+  np.testing.assert_array_equal(ds.test.images_NxHxWx3, test.images_NxHxWx3)
+  np.testing.assert_array_equal(ds.test.labels_N, test.labels_N)
+  raw_train = data.Split(*folders.read_tree(root, None)[0]["train"])  # before validation is carved
+  want = data.subset(raw_train, 12, 3).images_NxHxWx3
+  got = np.concatenate([ds.train.images_NxHxWx3, ds.val.images_NxHxWx3])
+  assert sorted(map(bytes, got)) == sorted(map(bytes, want))
 
 
 def test_folder_errors(tmp_path):
@@ -88,8 +97,8 @@ def test_folder_errors(tmp_path):
   make_tree(root, splits=("train",), per_class=(1,), size=10, classes=("cat",), seed=5)  # overwrites one image
   with pytest.raises(UserError, match="different sizes.*image_size"):
     data.load(f"folder:{root}", val_size=1, cache_dir="")
-  with pytest.raises(UserError, match="expected 'folder:PATH' or 'tfds:NAME'"):
-    data.load("cifar10", cache_dir="")
+  with pytest.raises(UserError, match="expected one of cifar10, cifar100, svhn, tiny_imagenet, cinic10 .*'folder:PATH'"):
+    data.load("cifar11", cache_dir="")
 
 
 def test_tfds_mock_data_without_tensorflow():

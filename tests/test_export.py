@@ -91,14 +91,11 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 
-def test_exporting_a_finished_run_never_reads_its_training_images(tmp_path):
+def test_exporting_a_finished_run_never_reads_its_training_images(smoke_master, tmp_path):
   """The statistics come from run.json; the training tree (and any decoded cache) is gone before the export."""
   import shutil, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  from conftest import REPO, make_tree, run_main, smoke_args  # pylint: disable=g-import-not-at-top
-  tree, workdir = str(tmp_path / "tree"), str(tmp_path / "w")
-  make_tree(tree, per_class=(32, 8), size=16)
-  r = run_main(smoke_args(tree, workdir, "", "--config.eval.real_inference=False"))
-  assert r.returncode == 0, r.stderr[-2000:]
+  from conftest import REPO, copy_run  # pylint: disable=g-import-not-at-top
+  tree, workdir = copy_run(smoke_master, str(tmp_path), own_tree=True)  # trained without a cache
   shutil.rmtree(os.path.join(tree, "train"))
   for policy in ("entropy", "patience"):
     out = tmp_path / f"export_{policy}"

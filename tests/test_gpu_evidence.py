@@ -18,7 +18,7 @@ def test_steps_resume_rerun_failures_and_summarise(tmp_path):
                                f" raise SystemExit({code})"]
   gpu_evidence.run_steps(root, [("ok", append("a", 0)), ("bad", append("b", 3))], dict(os.environ))
   assert counter.read_text() == "ab"
-  assert json.load(open(tmp_path / "bad.json"))["status"] == 3
+  assert json.load(open(tmp_path / "steps" / "bad.json"))["status"] == 3
   summary = (tmp_path / "summary.md").read_text()
   assert "## ok: exit status 0" in summary and "## bad: exit status 3" in summary and "did b" in summary
   # Run again: the finished step is kept, the failed one runs again (and now succeeds), a new one runs.

@@ -33,6 +33,8 @@ def test_name_mistakes_come_before_loading_data(tmp_path):
   assert_one_line_error(out, "unknown model 'resnet19'")
   out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.scheme=distill"])
   assert_one_line_error(out, "unknown scheme 'distill'; valid: boosted, byot, erde, joint, mate")
+  out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.data.source=cifar11"])
+  assert_one_line_error(out, "data.source='cifar11': expected one of cifar10, cifar100, svhn")
 
 
 def test_missing_data_folder(tmp_path):
@@ -47,6 +49,17 @@ def test_tfds_dataset_not_on_disk_fails_fast(tmp_path):
                   "--config.data.download=True", "--config.data.cache_dir="])
   assert_one_line_error(out, "tfds dataset 'cifar10'", "folder:PATH")
   assert time.perf_counter() - start < 60
+
+
+def test_the_default_dataset_without_network_is_one_line_with_both_remedies(tmp_path):
+  from http_server import closed_port_url  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}",
+                  f"--config.data.mirror={closed_port_url()}", f"--config.data.cache_dir={tmp_path / 'c'}"])
+  assert_one_line_error(out, "could not download", "no connection", "--config.data.source=cifar10:/path/to/",
+                        "--config.data.source=folder:PATH")
+  assert time.perf_counter() - start < 30  # the interpreter and jax start included; the network part is < 5 s
+  assert [n for n in os.listdir(tmp_path / "c" / "downloads") if not n.endswith(".lock")] == []
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tiny_tree, tmp_path):

@@ -129,17 +129,15 @@ def test_sigterm_then_restart_equals_an_uninterrupted_run(tiny_tree, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_two_devices_match_one(tiny_tree, tmp_path):
-  cache = str(tmp_path / "c")
-  runs = {}
-  for devices in (1, 2):
-    workdir = str(tmp_path / f"d{devices}")
-    flags = f"--xla_force_host_platform_device_count={devices}"
-    out = run_main(smoke_args(tiny_tree, workdir, cache), env_extra={"XLA_FLAGS": flags})
-    assert out.returncode == 0, out.stderr
-    assert f"on {devices} cpu device(s)" in out.stdout
-    runs[devices] = params_of(workdir)
-  for a, b in zip(runs[1], runs[2]):
+def test_two_devices_match_one(smoke_master, tmp_path):
+  _, tree, one_device, stdout = smoke_master
+  assert "on 1 cpu device(s)" in stdout
+  two_devices = str(tmp_path / "d2")
+  out = run_main(smoke_args(tree, two_devices, "", "--config.eval.real_inference=False"),
+                 env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  assert out.returncode == 0, out.stderr
+  assert "on 2 cpu device(s)" in out.stdout
+  for a, b in zip(params_of(one_device), params_of(two_devices)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 

@@ -38,6 +38,17 @@ def test_jsonl_and_tensorboard(tmp_path):
                                                  (7, "train/loss", 0.5)]
 
 
+def test_without_tensorboardx_metrics_still_go_to_jsonl_with_one_line(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)  # as on a machine without it: import fails
+  writer = MetricWriter(str(tmp_path))
+  writer.write(1, {"train/loss": 2.0})
+  writer.close()
+  assert [json.loads(l) for l in open(tmp_path / "metrics.jsonl")] == [{"step": 1, "train/loss": 2.0}]
+  assert not os.path.exists(tmp_path / "tb")
+  assert capsys.readouterr().err.strip() == ("tensorboardX is not installed: metrics go to metrics.jsonl only "
+                                             "(pip install tensorboardX for TensorBoard files)")
+
+
 def test_training_modules_do_not_import_tensorflow(tmp_path):
   code = ("import sys, eejax.train, eejax.writers, eejax.evaluate, eejax.data; "
           "eejax.writers.MetricWriter(sys.argv[1]).write(1, {'a': 1.0}); "

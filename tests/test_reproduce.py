@@ -1,0 +1,81 @@
+"""launch/reproduce.py at smoke scale: every stage end to end, a time limit, a signal, and the same tables after."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, make_tree
+
+STAGES = ("throughput", "main", "bts", "erde", "self_distillation")
+
+
+def reproduce(root, tree, *extra, wait=True):
+  command = [sys.executable, "launch/reproduce.py", "--scale=smoke", f"--data=folder:{tree}", f"--workdir={root}",
+             *extra]
+  if not wait:
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+
+
+def erde_rows(root):
+  """What the ERDE table says (its command line names the root, so the rows are compared)."""
+  return json.load(open(os.path.join(root, "work", "erde", "comparison.json")))["rows"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  root = tmp_path_factory.mktemp("reproduce")
+  make_tree(str(root / "tree"), per_class=(32, 8), size=16)
+  return str(root / "tree")
+
+
+def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):
+  root = str(tmp_path / "r")
+  r = reproduce(root, tree)
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  assert "every stage finished" in r.stdout
+  summary = open(os.path.join(root, "summary.md")).read()
+  for stage in STAGES:
+    assert f"## {stage}\n" in summary
+  assert "not run yet" not in summary and "failed" not in summary
+  assert "Hardware: cpu x1 (cpu)" in summary and f"Date: {time.strftime('%Y-%m-%d')}" in summary
+  assert "![main](work/main/curve.png)" in summary and "![bts_grid](work/bts_grid/grid.png)" in summary
+  assert "#### ERDE comparison" in summary and "#### Multi-exit self-distillation" in summary
+  assert "ratio peer / eejax" in summary and "real early exit" in summary and "multi/plain cost" in summary
+  # The BTS-EE grid: all 64 configurations, both modes, a table row each; a second call keeps every one.
+  grid = json.load(open(os.path.join(root, "work", "bts_grid", "grid.json")))
+  assert len(grid["pairs"]) == 64 and len(grid["rows"]) == 128
+  table = [l for l in open(os.path.join(root, "work", "bts_grid", "grid.md")) if re.match(r"\| [\d,]+ \| \d", l)]
+  assert len(table) == 64
+  again = reproduce(root, tree)
+  assert again.returncode == 0 and "every stage finished" in again.stdout
+  assert "(exit status" not in again.stdout  # no step ran again
+  assert json.load(open(os.path.join(root, "work", "bts_grid", "grid.json")))["pairs"] == grid["pairs"]
+
+  # Another root: stopped by the time limit, then by SIGTERM, then finished; it ends with the same tables.
+  other = str(tmp_path / "o")
+  start = time.monotonic()
+  limited = reproduce(other, tree, "--only=erde", "--minutes=0.3")
+  took = time.monotonic() - start
+  assert limited.returncode == 0, limited.stdout[-3000:]
+  assert took < 0.3 * 60 + 3, took  # interpreter start and the probe included
+  last = limited.stdout.strip().splitlines()[-1]
+  assert last == "stopped at the 0.3-minute limit; left: erde; run the same command again to continue", last
+  assert os.path.isdir(os.path.join(other, "work", "erde", "teacher", "checkpoints"))
+  proc = reproduce(other, tree, "--only=erde", wait=False)
+  time.sleep(4)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 143, out[-3000:]
+  assert "stopped by SIGTERM; left: " in out.strip().splitlines()[-1]
+  assert "Traceback" not in out
+  finished = reproduce(other, tree, "--only=erde")
+  assert finished.returncode == 0, finished.stdout[-3000:]
+  assert erde_rows(other) == erde_rows(root)
+  part = open(os.path.join(other, "summary.md")).read()
+  assert "### main: not run yet" in part and "### erde: done" in part

@@ -1,0 +1,57 @@
+"""launch/steps.py: a deadline stops the running step's whole process group; no step outlives its launcher."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import steps  # pylint: disable=wrong-import-position
+
+
+def alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  with open(f"/proc/{pid}/stat") as f:
+    return f.read().split()[2] != "Z"
+
+
+def test_a_deadline_stops_the_step_and_its_children_and_leaves_the_rest(tmp_path):
+  pids = tmp_path / "pids"
+  # A launcher-like step: it starts a child in its group, which answers SIGTERM by writing a note and exiting.
+  child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open(sys.argv[1], 'w').write('saved'),"
+           " sys.exit(143))); time.sleep(60)")
+  launcher = (f"import subprocess, sys, os; p = subprocess.Popen([sys.executable, '-c', {child!r}, {str(tmp_path / 'note')!r}]);"
+              f" open({str(pids)!r}, 'w').write(str(p.pid)); p.wait()")
+  start = time.monotonic()
+  left = steps.run_steps(str(tmp_path), [("long", [sys.executable, "-c", launcher]), ("next", ["true"])],
+                         dict(os.environ), deadline=time.monotonic() + 3)
+  assert left == ["long", "next"] and time.monotonic() - start < 10
+  assert (tmp_path / "note").read_text() == "saved"  # the grandchild got SIGTERM and finished its save
+  assert not alive(int(pids.read_text()))
+  assert steps.record(str(tmp_path), "long") is None  # not finished: it runs again next time
+
+
+def test_a_step_dies_with_its_launcher(tmp_path):
+  pid_file = tmp_path / "pid"
+  code = (f"import subprocess, sys; sys.path.insert(0, {os.path.join(REPO, 'launch')!r}); import steps; "
+          f"p = subprocess.Popen(steps.with_parent(['sleep', '60'])); open({str(pid_file)!r}, 'w').write(str(p.pid)); "
+          "p.wait()")
+  parent = subprocess.Popen([sys.executable, "-c", code])
+  deadline = time.monotonic() + 10
+  while not pid_file.exists() or not pid_file.read_text():
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  sleeper = int(pid_file.read_text())
+  time.sleep(0.3)  # the wrapper has set its death signal and exec'd sleep
+  assert alive(sleeper)
+  parent.send_signal(signal.SIGKILL)
+  parent.wait()
+  deadline = time.monotonic() + 5
+  while alive(sleeper) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not alive(sleeper)
