@@ -35,3 +35,25 @@ def check_config(config) -> None:
     raise unknown_name("eval.risk_family", config.eval.risk_family, risk.FAMILIES)
   if not 0 < config.eval.risk_delta < 1 or not all(0 < e < 1 for e in config.eval.risk_epsilons):
     raise UserError("eval.risk_delta and every eval.risk_epsilons value must lie strictly between 0 and 1")
+  check_numbers(config)
+
+
+# (key, test, what it must be): numbers a run cannot use, refused before anything is written.
+NUMBERS = (("train.batch_size", lambda v: v >= 1, "a positive number of images"),
+           ("train.epochs", lambda v: v >= 0, "0 or more"),
+           ("train.steps_per_call", lambda v: v >= 1, "1 or more"),
+           ("model.width", lambda v: v > 0, "a positive channel multiplier"),
+           ("checkpoint.every_steps", lambda v: v >= 1, "1 or more steps"),
+           ("checkpoint.max_to_keep", lambda v: v >= 1, "1 or more (a finished run must keep its checkpoint)"),
+           ("eval.batch_size", lambda v: v >= 1, "a positive number of images"))
+
+
+def check_numbers(config) -> None:
+  for key, ok, what in NUMBERS:
+    section, name = key.split(".")
+    value = config[section][name]
+    if not ok(value):
+      raise UserError(f"{key}={value!r} must be {what}")
+  if config.model.exit_after is not None and not len(config.model.exit_after):
+    raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
+                    "(an exit after each stage)")

@@ -132,7 +132,7 @@ def write_summary(root: str, planned, hardware: str, command: str, left=()) -> N
     for path in tables:
       with open(path, encoding="utf-8") as f:
         body = f.read().strip().splitlines()
-      lines += [l.replace("# ", "#### ", 1) if l.startswith("# ") else l for l in body] + [""]
+      lines += ["###" + l if l.startswith("#") else l for l in body] + [""]  # below the step's heading
     lines += [f"![{name}]({os.path.relpath(a, root)})" for a in artifacts if a.endswith(".png") and os.path.exists(a)]
     lines += [""]
   with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:

@@ -1,0 +1,30 @@
+"""A config's names and numbers are checked where it enters, one line each (eejax.validate)."""
+import pytest
+
+from configs import cifar10
+from eejax import validate
+from eejax.errors import UserError
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.batch_size", 0, "train.batch_size=0 must be a positive number of images"),
+    ("train.batch_size", -16, "train.batch_size=-16 must be"),
+    ("train.epochs", -1, "train.epochs=-1 must be 0 or more"),
+    ("model.width", 0.0, "model.width=0.0 must be a positive channel multiplier"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps=0 must be 1 or more steps"),
+    ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be 1 or more"),
+    ("model.exit_after", (), "model.exit_after=() has no exit"),
+    ("data.source", "cifar11", "data.source='cifar11': expected one of cifar10"),
+    ("data.source", "folder:", "data.source='folder:': expected one of"),
+])
+def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
+  config = cifar10.get_config("smoke")
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+    validate.check_config(config)
+
+
+def test_every_preset_passes():
+  for preset in (None, "cpu", "smoke", *cifar10.PRESETS):
+    validate.check_config(cifar10.get_config(preset))
