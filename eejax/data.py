@@ -79,15 +79,22 @@ def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: in
   elif kind == "tfds" and arg:
     key = f"tfds:{arg}:{tfds_data_dir}:{image_size}"
     splits, class_names = _cached(lambda: _read_tfds(arg, tfds_data_dir, download, image_size), key, cache_dir)
-  else:  # also checked where a config enters (eejax.validate)
-    raise UserError(f"data.source={source!r}: expected one of {', '.join(datasets.BUILTIN)} (NAME or NAME:PATH "
-                    "to a copy of its original files), 'folder:PATH' or 'tfds:NAME'")
+  else:
+    check_source(source)
   if max_images:
     splits = {name: subset(split, max_images, val_seed) for name, split in splits.items()}
   if "val" in splits:
     return Dataset(splits["train"], splits["val"], splits["test"], class_names, "the dataset's own validation split")
   train, val = carve_validation(splits["train"], val_size, val_seed)
   return Dataset(train, val, splits["test"], class_names, f"{len(val)} images carved from train (seed {val_seed})")
+
+
+def check_source(source: str) -> None:
+  """A UserError unless `source` names a built-in dataset (NAME or NAME:PATH), 'folder:PATH' or 'tfds:NAME'."""
+  kind, _, arg = source.partition(":")
+  if kind not in datasets.BUILTIN and not (kind in ("folder", "tfds") and arg):
+    raise UserError(f"data.source={source!r}: expected one of {', '.join(datasets.BUILTIN)} (NAME or NAME:PATH "
+                    "to a copy of its original files), 'folder:PATH' or 'tfds:NAME'")
 
 
 def from_config(data_cfg) -> Dataset:

@@ -6,7 +6,7 @@
 MD5 that the file's publishers give, and only then renames the file into place:
 a file at `path` is always whole and verified. `extract(archive, dest)` unpacks
 a .tar.gz or .zip into a temporary sibling folder and renames it into place, so
-`dest` is either absent or complete. Standard library only.
+`dest` is either absent or complete. The transfer itself uses the standard library only.
 """
 import fcntl
 import hashlib
@@ -21,6 +21,7 @@ import urllib.request
 import zipfile
 
 from eejax.errors import UserError
+from eejax.writers import hms
 
 CHUNK_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 4.0  # a server that does not answer within this is reported, never waited on
@@ -159,13 +160,8 @@ class Bar:
     of = f" of {self.total / 2**20:.1f}" if self.total else ""
     eta = ""
     if self.total and rate > 0 and self.done < self.total:
-      eta = f"  ETA {_hms((self.total - self.done) / rate)}"
+      eta = f"  ETA {hms((self.total - self.done) / rate)}"
     line = f"downloading {self.name}  {self.done / 2**20:.1f}{of} MiB  {rate / 2**20:.1f} MiB/s{eta}  {note}".rstrip()
     self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
     self.stream.flush()
 
-
-def _hms(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s" if seconds >= 3600 else \
-      f"{seconds // 60}m{seconds % 60:02d}s"

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from eejax.errors import UserError
+from eejax.writers import hms
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -139,7 +140,7 @@ class Count:
       self._last = now
       rate = self.done / (now - self._t0)
       self.stream.write(f"{self.what}: {self.done:,} of {self.total:,} images ({100 * self.done / self.total:.0f}%) "
-                        f"ETA {int((self.total - self.done) / rate)} s\n")
+                        f"ETA {hms((self.total - self.done) / rate)}\n")
       self.stream.flush()
       self.printed = True
     return item

@@ -3,17 +3,14 @@
 The modules below trust what passed here: a wrong name is one `UserError`
 listing the valid ones, never a KeyError from deep inside a run.
 """
-from eejax import cpm, datasets, policies, risk, schemes, state
+from eejax import cpm, data, policies, risk, schemes, state
 from eejax.errors import UserError, unknown_name
 from eejax.models import DTYPES, HEADS
 from eejax.models.resnet import get_arch
 
 
 def check_config(config) -> None:
-  kind, _, arg = config.data.source.partition(":")
-  if kind not in datasets.BUILTIN and not (kind in ("folder", "tfds") and arg):
-    raise UserError(f"data.source={config.data.source!r}: expected one of {', '.join(datasets.BUILTIN)} (NAME or "
-                    "NAME:PATH to a copy of its original files), 'folder:PATH' or 'tfds:NAME'")
+  data.check_source(config.data.source)
   get_arch(config.model.name)
   if config.model.head not in HEADS:
     raise unknown_name("model.head", config.model.head, HEADS)

@@ -48,7 +48,8 @@ class MetricWriter:
       self._tb.close()
 
 
-def _hms(seconds: float) -> str:
+def hms(seconds: float) -> str:
+  """'1h02m03s', '2m03s'."""
   seconds = int(max(seconds, 0))
   h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
@@ -80,7 +81,7 @@ class Progress:
     rate = done / (now - self._start) if done else 0.0
     eta = (self.total - step) / rate if rate else float("nan")
     line = (f"step {step}/{self.total} ({100 * step / self.total:.0f}%) loss {loss:.4f} "
-            f"{rate * self.batch_size:,.0f} img/s ETA {_hms(eta) if rate else '?'}")
+            f"{rate * self.batch_size:,.0f} img/s ETA {hms(eta) if rate else '?'}")
     self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
     self.stream.flush()
 

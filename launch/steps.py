@@ -17,7 +17,7 @@ import sys
 import time
 
 GRACE_S = 120.0  # how long a stopped step may take to save and exit before its group is killed
-_stop = {"signum": None, "group": None}
+_stop = {"signum": None}  # set by SIGTERM / Ctrl-C; the loop in run_step passes it on to the running group
 
 
 def record_path(root: str, name: str) -> str:
@@ -61,11 +61,9 @@ def with_parent(command: list[str]) -> list[str]:
   return [sys.executable, "-S", "-c", _WITH_PARENT, *command]
 
 
-def _forward(signum, frame):
+def _record(signum, frame):
   del frame
   _stop["signum"] = signum
-  if _stop["group"] is not None:
-    _signal_group(_stop["group"], signal.SIGTERM)
 
 
 def _signal_group(pgid: int, sig) -> None:
@@ -98,7 +96,6 @@ def run_step(root: str, name: str, command: list[str], env: dict, deadline: floa
     log.flush()
     proc = subprocess.Popen(with_parent(command), stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
-  _stop["group"] = proc.pid
   stopped = False
   while proc.poll() is None:
     if _stop["signum"] is not None or (deadline is not None and time.monotonic() >= deadline):
@@ -111,9 +108,8 @@ def run_step(root: str, name: str, command: list[str], env: dict, deadline: floa
       break
     time.sleep(0.2)
   _wait_group(proc.pid, GRACE_S if stopped else 5.0)
-  _stop["group"] = None
   status, seconds = proc.wait(), time.perf_counter() - start
-  outcome = "stopped" if stopped or _stop["signum"] is not None else ("done" if status == 0 else "failed")
+  outcome = "stopped" if stopped else ("done" if status == 0 else "failed")
   print(f"[{time.strftime('%H:%M:%S')}] {name}: {outcome} (exit status {status}) after {seconds:.0f} s", flush=True)
   print("\n".join("    " + l for l in tail(log_path(root, name), 6 if outcome == "failed" else 3)), flush=True)
   if outcome != "stopped":
@@ -124,7 +120,7 @@ def run_step(root: str, name: str, command: list[str], env: dict, deadline: floa
 
 def catch_signals() -> dict:
   """SIGTERM and Ctrl-C from now on stop the running step (if any) and the steps after it; returns the old handlers."""
-  return {sig: signal.signal(sig, _forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+  return {sig: signal.signal(sig, _record) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
 def run_steps(root: str, named_commands, env: dict, only=frozenset(), deadline: float | None = None,
