@@ -68,7 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.scheme = "joint"  # joint: weighted sum of per-exit cross-entropies | erde: distillation, see below
   config.init_from = ""  # a workdir whose latest parameters start this run (unless resuming)
-  config.distributed = False  # True: jax.distributed.initialize() for a multi-host job
+  config.distributed = False  # True: join the multi-process job JAX finds in the environment (SLURM, MPI, TPU pods)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"  # resnet8/20/56/110 (thin) or resnet18/34/50

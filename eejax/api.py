@@ -15,7 +15,8 @@ import os
 
 import numpy as np
 
-from eejax import calibration, evaluate, export as exports, inference, policies, risk, schemes, thresholds, validate
+from eejax import (calibration, evaluate, export as exports, inference, policies, risk, schemes, thresholds, validate,
+                   workdirs)
 from eejax.flops import exit_macs
 from eejax.run import Run, load_run
 
@@ -25,11 +26,15 @@ __all__ = ["Run", "certify_thresholds", "export_run", "fit_thresholds", "load_ru
 def train_and_evaluate(config, workdir: str) -> dict:
   """Checks the config's names, then runs its scheme's job (the training loop, or BTS-EE's); returns the report."""
   validate.check_config(config)
+  workdirs.check_path(workdir, "workdir", "--workdir")
+  if config.data.cache_dir:
+    workdirs.check_path(config.data.cache_dir, "data cache", "--config.data.cache_dir")
   job = schemes.get(config.scheme).job
-  if job is not None:
+  if job is None:
+    from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
+    job = loop.train_and_evaluate
+  with workdirs.lock(workdir):  # one job at a time in a workdir
     return job(config, workdir)
-  from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
-  return loop.train_and_evaluate(config, workdir)
 
 
 def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float | None = None,
@@ -46,10 +51,10 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
         f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs")
   if save:
     goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}
-    entries = [e for e in thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
+    entries = [e for e in thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes, step=run.step)
                if not (e["policy"] == policies.get(policy).name and all(e.get(k) == v for k, v in goal.items()))]
     thresholds.save(run.workdir, entries + [thresholds.entry(policy, threshold_ExC, fitted_on="val", **goal,
-                                                             val_accuracy=fit["val_accuracy"])])
+                                                             step=run.step, val_accuracy=fit["val_accuracy"])])
   return threshold_ExC
 
 

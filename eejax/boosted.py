@@ -38,6 +38,7 @@ from eejax import cpm, evaluate, input_pipeline, losses, policies, run, state, t
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models.heads import Conv1dHead
+from eejax.writers import on_main_process, say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,7 @@ def _apply_fn(head: Conv1dHead):
 
 def fit_branches(train: Features, val: Features, positions, head_width: int, margin: float, boosted: bool,
                  settings: Settings, device_train: dict, memo: dict | None = None, record: bool = False,
-                 log=print):
+                 log=say):
   """(branch_params, threshold_ExC, stages) for one configuration at one CPM margin.
 
   Branch by branch: train on the images in play (boosted: those no earlier
@@ -303,7 +304,8 @@ def save_model(path: str, config, backbone: run.Run, model: MultiExitNet, variab
               "head_width": model.head_width, "ensemble_teachers": False}
   spec = dataclasses.replace(backbone.spec, model=settings)
   run.save_model(path, config, spec, variables)
-  thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
+  if on_main_process():
+      thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
 
 
 def macs_reduction(macs: float, full_macs: int) -> float:

@@ -11,15 +11,17 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import time
 
 import numpy as np
 
-from eejax import boosted, checkpoint, data, report, thresholds
+from eejax import boosted, checkpoint, data, distributed, report, thresholds, workdirs
 from eejax.boosted import Features
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import Run, load_run
+from eejax.writers import on_main_process, say
 
 MODES = ("boosted", "nonboosted")
 LEGACY_BTS = {"cpm": "absolute", "min_support": 30}  # bts settings added later, as runs before them behaved
@@ -47,7 +49,7 @@ class Backbone:
     return {"accuracy": accuracy, "macs": full}
 
 
-def prepare(config, log=print) -> Backbone:
+def prepare(config, log=say) -> Backbone:
   """Loads the backbone run and the dataset, and caches every block's pooled features on each split."""
   path = config.bts.backbone
   if not path:
@@ -74,7 +76,7 @@ def prepare(config, log=print) -> Backbone:
 
 def run_configuration(bb: Backbone, positions, head_width: int, margins, modes, settings: boosted.Settings,
                       device_train: dict, memo: dict | None = None, save=None, finished=None,
-                      log=print) -> list[dict]:
+                      log=say) -> list[dict]:
   """One row per (mode, margin): test and validation accuracy and MACs of the branches under CPM.
 
   `save(name, model, variables, threshold_ExC, row)`, if given, stores each
@@ -183,8 +185,7 @@ def _check_same_run(config, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  with open(path, encoding="utf-8") as f:
-    before = json.load(f)
+  before = workdirs.read_json(path)
   now = json.loads(config.to_json_best_effort())
   before.setdefault("bts", {})
   for key, value in LEGACY_BTS.items():  # a run saved before the setting existed used its old behaviour
@@ -205,28 +206,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _check_same_run(config, workdir)
   bb = prepare(config)
   boosted.check_positions(bts.positions, bb.num_blocks)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if on_main_process():  # every process of a multi-process job computes the same; process 0 writes
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
   modes = MODES if bts.baseline else MODES[:1]
   stop = checkpoint.StopSignal()
 
   def save(name, model, variables, threshold_ExC, row):
     path = os.path.join(workdir, "models", name)
-    if os.path.exists(path):  # left by a run stopped while saving it (no row.json): written anew
+    if on_main_process() and os.path.exists(path):  # left by a run stopped while saving it (no row.json)
       shutil.rmtree(path)
+    distributed.barrier(f"bts-save-{name}")
     boosted.save_model(path, config, bb.run, model, variables, threshold_ExC, row["margin"])
-    with open(os.path.join(path, "row.json"), "w", encoding="utf-8") as f:  # written last: marks it finished
-      json.dump(row, f, default=_plain)
-    if stop.signum is not None:
-      raise checkpoint.Stopped(stop.signum, 0, workdir, where=f"after saving models/{name}")
+    if on_main_process():
+      with open(os.path.join(path, "row.json"), "w", encoding="utf-8") as f:  # written last: marks it finished
+        json.dump(row, f, default=_plain)
+    if distributed.any_process(stop.signum is not None):
+      raise checkpoint.Stopped(stop.signum or signal.SIGTERM, 0, workdir, where=f"after saving models/{name}")
 
   def finished(name):
     path = os.path.join(workdir, "models", name, "row.json")
     if not os.path.exists(path):
       return None
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return workdirs.read_json(path)
 
   with stop:
     rows = run_configuration(bb, tuple(bts.positions), bts.head_width, tuple(bts.margins), modes, settings,
@@ -234,7 +237,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   result = {"method": "bts-ee", "backbone": bb.run.workdir, "backbone_name": bb.run.config.model.name,
             "reference": bb.reference(), "settings": dataclasses.asdict(settings), "rows": rows,
             "pairs": paired(rows)}
-  write(result, workdir)
-  print(markdown(result))
-  print(f"report in {workdir}/report.md; models (loadable workdirs) in {workdir}/models/")
+  if on_main_process():
+    write(result, workdir)
+  say(markdown(result))
+  say(f"report in {workdir}/report.md; models (loadable workdirs) in {workdir}/models/")
   return result

@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from eejax import evaluate, report, risk
-from eejax.cli import fail, parse_flags
+from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
@@ -35,7 +35,7 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.workdir:
     fail("give --workdir=RUN", "eejax.certify")
-  try:
+  def job():
     run = load_run(f.workdir)
     path = os.path.join(f.workdir, "logits.npz")
     if not os.path.exists(path):
@@ -43,11 +43,10 @@ def main(argv) -> None:
     saved = np.load(path)
     cfg = ml_collections.ConfigDict({"risks": tuple(f.risks), "risk_epsilons": tuple(float(e) for e in f.epsilons),
                                      "risk_delta": f.delta, "risk_family": f.family})
-    rows = evaluate.risk_report((saved["val_logits"], saved["val_labels"]),
+    return evaluate.risk_report((saved["val_logits"], saved["val_labels"]),
                                 (saved["test_logits"], saved["test_labels"]),
                                 exit_macs(run.model, run.spec.image_shape), cfg, f.policy)
-  except UserError as e:
-    fail(str(e), "eejax.certify")
+  rows = guarded(job, "eejax.certify", f.workdir)
   text = "\n".join(report.certified_lines({"certified": rows})).strip() + "\n"
   with open(os.path.join(f.workdir, "certified.md"), "w", encoding="utf-8") as out:
     out.write(text)

@@ -1,54 +1,211 @@
-"""Checkpoints (one orbax CheckpointManager per workdir) and clean stops on signals.
+"""Checkpoints (one orbax CheckpointManager per workdir), verified on every restore, and clean stops on signals.
+
+Every saved step carries `eejax.sha256.json`: the SHA-256 of each file orbax
+wrote. A restore checks them first; a step whose files differ (one flipped
+bit is enough) is skipped with a line saying so, and the step before it is
+tried. Training sets a damaged step aside (WORKDIR/damaged-checkpoints/) so it
+can train past it again; readers (export, `load_run`) only skip it. A step
+written before checksums existed is restored as it is.
+
+A save that fails (a full disk, a read-only file system) leaves no half-written
+step behind and ends in one line; the steps saved before it stay whole.
 
 Orbax saves and restores; it does not react to SIGTERM or Ctrl-C in a
 single-process run, so `StopSignal` records the signal and the training loop
 saves and leaves at the next chunk boundary.
 """
+import contextlib
+import hashlib
+import json
 import os
+import shutil
 import signal
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from eejax.errors import UserError
+from eejax.writers import on_main_process, say
+
+CHECKSUMS = "eejax.sha256.json"
+OS_WORDS = ("No space left on device", "Read-only file system", "Permission denied", "Disk quota exceeded")
+
+
+@contextlib.contextmanager
+def _quiet():
+  """Orbax logs a damaged step's metadata and a failed write's tracebacks itself; eejax says it in one line."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
-  return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+  with _quiet():
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-  """Saves `state` (a pytree) at `step` and waits until it is on disk."""
-  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
-  mngr.wait_until_finished()
+  """Saves `state` (a pytree) at `step`, waits until it is on disk, then writes its checksums."""
+  folder = os.path.join(str(mngr.directory), str(step))
+  with _quiet():
+    _save(mngr, step, state, folder)
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """The checkpoint at `step` (default: latest) shaped like `abstract_state`, or None if there is none."""
-  step = mngr.latest_step() if step is None else step
-  if step is None:
+def _save(mngr, step: int, state, folder: str) -> None:
+  try:
+    mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+    mngr.wait_until_finished()
+    if on_main_process():
+      _write_json(os.path.join(folder, CHECKSUMS), digest(folder))
+  except Exception as e:  # orbax and tensorstore wrap OS errors in many types
+    if not _is_os_error(e):
+      raise
+    _remove_partial(str(mngr.directory), step)
+    kept = [s for s in _steps(str(mngr.directory)) if s != step]
+    reason = next((w for w in OS_WORDS if w in str(e)), _first_line(e))
+    raise UserError(f"cannot save the checkpoint of step {step} in {mngr.directory} ({reason}); "
+                    f"{'the last good checkpoint is step ' + str(kept[-1]) if kept else 'no checkpoint was saved'}. "
+                    f"Free space or fix the permissions, then run the same command again to resume") from None
+
+
+def digest(folder: str) -> dict:
+  """{relative path: SHA-256} of every file under a step's folder, the checksum file left out."""
+  out = {}
+  for dirpath, dirnames, filenames in os.walk(folder):
+    dirnames.sort()
+    for name in sorted(filenames):
+      path = os.path.join(dirpath, name)
+      rel = os.path.relpath(path, folder)
+      if rel == CHECKSUMS:
+        continue
+      h = hashlib.sha256()
+      with open(path, "rb") as f:
+        for block in iter(lambda f=f: f.read(1 << 20), b""):
+          h.update(block)
+      out[rel] = h.hexdigest()
+  return out
+
+
+def verify(folder: str) -> str | None:
+  """None if every file of the step matches its checksum (or the step predates checksums), else what differs."""
+  path = os.path.join(folder, CHECKSUMS)
+  if not os.path.exists(path):
     return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      expected = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"its {CHECKSUMS} is unreadable ({e.__class__.__name__})"
+  found = digest(folder)
+  for rel in sorted(set(expected) | set(found)):
+    if rel not in found:
+      return f"{rel} is missing"
+    if rel not in expected:
+      return f"{rel} was not saved with it"
+    if found[rel] != expected[rel]:
+      return f"{rel} differs from its checksum"
+  return None
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False):
+  """The newest checkpoint whose checksums hold, shaped like `abstract_state`; None if there is none at all.
+
+  A damaged step is skipped with a line (and moved to WORKDIR/damaged-checkpoints/ when `set_aside`, so
+  training can save that step again); if every step is damaged, a UserError.
+  """
+  directory = str(mngr.directory)
+  steps, damaged, good = _steps(directory), {}, None
+  for step in reversed(steps):
+    damaged[step] = verify(os.path.join(directory, str(step)))
+    if damaged[step] is None:
+      del damaged[step]
+      good = step
+      break
+  for step, problem in damaged.items():
+    folder = os.path.join(directory, str(step))
+    note = f"checkpoint {folder} is damaged ({problem}): not used"
+    if set_aside and good is not None and on_main_process():  # never when nothing whole is left
+      aside = os.path.join(os.path.dirname(directory), "damaged-checkpoints", f"{step}-{int(time.time())}")
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      shutil.move(folder, aside)
+      note += f", moved to {aside}"
+    say(note)
+  if good is None:
+    if steps:
+      raise UserError(f"every checkpoint in {directory} is damaged (steps {', '.join(map(str, steps))}); "
+                      f"use a new --workdir, or restore the folder from a backup")
+    return None
+  with _quiet():
+    if set_aside and damaged:
+      mngr.reload()  # the manager forgets the steps set aside
+    return _restore_step(mngr, good, abstract_state)
+
+
+def _restore_step(mngr, step: int, abstract_state):
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except Exception as e:  # orbax raises many types for corrupt or mismatched checkpoints
     where = os.path.join(str(mngr.directory), str(step))
     raise UserError(
-        f"cannot restore the checkpoint {where} ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}). "
+        f"cannot restore the checkpoint {where} ({e.__class__.__name__}: {_first_line(e)}). "
         f"It is corrupt or was written by a different model config; move that folder away to resume "
         f"from an earlier checkpoint, or use a new --workdir") from None
 
 
 def restore_from_workdir(workdir: str, abstract_state):
-  """The latest checkpoint of another run's workdir (init_from, teachers), or a UserError."""
+  """The latest good checkpoint of another run's workdir (init_from, teachers, `load_run`), or a UserError."""
   path = os.path.join(workdir, "checkpoints")
   if not os.path.isdir(path):
     raise UserError(f"no checkpoints in {workdir!r}: expected {path}/<step>/ from a finished eejax run")
-  mngr = ocp.CheckpointManager(os.path.abspath(path))
+  with _quiet():
+    mngr = ocp.CheckpointManager(os.path.abspath(path))
   state = restore(mngr, abstract_state)
   if state is None:
     raise UserError(f"no checkpoints in {path}")
   return state
+
+
+def _steps(directory: str) -> list[int]:
+  """The finished steps in a checkpoints folder, in order (orbax writes a step under a temporary name first)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit() and os.path.isdir(os.path.join(directory, d)))
+
+
+def _remove_partial(directory: str, step: int) -> None:
+  """What a failed save of `step` left: its folder and orbax's temporary ones."""
+  if not on_main_process() or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name == str(step) or (name.startswith(f"{step}.") and "tmp" in name):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
+def _is_os_error(e: BaseException) -> bool:
+  """An OSError anywhere in the chain, or tensorstore's words for one."""
+  while e is not None:
+    if isinstance(e, OSError) or any(w in str(e) for w in OS_WORDS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:200] if text else e.__class__.__name__
+
+
+def _write_json(path: str, value) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=0)
+  os.replace(tmp, path)
 
 
 def as_abstract(tree, sharding):

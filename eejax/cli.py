@@ -1,7 +1,23 @@
-"""What every eejax command line shares: absl flags, and a mistake as one line on stderr with status 2."""
+"""What every eejax command line shares: absl flags, and each way a job can end as one line on stderr.
+
+`guarded(job, program, workdir)` runs a command's work: a mistake the user can fix (`UserError`, a full disk, a
+path it may not write) is one line and status 2; a stop on a signal keeps its checkpoint and exits 128+signal;
+Ctrl-C anywhere else (start-up, evaluation) is one line and status 130; anything unforeseen is one short line
+plus the file that holds the whole traceback (status 1). Nothing here imports JAX, so `--help` stays fast.
+"""
+import errno
+import os
+import signal
 import sys
+import tempfile
+import threading
+import time
+import traceback
 
 from absl import flags
+
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+               errno.EISDIR, errno.EEXIST}
 
 
 def fail(message: str, program: str = "eejax") -> None:
@@ -14,7 +30,119 @@ def parse_flags(argv, program: str = "eejax"):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    fail(str(e), program)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:  # unknown --config.key, bad value
+    fail(_config_file_message(str(e)), program)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:  # unknown --config.key, bad value, bad preset
     message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
-    fail(f"bad --config override: {message}", program)
+    fail(f"bad --config override: {message}" if "preset" not in message else message, program)
+  except OSError:  # a config file that could not be loaded, met by a --config.key override
+    path = _config_path(argv)
+    why = "no such file" if not os.path.exists(path) else "it could not be loaded"
+    fail(f"--config={path}: {why} (give --config=configs/FILE.py[:preset])", program)
+  except KeyboardInterrupt:
+    interrupted(program)
+
+
+def _config_file_message(text: str) -> str:
+  """A config file's own error (e.g. an unknown preset) rather than the traceback absl wraps around it."""
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  if "Traceback" in text and lines:
+    last = lines[-1].split(": ", 1)[-1].strip(")")
+    return f"the config file cannot be read ({last}); give --config=configs/FILE.py[:preset]" \
+        if "No such file" in last else last
+  return lines[0] if lines else "bad flags"
+
+
+def config_value(config_flag, program: str = "eejax"):
+  """The parsed --config, or one line when its file could not be loaded (ml_collections defers that error)."""
+  try:
+    value = config_flag.value
+    if value is not None:
+      value.keys()  # a config that failed to load raises only when used
+    return value
+  except OSError:
+    path = flags.FLAGS["config"].config_filename
+    why = "no such file" if not os.path.exists(path) else "it could not be loaded"
+    fail(f"--config={path}: {why} (give --config=configs/FILE.py[:preset])", program)
+
+
+def _config_path(argv) -> str:
+  """The file of --config in argv, without its :preset."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1].split(":")[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return "?"
+
+
+def interrupted(program: str) -> None:
+  print(f"{program}: interrupted (Ctrl-C); every checkpoint and file already written stays whole: run the same "
+        f"command again to go on", file=sys.stderr)
+  sys.exit(130)
+
+
+def guarded(job, program: str = "eejax", workdir: str | None = None):
+  """job() with every way it can end as one line (see the module docstring)."""
+  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  sys.unraisablehook = _resend_swallowed_interrupt
+  try:
+    return job()
+  except UserError as e:
+    fail(str(e), program)
+  except KeyboardInterrupt:
+    interrupted(program)
+  except OSError as e:
+    if e.errno not in USER_ERRNOS:
+      _unforeseen(e, program, workdir)
+    where = f": {e.filename}" if e.filename else ""
+    fail(f"{e.strerror or e}{where}. Free space, or fix the path or its permissions, then run the same command "
+         f"again (what was saved stays whole)", program)
+  except Exception as e:  # pylint: disable=broad-except
+    stopped = _stopped(e)
+    if stopped is not None:
+      print(f"{program}: {e}", file=sys.stderr)
+      sys.exit(stopped)
+    if _lost_peer(e, workdir):
+      return None
+    _unforeseen(e, program, workdir)
+
+
+def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None:
+  """Ctrl-C that lands in a garbage-collection callback is swallowed by Python with a traceback; send it again.
+
+  (JAX runs a callback on every collection, and start-up collects often.)
+  """
+  if issubclass(unraisable.exc_type, KeyboardInterrupt):
+    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+    return
+  previous(unraisable)
+
+
+def _stopped(e: Exception) -> int | None:
+  """The exit status of a clean stop on a signal (`eejax.checkpoint.Stopped`), else None."""
+  return getattr(e, "exit_code", None) if e.__class__.__name__ == "Stopped" else None
+
+
+def _lost_peer(e: Exception, workdir) -> bool:
+  """In a multi-process job, a failed collective means another process died: one line (never returns)."""
+  jax = sys.modules.get("jax")
+  if jax is None or not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+    return False
+  from eejax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.lost_peer(e, workdir or ".")
+  return True
+
+
+def _unforeseen(e: BaseException, program: str, workdir) -> None:
+  """A bug: a short line, and the whole traceback in a file (the workdir when writable, else the temp folder)."""
+  folder = workdir if workdir and os.path.isdir(workdir) and os.access(workdir, os.W_OK) else tempfile.gettempdir()
+  path = os.path.join(folder, f"{program}-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt")
+  try:
+    with open(path, "w", encoding="utf-8") as f:
+      f.write("".join(traceback.format_exception(e)))
+  except OSError:
+    path = "(could not be written)"
+  first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+  print(f"{program}: internal error: {e.__class__.__name__}: {first}; the full traceback is in {path}. "
+        f"Please report it with that file", file=sys.stderr)
+  sys.exit(1)

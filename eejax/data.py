@@ -173,13 +173,20 @@ def _cached(read, key: str, cache_dir: str | None):
 
 
 def _folder_key(root: str, image_size) -> str:
-  """Cache key: the tree's path, file names, sizes and modification times."""
+  """Cache key: the tree's path, and each file's name, size, modification time, inode and change time.
+
+  The change time (ctime) is set by the file system on every write and cannot be set back by hand (unlike the
+  modification time, which `touch -r`, `cp -p` or `rsync -t` restore), so a file rewritten with the same size
+  and modification time still gets a new key and the tree is decoded again.
+  """
   digest = hashlib.sha256(f"{os.path.abspath(root)}:{image_size}".encode())
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames.sort()
     for name in sorted(filenames):
-      st = os.stat(os.path.join(dirpath, name))
-      digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+      path = os.path.join(dirpath, name)
+      st = os.stat(path) if os.path.exists(path) else os.lstat(path)  # a dangling link has no target to stat
+      digest.update(f"{os.path.relpath(dirpath, root)}/{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:"
+                    f"{st.st_ctime_ns}".encode())
   return "folder:" + digest.hexdigest()
 
 

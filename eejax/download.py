@@ -21,7 +21,7 @@ import urllib.request
 import zipfile
 
 from eejax.errors import UserError
-from eejax.writers import hms
+from eejax.writers import hms, on_main_process, say
 
 CHUNK_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 4.0  # a server that does not answer within this is reported, never waited on
@@ -113,7 +113,7 @@ def extract(archive: str, dest: str) -> str:
   tmp = f"{dest}.partial-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)
-  print(f"extracting {archive} ...", file=sys.stderr, flush=True)
+  say(f"extracting {archive} ...", sys.stderr)
   try:
     if archive.endswith(".zip"):
       with zipfile.ZipFile(archive) as z:
@@ -139,6 +139,7 @@ class Bar:
     self.done, self.start = start, start
     self.tty = getattr(stream, "isatty", lambda: False)()
     self._t0 = self._last = time.perf_counter()
+    self.active = on_main_process()
     if start:
       self._print(f"resuming at {start / 2**20:.1f} MiB")
 
@@ -151,10 +152,12 @@ class Bar:
 
   def close(self) -> None:
     self._print("done")
-    if self.tty:
+    if self.tty and self.active:
       self.stream.write("\n")
 
   def _print(self, note: str = "") -> None:
+    if not self.active:
+      return
     elapsed = max(time.perf_counter() - self._t0, 1e-9)
     rate = (self.done - self.start) / elapsed
     of = f" of {self.total / 2**20:.1f}" if self.total else ""

@@ -15,16 +15,18 @@ import numpy as np
 from eejax import calibration, data, inference, input_pipeline, policies, report, risk, sharding, thresholds
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
+from eejax.writers import say
 
 
 def make_predict_fn(model, mesh):
-  """jit: (variables, x_BxHxWx3 uint8, mean_C, std_C) -> logits_ExBxC, batch sharded over devices."""
+  """(variables, x_BxHxWx3 uint8 on the host, mean_C, std_C) -> logits_ExBxC, computed batch sharded over the
+  mesh's devices and gathered on every one (so every process of a multi-process job holds all of them)."""
   def predict(variables, x_BxHxWx3, mean_C, std_C):
     logits_ExBxC, _ = model.apply(variables, input_pipeline.normalize(x_BxHxWx3, mean_C, std_C), train=False)
     return logits_ExBxC
-  batch = sharding.batch_sharded(mesh)
-  return jax.jit(predict, in_shardings=(sharding.replicated(mesh), batch, None, None),
-                 out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data")))
+  replicated, batch = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  fn = jax.jit(predict, in_shardings=(replicated, batch, replicated, replicated), out_shardings=replicated)
+  return lambda variables, x_BxHxWx3, mean_C, std_C: fn(variables, sharding.put(x_BxHxWx3, batch), mean_C, std_C)
 
 
 def in_batches(fn, images_NxHxWx3, batch_size: int, batch_axis: int = 0):
@@ -37,8 +39,8 @@ def in_batches(fn, images_NxHxWx3, batch_size: int, batch_axis: int = 0):
     valid = x.shape[0]
     if valid < batch_size:
       x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
-    outs.append(jax.tree.map(lambda a, valid=valid: np.take(np.asarray(a), np.arange(valid), axis=batch_axis),
-                             jax.device_get(fn(x))))
+    outs.append(jax.tree.map(lambda a, valid=valid: np.take(a, np.arange(valid), axis=batch_axis),
+                             sharding.to_host(fn(x))))
   return jax.tree.map(lambda *parts: np.concatenate(parts, axis=batch_axis), *outs)
 
 
@@ -52,7 +54,11 @@ def val_logits(run) -> tuple[np.ndarray, np.ndarray]:
   path = os.path.join(run.workdir, "logits.npz")
   if os.path.exists(path):
     with np.load(path) as saved:
-      return saved["val_logits"], saved["val_labels"]
+      step = int(saved["step"]) if "step" in saved else None
+      if step is None or run.step is None or step == run.step:
+        return saved["val_logits"], saved["val_labels"]
+    say(f"{path} holds the logits of step {step}, not of the checkpoint loaded (step {run.step}): computing them "
+        f"again")
   ds = data.from_config(run.config.data)
   mean_C, std_C = run.spec.stats
   predict_fn = make_predict_fn(run.model, sharding.make_mesh())
@@ -189,11 +195,12 @@ def timed_rate(fn, n: int, repeats: int = 1):
 
 
 def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, workdir: str, mesh, stats,
-                        method: str | None = None, extra: dict | None = None) -> dict:
+                        method: str | None = None, extra: dict | None = None, step: int | None = None) -> dict:
   """Computes every exit's val and test logits once, then the report; writes the files.
 
   stats: the run's (mean_C, std_C), `eejax.run.RunSpec.stats`. Besides the report, thresholds.json gets every
-  per-exit setting fitted on validation (one per fitted policy and budget).
+  per-exit setting fitted on validation (one per fitted policy and budget). `step`, the checkpoint step of
+  `variables`, is written into every file, so that a later reader never pairs them with another step's weights.
   """
   mean_C, std_C = stats
   predict_fn = make_predict_fn(model, mesh)
@@ -204,6 +211,7 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
   fitted = {p: fitted_report(val, test, macs, p, config.eval.budgets) for p in config.eval.fit_policies}
   result = {
       "method": method or config.scheme,
+      "step": step,
       "model": config.model.name,
       "dataset": config.data.source,
       "macs_note": "multiply-accumulates per image; an exit's cost includes every head tried before it",
@@ -223,15 +231,19 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
     threshold_ExC = thresholds.from_json(row["per_exit"]["threshold_ExC"], "max_prob")
     score, pred = policies.scores(jnp.asarray(logits["test"]), "max_prob")
     simulated = np.asarray(policies.first_exit(score, pred, threshold_ExC[None]))[0]
+    # Measured on one device of this process: early exit is a per-device matter, and its work is local.
+    local = variables if jax.process_count() == 1 else jax.device_put(sharding.to_host(variables),
+                                                                       jax.local_devices()[0])
     result["real_inference"] = {"budget": row["budget"], **real_inference_report(
-        model, variables, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_ExC,
+        model, local, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_ExC,
         config.eval.batch_size, simulated)}
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, "logits.npz"), val_logits=logits["val"], val_labels=ds.val.labels_N,
+    np.savez(os.path.join(workdir, "logits.npz"), step=-1 if step is None else step,
+             val_logits=logits["val"], val_labels=ds.val.labels_N,
              test_logits=logits["test"], test_labels=ds.test.labels_N, cumulative_macs=np.asarray(macs.cumulative))
     report.write_all(result, workdir)
     thresholds.save(workdir, [{"policy": policy, "threshold_ExC": row["per_exit"]["threshold_ExC"],
-                               "budget": row["budget"], "fitted_on": "val",
+                               "budget": row["budget"], "fitted_on": "val", "step": step,
                                "val_accuracy": row["per_exit"]["val_accuracy"]}
                               for policy, rows in fitted.items() for row in rows])
   return result

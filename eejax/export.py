@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax import calibration, data, evaluate, export_onnx, inference, input_pipeline, policies, sharding, thresholds
-from eejax.cli import fail, parse_flags
+from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
@@ -173,7 +173,7 @@ def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E) -> dict:
 def run_threshold(run, policy, budget: float):
   """(threshold_ExC, where it came from): the run's setting for `policy` and `budget`, else fitted now on its
   validation logits for that budget."""
-  saved = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes)
+  saved = thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes, step=run.step)
   try:
     chosen = thresholds.pick(saved, policy, budget)
     about = ", ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
@@ -294,10 +294,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.workdir or not f.out:
     fail("give --workdir=RUN and --out=DIR", "eejax.export")
-  try:
-    report = export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy)
-  except UserError as e:
-    fail(str(e), "eejax.export")
+  report = guarded(lambda: export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy),
+                   "eejax.export", f.out)
   print(markdown(report))
 
 

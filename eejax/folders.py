@@ -2,7 +2,11 @@
 
 `read_tree(root, image_size, test_split)` reads `root/train/<class>/**` and
 `root/<test_split>/<class>/**` (JPEG or PNG, any mode PIL reads, converted to
-RGB; images may sit in sub-folders of a class folder). A split folder without
+8-bit RGB by `to_rgb`; images may sit in sub-folders of a class folder). A file
+that cannot be decoded (corrupt, truncated, empty, not an image, a dangling
+link, unreadable) is left out with one warning that counts and names them; a
+split with no readable image, a class of the test split that training never
+saw, or images lying directly in train/ stop with one line. A split folder without
 class folders but with a `val_annotations.txt` (file, class per line: Tiny
 ImageNet's val/) is labelled from it. `root/valid/` or `root/val/` (when not
 the test split) is the validation split. It returns
@@ -16,7 +20,7 @@ import time
 import numpy as np
 
 from eejax.errors import UserError
-from eejax.writers import hms
+from eejax.writers import hms, on_main_process, say
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -30,7 +34,13 @@ def read_tree(root: str, image_size, test_split: str = "test", keep: tuple[int, 
   class_names = tuple(sorted(d for d in os.listdir(os.path.join(root, "train"))
                              if os.path.isdir(os.path.join(root, "train", d))))
   if not class_names:
-    raise UserError(f"{root}/train holds no class folders: expected {root}/train/<class>/*.jpg|png")
+    loose = " but image files directly in it" if images_under(os.path.join(root, "train")) else ""
+    raise UserError(f"{root}/train holds no class folders{loose}: put each class's images in "
+                    f"{root}/train/<class>/ (the folder's name is the label)")
+  test_only = sorted(set(_class_folders(os.path.join(root, test_split))) - set(class_names))
+  if test_only:
+    raise UserError(f"class folder(s) {', '.join(test_only)} in {root}/{test_split} are not in {root}/train: a "
+                    f"class the model never trains on cannot be tested; add its training images or remove it")
   splits = {"train": read_split(root, "train", class_names, image_size, keep),
             "test": read_split(root, test_split, class_names, image_size, keep)}
   for name in ("valid", "val"):
@@ -90,8 +100,15 @@ def read_split(root, split, class_names, image_size, keep=(0, 0)):
     paths, labels = [paths[i] for i in idx], [labels[i] for i in idx]
   count = Count(f"decoding {root}/{split}", len(paths))
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
-    images = [count.tick(image) for image in pool.map(lambda p: decode(p, image_size), paths, chunksize=256)]
+    decoded = [count.tick(out) for out in pool.map(lambda p: _try_decode(p, image_size), paths, chunksize=256)]
   count.close()
+  bad = [(path, why) for path, (image, why) in zip(paths, decoded) if image is None]
+  if bad:
+    _warn_skipped(bad, f"{root}/{split}", len(paths))
+  images = [image for image, _ in decoded if image is not None]
+  labels = [label for label, (image, _) in zip(labels, decoded) if image is not None]
+  if not images:
+    raise UserError(f"no image under {root}/{split} could be decoded: {bad[0][0]} ({bad[0][1]}), ...")
   shapes = {im.shape for im in images}
   if len(shapes) > 1:
     raise UserError(f"images under {root}/{split} have different sizes {sorted(shapes)[:3]}...; "
@@ -107,12 +124,57 @@ def chosen(total: int, n: int, seed: int) -> np.ndarray:
 
 
 def decode(path, image_size) -> np.ndarray:
+  """HxWx3 uint8 of any image PIL reads (see `to_rgb`), resized (bilinear) to image_size x image_size if given."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   with Image.open(path) as im:
-    im = im.convert("RGB")
-    if image_size and im.size != (image_size, image_size):
-      im = im.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(im, np.uint8)
+    rgb = to_rgb(im)
+  if image_size and rgb.shape[:2] != (image_size, image_size):
+    rgb = np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.BILINEAR), np.uint8)
+  return rgb
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": how older PIL opens a 16-bit greyscale PNG
+
+
+def to_rgb(im) -> np.ndarray:
+  """HxWx3 uint8 of a PIL image of any mode.
+
+  16-bit greyscale is scaled to 8 bits (v / 257, rounded: 65535 -> 255), not clipped as PIL's convert does;
+  floating-point greyscale is read as 0..255; palette images are looked up in their palette; RGBA and LA
+  keep their colour (alpha dropped); CMYK becomes (255 - C)(255 - K) / 255 per channel; bilevel 0/255.
+  """
+  import warnings  # pylint: disable=g-import-not-at-top
+  if im.mode in SIXTEEN_BIT or im.mode == "F":
+    v = np.asarray(im).astype(np.float64)
+    grey = np.clip(np.round(v / 257.0 if im.mode in SIXTEEN_BIT else v), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+  with warnings.catch_warnings():  # "palette images with transparency ... should be converted to RGBA": we do RGB
+    warnings.simplefilter("ignore")
+    return np.asarray(im.convert("RGB"), np.uint8)
+
+
+def _try_decode(path, image_size):
+  """(image, None), or (None, why) for a file that is not a readable image."""
+  try:
+    return decode(path, image_size), None
+  except Exception as e:  # pylint: disable=broad-except  # PIL raises many types for a bad file
+    if isinstance(e, FileNotFoundError) and os.path.islink(path):
+      return None, "a link to nothing"
+    return None, (getattr(e, "strerror", None) or str(e).split(" '")[0] or e.__class__.__name__)[:80]
+
+
+def _warn_skipped(bad, where: str, total: int) -> None:
+  names = "; ".join(f"{os.path.relpath(p, where)} ({why})" for p, why in bad[:5])
+  more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+  say(f"warning: {len(bad)} of {total:,} files under {where} are not readable images and are left out: "
+      f"{names}{more}", sys.stderr)
+
+
+def _class_folders(split_root: str) -> list[str]:
+  """The class folders of a split (none for one labelled by val_annotations.txt)."""
+  if not os.path.isdir(split_root) or os.path.exists(os.path.join(split_root, "val_annotations.txt")):
+    return []
+  return [d for d in os.listdir(split_root) if os.path.isdir(os.path.join(split_root, d))]
 
 
 def resize(images_NxHxWx3: np.ndarray, image_size) -> np.ndarray:
@@ -132,11 +194,12 @@ class Count:
     self.stream = stream or sys.stderr
     self._t0 = self._last = time.perf_counter()
     self.printed = False
+    self.active = on_main_process()
 
   def tick(self, item):
     self.done += 1
     now = time.perf_counter()
-    if now - self._last >= self.every_s:
+    if self.active and now - self._last >= self.every_s:
       self._last = now
       rate = self.done / (now - self._t0)
       self.stream.write(f"{self.what}: {self.done:,} of {self.total:,} images ({100 * self.done / self.total:.0f}%) "

@@ -4,33 +4,43 @@ Mistakes a user can fix (an unknown config key, model or head name, a missing
 dataset, an unreadable checkpoint) end with one line on stderr and status 2.
 A run stopped by SIGTERM or Ctrl-C saves a checkpoint and exits 128+signal;
 the same command resumes it.
-"""
-import sys
 
+A multi-process job (several hosts, or one process per GPU): the same command
+on every process, with --config.distributed=True where JAX finds the job in
+the environment (SLURM, Open MPI, TPU pods), or with --coordinator,
+--num_processes and --process_id (see `eejax.distributed`).
+"""
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eejax.cli import fail, parse_flags
+from eejax.cli import config_value, fail, guarded, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:cpu.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and the report.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "Multi-process job: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job: the number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process, 0 to num_processes-1.")
+_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Multi-process job: seconds to wait for every "
+                                "process to join before giving up with one line.")
 
 
 def main(argv):
   del argv
-  from eejax import api, checkpoint  # pylint: disable=g-import-not-at-top  # after flags: fast --help
-  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  if _CONFIG.value is None or not _WORKDIR.value:
+  config = config_value(_CONFIG)
+  if config is None or not _WORKDIR.value:
     fail("give --config=configs/FILE.py[:preset] and --workdir=DIR")
-  try:
-    api.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except UserError as e:
-    fail(str(e))
-  except checkpoint.Stopped as e:
-    print(f"eejax: {e}", file=sys.stderr)
-    sys.exit(e.exit_code)
+  guarded(lambda: _job(config), "eejax", _WORKDIR.value)
+
+
+def _job(config):
+  from eejax import api, distributed, validate  # pylint: disable=g-import-not-at-top  # after flags: a fast --help
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  cluster = distributed.Cluster(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                from_environment=config.distributed, timeout_s=_TIMEOUT.value)
+  validate.check_config(config)
+  distributed.initialize(cluster)
+  api.train_and_evaluate(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

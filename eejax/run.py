@@ -19,10 +19,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from eejax import checkpoint, data, input_pipeline, sharding, state
+from eejax import checkpoint, data, input_pipeline, sharding, state, workdirs
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models.multi_exit import DTYPES
+from eejax.writers import on_main_process
 
 # Config keys added after the first runs were saved: an older config.json gets them with their neutral value.
 LATER_KEYS = {"model.head_dropout": 0.0, "model.exit_grad_scale": 1.0, "train.grad_clip": 0.0,
@@ -89,6 +90,7 @@ class Run:
   model: MultiExitNet
   variables: dict
   spec: RunSpec
+  step: int | None = None  # the checkpoint step the variables come from
 
 
 def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpec:
@@ -100,29 +102,32 @@ def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpe
 def save_run(workdir: str, config, spec: RunSpec) -> None:
   """config.json and run.json, written when a run starts (process 0)."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdirs.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
   _write_spec(workdir, spec)
 
 
 def save_model(workdir: str, config, spec: RunSpec, variables) -> None:
-  """A finished, loadable run of `variables` that was not trained here (BTS-EE's branch models)."""
-  save_run(workdir, config, spec)
+  """A finished, loadable run of `variables` that was not trained here (BTS-EE's branch models).
+
+  Every process of a multi-process job calls it with the same variables; process 0 writes the files.
+  """
+  if on_main_process():
+    save_run(workdir, config, spec)
   tx = state.make_optimizer(config.train, optax.constant_schedule(0.0))
-  checkpoint.save(checkpoint.manager(workdir, 1), 0, state.state_of(variables, tx))
+  replicated = sharding.replicated(sharding.make_mesh())
+  saved = jax.tree.map(lambda a: sharding.put(a, replicated), sharding.to_host(state.state_of(variables, tx)))
+  checkpoint.save(checkpoint.manager(workdir, 1), 0, saved)
 
 
 def _write_spec(workdir: str, spec: RunSpec) -> None:
-  with open(os.path.join(workdir, "run.json"), "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(spec), f, indent=1)
+  workdirs.write_json(os.path.join(workdir, "run.json"), dataclasses.asdict(spec))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, "run.json"))):
     raise UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give the --workdir of a run")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(workdirs.read_json(path))
   for key, value in LATER_KEYS.items():
     section, name = key.split(".")
     if section in config and name not in config[section]:
@@ -132,8 +137,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 def load_spec(workdir: str, config=None) -> RunSpec:
   """run.json as a RunSpec; an older one (classes and shape only) is completed once and saved."""
-  with open(os.path.join(workdir, "run.json"), encoding="utf-8") as f:
-    raw = json.load(f)
+  raw = workdirs.read_json(os.path.join(workdir, "run.json"))
   if "model" in raw and "mean_C" in raw:
     return RunSpec.of(raw["model"], raw["num_classes"], raw["image_shape"], raw["mean_C"], raw["std_C"])
   config = config or load_config(workdir)
@@ -144,7 +148,7 @@ def load_spec(workdir: str, config=None) -> RunSpec:
   # Older runs stored no model settings either: scheme=mate was the one that built the ensemble teachers.
   spec = RunSpec.of(model_settings(config.model, config.get("scheme") == "mate"), raw["num_classes"],
                     raw["image_shape"], mean_C, std_C)
-  if jax.process_index() == 0:
+  if on_main_process():
     _write_spec(workdir, spec)
   return spec
 
@@ -159,4 +163,5 @@ def load_run(workdir: str, mesh=None) -> Run:
   abstract = jax.eval_shape(functools.partial(state.init_state, model, tx, image_shape=spec.image_shape),
                             jax.random.key(0))
   restored = checkpoint.restore_from_workdir(workdir, checkpoint.as_abstract(abstract, sharding.replicated(mesh)))
-  return Run(workdir, config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, spec)
+  return Run(workdir, config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, spec,
+             int(sharding.to_host(restored.step)))

@@ -12,12 +12,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from eejax.errors import UserError
 
 
-def initialize_distributed(enabled: bool) -> None:
-  """Joins a multi-host job (coordinator from the environment: SLURM, TPU pods, ...)."""
-  if enabled:
-    jax.distributed.initialize()
-
-
 def make_mesh() -> Mesh:
   return Mesh(np.asarray(jax.devices()), ("data",))
 
@@ -35,10 +29,13 @@ def check_batch_size(batch_size: int, mesh: Mesh, name: str = "train.batch_size"
     raise UserError(f"{name}={batch_size} must be a multiple of the number of devices ({mesh.size})")
 
 
-def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
-  """A host array (the same on every process) as a replicated global array."""
-  sharding = replicated(mesh)
+def put(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array (the same on every process) as a global array laid out by `sharding`."""
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  return put(x, replicated(mesh))
 
 
 def to_host(tree):

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from eejax import policies
+from eejax import policies, workdirs
 from eejax.errors import UserError
 
 FILE = "thresholds.json"
@@ -65,13 +65,16 @@ def save(workdir: str, entries: list[dict]) -> None:
     f.write('{"thresholds": [\n' + ",\n".join(json.dumps(e) for e in entries) + "\n]}\n")
 
 
-def load(workdir: str, num_exits: int, num_classes: int) -> list[dict]:
+def load(workdir: str, num_exits: int, num_classes: int, step: int | None = None) -> list[dict]:
   """The run's fitted settings (entries with "threshold_ExC" as an array), newest format or older ones; [] when
-  the run has none yet (no thresholds.json and no report.json)."""
+  the run has none yet (no thresholds.json and no report.json).
+
+  `step`: the checkpoint step of the weights they will serve; a setting fitted on another step's model is
+  refused with one line (settings saved without a step, by older runs or BTS-EE, are taken as they are).
+  """
   path = os.path.join(workdir, FILE)
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
+    raw = workdirs.read_json(path)
     entries = raw["thresholds"] if "thresholds" in raw else [_bts_table(raw, num_exits, num_classes)]
   else:
     entries = _from_report(workdir, num_exits, num_classes)
@@ -81,6 +84,10 @@ def load(workdir: str, num_exits: int, num_classes: int) -> list[dict]:
     if t.shape != (num_exits, num_classes):
       raise UserError(f"{workdir}: a threshold of shape {t.shape} for a model with {num_exits} exits and "
                       f"{num_classes} classes; it belongs to another run")
+    if step is not None and e.get("step") is not None and e["step"] != step:
+      raise UserError(f"{workdir}/{FILE} was fitted on the model of step {e['step']}, but the checkpoint loaded is "
+                      f"step {step} (the newest whole one there): run the training command again to evaluate "
+                      f"step {step} and fit its thresholds, or put the checkpoint of step {e['step']} back")
     out.append({**e, "threshold_ExC": t})
   return out
 
@@ -110,8 +117,7 @@ def _from_report(workdir: str, num_exits: int, num_classes: int) -> list[dict]:
   path = os.path.join(workdir, "report.json")
   if not os.path.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    report = json.load(f)
+  report = workdirs.read_json(path)
   return [{"policy": policy, "budget": row["budget"], "fitted_on": "val",
            "threshold_ExC": per_exit(row["per_exit"]["thresholds"], num_exits, num_classes, policy)}
           for policy, rows in report.get("fitted_on_val", {}).items() for row in rows]

@@ -7,6 +7,7 @@ of another run), else from scratch with `config.seed`. The scheme
 the loop never tests its name.
 """
 import functools
+import signal
 import time
 from typing import Callable
 
@@ -15,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import checkpoint, data, evaluate, input_pipeline, run, schemes, sharding
+from eejax import checkpoint, data, distributed, evaluate, input_pipeline, run, schemes, sharding, workdirs
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, init_state, make_optimizer, make_schedule, scan_chunk
-from eejax.writers import MetricWriter, Progress
+from eejax.writers import MetricWriter, Progress, on_main_process, say
 
 
 def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn: Callable, batch_size: int,
@@ -107,7 +108,7 @@ def _summary(metrics_S) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), then writes the report."""
   scheme = schemes.get(config.scheme)
-  sharding.initialize_distributed(config.distributed)
+  distributed.initialize(distributed.Cluster(from_environment=config.distributed))  # unless main did
   mesh = sharding.make_mesh()
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   batch_size = config.train.batch_size
@@ -125,16 +126,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   tx = make_optimizer(config.train, schedule)
   loss_fn = make_loss_fn(config, model.num_exits)
 
-  if jax.process_index() == 0:
+  # Nothing in the workdir is touched before it is known to hold this run, or none.
+  workdirs.check_identity(workdir, workdirs.identity(config, spec.model, ds.num_classes, workdirs.fingerprint(
+      ds.train.images_NxHxWx3, ds.train.labels_N)))
+  if on_main_process():
     run.save_run(workdir, config, spec)
 
   init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
   init_fn = jax.jit(functools.partial(init_state, model, tx), static_argnums=1, out_shardings=replicated)
   abstract = checkpoint.as_abstract(jax.eval_shape(init_fn, init_key, ds.image_shape), replicated)
   mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
-  state = checkpoint.restore(mngr, abstract)
+  state = checkpoint.restore(mngr, abstract, set_aside=True)
   if state is not None:
-    print(f"resuming from {workdir} at step {int(state.step)}")
+    say(f"resuming from {workdir} at step {int(state.step)}")
   else:
     state = init_fn(init_key, ds.image_shape)
     if config.init_from:
@@ -143,7 +147,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         raise UserError(f"init_from={config.init_from!r} holds a different model from model.name={config.model.name!r} "
                         f"with these settings; start from scratch or match the model config")
       state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-      print(f"initialised from {config.init_from} (parameters and BatchNorm statistics)")
+      say(f"initialised from {config.init_from} (parameters and BatchNorm statistics)")
 
   mean_C, std_C = spec.stats
   data_dev = {"images": sharding.put_replicated(ds.train.images_NxHxWx3, mesh),
@@ -162,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = MetricWriter(workdir, tensorboard=config.log.tensorboard)
   progress = Progress(total_steps, batch_size, every_s=config.log.every_s)
   per_call = max(1, config.train.steps_per_call)
-  print(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
+  say(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
         f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
   pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
 
@@ -185,10 +189,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if pending is not None:
         pull(pending)
       pending, step = (step, metrics), step + n
-      stop_now = stop.signum is not None
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        stop_now = bool(multihost_utils.process_allgather(np.asarray(stop_now)).any())
+      stop_now = distributed.any_process(stop.signum is not None)  # every process stops at the same step
       crossed_save = step // config.checkpoint.every_steps > (step - n) // config.checkpoint.every_steps
       if stop_now or crossed_save or step == total_steps:
         pull(pending)
@@ -198,7 +199,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if stop_now:
           progress.close()
           writer.close()
-          raise checkpoint.Stopped(stop.signum or 15, step, workdir)
+          where = None if stop.signum else f"(sent to another process of the job) at step {step}; checkpoint saved"
+          raise checkpoint.Stopped(stop.signum or signal.SIGTERM, step, workdir, where)
   progress.close()
   images_per_s = progress.images_per_second(step)
 
@@ -208,10 +210,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   extra = {"train_images_per_s": images_per_s, "train_steps": total_steps}
   if scheme.report is not None:
     extra.update(scheme.report(state.params))
-  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra)
+  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra,
+                                        step=step)
   writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
   writer.close()
-  print(f"evaluation took {time.perf_counter() - t0:.1f}s; report in {workdir}/report.md")
+  say(f"evaluation took {time.perf_counter() - t0:.1f}s; report in {workdir}/report.md")
   return report
 
 

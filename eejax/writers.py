@@ -3,7 +3,7 @@
 clu's metric writers import TensorFlow at import time (even the TensorBoard
 writer), which eejax must not need, so this module writes TensorBoard event
 files with tensorboardX (protobuf only) and JSONL with the standard library.
-Only process 0 writes.
+Only process 0 of a multi-process job writes and prints (`on_main_process`).
 """
 import json
 import os
@@ -13,11 +13,25 @@ import time
 import jax
 
 
+def on_main_process() -> bool:
+  """True in a single-process run and on process 0 of a multi-process job: the one process that prints and writes.
+
+  Asks nothing of JAX's backends before a job is joined, so it is safe before `eejax.distributed.initialize`.
+  """
+  return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def say(message: str, stream=None) -> None:
+  """print(), on the main process only."""
+  if on_main_process():
+    print(message, file=stream or sys.stdout, flush=True)
+
+
 class MetricWriter:
   """`write(step, {name: scalar})` to workdir/metrics.jsonl and workdir/tb/."""
 
   def __init__(self, workdir: str, tensorboard: bool = True):
-    self._active = jax.process_index() == 0
+    self._active = on_main_process()
     self._jsonl = self._tb = None
     if self._active:
       os.makedirs(workdir, exist_ok=True)
@@ -68,7 +82,7 @@ class Progress:
     self.tty = self.stream.isatty()
     self._start = self._start_step = None
     self._last_print = 0.0
-    self.active = jax.process_index() == 0
+    self.active = on_main_process()
 
   def update(self, step: int, loss: float, force: bool = False) -> None:
     now = time.perf_counter()

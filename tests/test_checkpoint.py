@@ -18,12 +18,95 @@ def test_save_restore_roundtrip_and_corruption(tmp_path):
   checkpoint.save(mngr, 5, state)
   restored = checkpoint.restore(mngr, checkpoint.as_abstract(state, rep))
   np.testing.assert_array_equal(restored["w"], state["w"])
-  for dirpath, _, files in os.walk(tmp_path / "checkpoints" / "5"):
+  folder = tmp_path / "checkpoints" / "5"
+  os.remove(folder / checkpoint.CHECKSUMS)  # as an older eejax saved it: restored as it is, so orbax must object
+  for dirpath, _, files in os.walk(folder):
     for name in files:
       with open(os.path.join(dirpath, name), "wb") as f:
         f.write(b"garbage")
   with pytest.raises(UserError, match=r"cannot restore the checkpoint .*5.*move that folder away"):
     checkpoint.restore(checkpoint.manager(str(tmp_path)), checkpoint.as_abstract(state, rep))
+
+
+def _data_files(folder):
+  return sorted(os.path.join(d, n) for d, _, files in os.walk(folder) for n in files if n != checkpoint.CHECKSUMS)
+
+
+def _flip(path, bit):
+  with open(path, "r+b") as f:
+    f.seek(bit // 8)
+    byte = f.read(1)[0]
+    f.seek(bit // 8)
+    f.write(bytes([byte ^ (1 << bit % 8)]))
+
+
+def test_a_flipped_bit_anywhere_is_never_restored(tmp_path, capsys):
+  """Every data file of the newest step, bits at spread positions one at a time: each restore path gets the
+  step before (whole) with a line, never the damaged weights; a step with no good one before is an error."""
+  rep = sharding.replicated(sharding.make_mesh())
+  old = {"w": jnp.arange(4096.0).reshape(64, 64), "step": jnp.int32(5)}
+  new = {"w": -jnp.arange(4096.0).reshape(64, 64), "step": jnp.int32(10)}
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 5, old)
+  checkpoint.save(mngr, 10, new)
+  abstract = checkpoint.as_abstract(old, rep)
+  files = _data_files(tmp_path / "checkpoints" / "10")
+  assert len(files) >= 5
+  tried = 0
+  for path in files:
+    size_bits = os.path.getsize(path) * 8
+    for bit in sorted({0, 7, size_bits // 3, size_bits // 2 + 3, size_bits - 1}):
+      _flip(path, bit)
+      for restore in (lambda: checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract),
+                      lambda: checkpoint.restore_from_workdir(str(tmp_path), abstract)):
+        got = restore()
+        assert int(got["step"]) == 5, (path, bit)
+        np.testing.assert_array_equal(got["w"], old["w"])
+        assert "is damaged" in capsys.readouterr().out
+        tried += 1
+      _flip(path, bit)  # back to whole
+  assert tried >= 50
+  got = checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract)
+  np.testing.assert_array_equal(got["w"], new["w"])  # whole again: the newest step
+  _flip(files[0], 3)
+  _flip(_data_files(tmp_path / "checkpoints" / "5")[-1], 3)
+  with pytest.raises(UserError, match="every checkpoint in .* is damaged"):
+    checkpoint.restore(checkpoint.manager(str(tmp_path)), abstract)
+
+
+def test_training_sets_a_damaged_step_aside_and_can_save_it_again(tmp_path):
+  rep = sharding.replicated(sharding.make_mesh())
+  old, new = {"w": jnp.zeros(8)}, {"w": jnp.ones(8)}
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 5, old)
+  checkpoint.save(mngr, 10, new)
+  _flip(_data_files(tmp_path / "checkpoints" / "10")[0], 1)
+  mngr = checkpoint.manager(str(tmp_path))
+  got = checkpoint.restore(mngr, checkpoint.as_abstract(old, rep), set_aside=True)
+  np.testing.assert_array_equal(got["w"], old["w"])
+  assert len(os.listdir(tmp_path / "damaged-checkpoints")) == 1
+  checkpoint.save(mngr, 10, new)  # the step can be saved again
+  np.testing.assert_array_equal(checkpoint.restore(mngr, checkpoint.as_abstract(old, rep))["w"], new["w"])
+
+
+def test_a_save_on_a_full_disk_is_one_error_and_leaves_the_last_good_step(tmp_path, monkeypatch):
+  """Simulated ENOSPC (the real one, on a small tmpfs, is in tests/test_faults.py)."""
+  rep = sharding.replicated(sharding.make_mesh())
+  state = {"w": jnp.arange(8.0)}
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 5, state)
+
+  def full(step, args, force):
+    del args, force
+    os.makedirs(tmp_path / "checkpoints" / f"{step}.orbax-checkpoint-tmp" / "default")  # what a write leaves
+    raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device [os_error_code='28']")
+  monkeypatch.setattr(mngr, "save", full)
+  with pytest.raises(UserError, match=r"cannot save the checkpoint of step 10 .*No space left.*last good checkpoint "
+                                      r"is step 5"):
+    checkpoint.save(mngr, 10, state)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]  # nothing half-written left
+  np.testing.assert_array_equal(checkpoint.restore(checkpoint.manager(str(tmp_path)),
+                                                   checkpoint.as_abstract(state, rep))["w"], state["w"])
 
 
 def test_restore_from_a_folder_without_checkpoints(tmp_path):

@@ -66,11 +66,24 @@ def test_corrupt_checkpoint_is_reported_and_kept(tiny_tree, tmp_path):
   workdir, cache = str(tmp_path / "w"), str(tmp_path / "c")
   assert run_main(smoke_args(tiny_tree, workdir, cache, "--config.train.epochs=1")).returncode == 0
   ckpt = os.path.join(workdir, "checkpoints")
-  step = max(d for d in os.listdir(ckpt) if d.isdigit())
-  for dirpath, _, files in os.walk(os.path.join(ckpt, step)):
-    for name in files:
-      with open(os.path.join(dirpath, name), "wb") as f:
-        f.write(b"garbage")
+  steps = sorted((d for d in os.listdir(ckpt) if d.isdigit()), key=int)
+
+  def garble(step):
+    for dirpath, _, files in os.walk(os.path.join(ckpt, step)):
+      for name in files:
+        with open(os.path.join(dirpath, name), "wb") as f:
+          f.write(b"garbage")
+  garble(steps[-1])  # the newest: set aside with a line, the one before resumes
   out = run_main(smoke_args(tiny_tree, workdir, cache, "--config.train.epochs=2"))
-  assert_one_line_error(out, "cannot restore the checkpoint", "move that folder away")
-  assert os.path.isdir(os.path.join(ckpt, step))  # nothing deleted
+  assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+  assert f"checkpoints/{steps[-1]} is damaged" in out.stdout and f"at step {steps[-2]}" in out.stdout
+  assert os.listdir(os.path.join(workdir, "damaged-checkpoints"))[0].startswith(f"{steps[-1]}-")  # kept
+  for step in os.listdir(ckpt):
+    if step.isdigit():
+      garble(step)  # every one: one line, nothing deleted
+  kept = sorted(os.listdir(ckpt))
+  out = run_main(smoke_args(tiny_tree, workdir, cache, "--config.train.epochs=3"))
+  assert_one_line_error(out, "every checkpoint in", "is damaged")
+  assert sorted(os.listdir(ckpt)) == kept
+
+

@@ -1,0 +1,153 @@
+"""What guards a workdir: one job at a time (a lock), one run for its whole life (its identity), its JSON files read
+with one clear line when damaged, and the paths a job is given checked before anything is written.
+
+lock: `fcntl.flock` on WORKDIR/.lock for as long as a job runs. The OS drops it when the process ends, however it
+ends, so a crashed or killed run never leaves it stuck; a second job in the same workdir meets one line naming
+the first one's process id.
+
+identity: WORKDIR/identity.json, written before anything else of a new run: the scheme, the seed, the model's
+settings and classes, the data's split settings and a fingerprint of the training images and labels (the path of
+the data is kept for the message only: a dataset moved elsewhere is the same dataset). A job whose identity
+differs is refused, naming both values of each difference, before anything in the workdir is touched.
+"""
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from eejax.errors import UserError
+from eejax.writers import on_main_process
+
+IDENTITY = "identity.json"
+DATA_KEYS = ("image_size", "max_images", "val_size", "val_seed", "test_split")
+
+
+def check_path(path: str, what: str, flag: str) -> None:
+  """One line when `path` cannot be a folder this job writes: it is a file, or a folder it cannot write."""
+  path = os.path.expanduser(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"{flag}={path} is a file, not a folder: give the {what} a folder's path (new or existing)")
+  existing = path
+  while existing and not os.path.exists(existing):
+    existing = os.path.dirname(existing.rstrip(os.sep))
+  existing = existing or "."
+  if not os.path.isdir(existing):
+    raise UserError(f"{flag}={path}: {existing} is a file, so the {what} cannot be made there")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"{flag}={path}: {existing} is not writable (read-only or another user's); give the {what} "
+                    f"a folder you can write")
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+  """Holds WORKDIR/.lock while the block runs (process 0 of a multi-process job); a second job gets one line."""
+  if not on_main_process():
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno not in (errno.EAGAIN, errno.EACCES):
+        raise
+      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+      raise UserError(f"{workdir} is in use by another eejax job (process {holder}); wait for it to end, or give "
+                      f"this one another --workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def fingerprint(images_NxHxWx3: np.ndarray, labels_N: np.ndarray) -> str:
+  """SHA-256 of the training images and labels as the run sees them (after decoding, resizing, subsetting)."""
+  h = hashlib.sha256()
+  for a in (np.ascontiguousarray(images_NxHxWx3), np.ascontiguousarray(labels_N)):
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(memoryview(a).cast("B"))
+  return h.hexdigest()
+
+
+def identity(config, model_settings: dict, num_classes: int, train_fingerprint: str) -> dict:
+  return {"scheme": config.scheme, "seed": int(config.seed), "model": model_settings, "num_classes": int(num_classes),
+          "data": {k: config.data[k] for k in DATA_KEYS}, "data_fingerprint": train_fingerprint,
+          "data_source": config.data.source}
+
+
+def check_identity(workdir: str, mine: dict) -> None:
+  """Refuses a job that is not the run `workdir` holds; records `mine` when the workdir holds no run yet."""
+  path = os.path.join(workdir, IDENTITY)
+  theirs = read_json(path) if os.path.exists(path) else _older_identity(workdir)
+  if theirs is not None:
+    differences = [f"{key}: {_show(theirs, key)} there, {_show(mine, key)} here"
+                   for key in _keys(mine) if key in _keys(theirs) and _get(theirs, key) != _get(mine, key)]
+    if differences:
+      what = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+      raise UserError(f"{workdir} holds another run ({what}). Nothing in it was changed: give this run a new "
+                      f"--workdir, or the settings of the run there to resume it")
+  if on_main_process() and not os.path.exists(path):
+    os.makedirs(workdir, exist_ok=True)
+    write_json(path, mine)
+
+
+def _older_identity(workdir: str) -> dict | None:
+  """What a workdir written before identity.json says of its run (its config.json), without a data fingerprint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  config = read_json(path)
+  model = config.get("model", {})
+  out = {"scheme": config.get("scheme"), "seed": config.get("seed"),
+         "model": {"arch": model.get("name"), "width": model.get("width"), "head": model.get("head")},
+         "data": {k: config.get("data", {}).get(k) for k in DATA_KEYS}}
+  return out
+
+
+def _keys(tree: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in tree.items():
+    if k == "data_source":
+      continue
+    out += _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+  return out
+
+
+def _get(tree: dict, key: str):
+  for part in key.split("."):
+    tree = tree[part]
+  return tree
+
+
+def _show(tree: dict, key: str) -> str:
+  if key == "data_fingerprint":
+    return f"data {tree.get('data_source', '?')} (fingerprint {tree[key][:12]})"
+  value = _get(tree, key)
+  return "null" if value is None else json.dumps(value)
+
+
+def read_json(path: str):
+  """A workdir's JSON file, or one line that names it when it is unreadable or damaged."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except ValueError as e:
+    raise UserError(f"{path} is damaged ({e.__class__.__name__}: {e}); restore it from a copy, or rerun the job "
+                    f"that writes it") from None
+  except OSError as e:
+    raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+
+
+def write_json(path: str, value, indent=1) -> None:
+  """Writes whole or not at all: a temporary file renamed into place."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=indent)
+  os.replace(tmp, path)

@@ -1,0 +1,42 @@
+"""Every way a command can end, as one line: `eejax.cli.guarded`."""
+import errno
+
+import pytest
+
+from eejax import checkpoint, cli
+from eejax.errors import UserError
+
+
+def ends(job, capsys, workdir=None):
+  with pytest.raises(SystemExit) as e:
+    cli.guarded(job, "eejax", workdir)
+  err = capsys.readouterr().err.strip()
+  assert "\n" not in err and "Traceback" not in err, err
+  return e.value.code, err
+
+
+def _raise(e):
+  def job():
+    raise e
+  return job
+
+
+def test_each_expected_failure_is_one_line_with_its_status(capsys):
+  assert ends(_raise(UserError("fix this")), capsys) == (2, "eejax: error: fix this")
+  code, err = ends(_raise(OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl")), capsys)
+  assert code == 2 and err.startswith("eejax: error: No space left on device: /w/metrics.jsonl. Free space")
+  code, err = ends(_raise(KeyboardInterrupt()), capsys)
+  assert code == 130 and "interrupted (Ctrl-C)" in err
+  code, err = ends(_raise(checkpoint.Stopped(15, 40, "/w")), capsys)
+  assert code == 143 and err == "eejax: stopped by SIGTERM at step 40; checkpoint saved in /w; run the same command again to resume"
+
+
+def test_an_unforeseen_error_is_one_line_and_its_traceback_goes_to_a_file(tmp_path, capsys):
+  code, err = ends(lambda: 1 / 0, capsys, str(tmp_path))
+  assert code == 1 and err.startswith("eejax: internal error: ZeroDivisionError: division by zero; the full traceback")
+  path = err.split("the full traceback is in ")[1].split(". Please")[0]
+  assert path.startswith(str(tmp_path))
+  with open(path, encoding="utf-8") as f:
+    text = f.read()
+  assert "Traceback" in text and "ZeroDivisionError" in text and "1 / 0" in text
+  assert cli.guarded(lambda: 7) == 7  # a job that ends well returns its value

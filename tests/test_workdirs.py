@@ -1,0 +1,97 @@
+"""The workdir guards: the lock, the run's identity, damaged JSON files, paths a job cannot write."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from configs import cifar10
+from eejax import run, workdirs
+from eejax.errors import UserError
+
+
+def test_a_second_lock_is_one_line_and_a_dead_holder_never_leaves_it_stuck(tmp_path):
+  workdir = str(tmp_path / "w")
+  with workdirs.lock(workdir):
+    # another process tries while this one holds it
+    code = textwrap.dedent(f"""
+        from eejax import workdirs
+        from eejax.errors import UserError
+        try:
+          with workdirs.lock({workdir!r}):
+            print("got it")
+        except UserError as e:
+          print(e)""")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert f"in use by another eejax job (process {os.getpid()})" in out
+  # a holder killed with SIGKILL: the OS drops the lock with the process
+  holder = subprocess.Popen([sys.executable, "-c", f"from eejax import workdirs\nimport time\n"
+                             f"with workdirs.lock({workdir!r}):\n  print('held', flush=True); time.sleep(60)"],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True)
+  assert holder.stdout.readline().strip() == "held"
+  holder.kill()
+  holder.wait()
+  with workdirs.lock(workdir):
+    pass
+
+
+def _identity(config, fingerprint="f" * 64):
+  return workdirs.identity(config, run.model_settings(config.model), 3, fingerprint)
+
+
+def test_identity_is_recorded_once_and_another_run_is_refused_naming_both(tmp_path):
+  workdir = str(tmp_path)
+  config = cifar10.get_config("smoke")
+  workdirs.check_identity(workdir, _identity(config))
+  assert json.loads((tmp_path / workdirs.IDENTITY).read_text())["model"]["arch"] == "resnet8"
+  workdirs.check_identity(workdir, _identity(config))  # the same run resumes
+  moved = cifar10.get_config("smoke")
+  moved.data.source = "folder:/elsewhere"  # the same images moved: the same run
+  workdirs.check_identity(workdir, _identity(moved))
+  other = cifar10.get_config("smoke")
+  other.model.width = 0.5
+  with pytest.raises(UserError, match=r"holds another run \(model.width: 0.25 there, 0.5 here\)\. Nothing in it was "
+                                      r"changed"):
+    workdirs.check_identity(workdir, _identity(other))
+  with pytest.raises(UserError, match=r"data_fingerprint: data .* \(fingerprint ffffffffffff\) there, data .* "
+                                      r"\(fingerprint 000000000000\) here"):
+    workdirs.check_identity(workdir, _identity(config, "0" * 64))
+
+
+def test_an_older_workdir_is_compared_through_its_config_json(tmp_path):
+  config = cifar10.get_config("smoke")
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  workdirs.check_identity(str(tmp_path), _identity(config))
+  os.remove(tmp_path / workdirs.IDENTITY)
+  other = cifar10.get_config("smoke")
+  other.model.name = "resnet20"
+  with pytest.raises(UserError, match='model.arch: "resnet8" there, "resnet20" here'):
+    workdirs.check_identity(str(tmp_path), _identity(other))
+  assert not (tmp_path / workdirs.IDENTITY).exists()
+
+
+def test_fingerprint_sees_one_pixel_and_one_label():
+  images = np.zeros((4, 2, 2, 3), np.uint8)
+  labels = np.arange(4, dtype=np.int32)
+  base = workdirs.fingerprint(images, labels)
+  images[3, 1, 1, 2] = 1
+  assert workdirs.fingerprint(images, labels) != base
+  images[3, 1, 1, 2] = 0
+  labels[0] = 1
+  assert workdirs.fingerprint(images, labels) != base
+
+
+def test_damaged_json_and_unwritable_paths_are_one_line(tmp_path):
+  (tmp_path / "config.json").write_text('{"model": {"name": "res')
+  with pytest.raises(UserError, match=r"config.json is damaged \(JSONDecodeError"):
+    workdirs.read_json(str(tmp_path / "config.json"))
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(UserError, match="is a file, not a folder"):
+    workdirs.check_path(str(tmp_path / "file"), "workdir", "--workdir")
+  with pytest.raises(UserError, match="is a file, so the workdir cannot be made there"):
+    workdirs.check_path(str(tmp_path / "file" / "sub"), "workdir", "--workdir")
+  workdirs.check_path(str(tmp_path / "new" / "deeper"), "workdir", "--workdir")  # made later: fine
