@@ -282,11 +282,13 @@ def _maps():
 
 
 def _interrupt_when(args, ready, tmp_path):
-  proc = subprocess.Popen([sys.executable, "-m", "eejax.main", *args], cwd=REPO, stdout=subprocess.PIPE,
+  # Ctrl-C as a terminal delivers it: a shell may start this suite with SIGINT ignored, which children inherit,
+  # so the command starts through an exec that restores it (the same process id).
+  restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "os.execv(sys.executable, [sys.executable, '-m', 'eejax.main', *sys.argv[1:]])")
+  proc = subprocess.Popen([sys.executable, "-c", restore, *args], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=open(tmp_path / "err.txt", "w", encoding="utf-8"), text=True,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                          # Ctrl-C as a terminal delivers it (a shell may start this suite with SIGINT ignored)
-                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
   _PROC["pid"] = proc.pid
   deadline = time.time() + 120
   while not ready((tmp_path / "err.txt").read_text()) and time.time() < deadline:
