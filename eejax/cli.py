@@ -5,6 +5,7 @@ path it may not write) is one line and status 2; a stop on a signal keeps its ch
 Ctrl-C anywhere else (start-up, evaluation) is one line and status 130; anything unforeseen is one short line
 plus the file that holds the whole traceback (status 1). Nothing here imports JAX, so `--help` stays fast.
 """
+import contextlib
 import errno
 import os
 import signal
@@ -76,9 +77,16 @@ def _config_path(argv) -> str:
 
 
 def interrupted(program: str) -> None:
+  """One line and status 130, ending the process at once: JAX's threads may still be compiling or running, and
+  tearing the interpreter down under them can crash it. Every file eejax writes is whole or flushed by then."""
   print(f"{program}: interrupted (Ctrl-C); every checkpoint and file already written stays whole: run the same "
         f"command again to go on", file=sys.stderr)
-  sys.exit(130)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  hard_exit(130)
+
+
+hard_exit = os._exit  # pylint: disable=protected-access
 
 
 def guarded(job, program: str = "eejax", workdir: str | None = None):
@@ -105,6 +113,26 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
     if _lost_peer(e, workdir):
       return None
     _unforeseen(e, program, workdir)
+
+
+@contextlib.contextmanager
+def interrupt_after():
+  """Ctrl-C inside the block is held back and raised when it ends: importing JAX's C extensions is no place to
+  stop (an import cut there can crash the interpreter). A SIGINT that the shell ignores stays ignored."""
+  held = []
+  try:
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+  except ValueError:  # not the main thread
+    yield
+    return
+  if previous == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, previous)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+    if held:
+      raise KeyboardInterrupt
 
 
 def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None:

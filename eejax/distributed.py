@@ -85,7 +85,7 @@ def initialize(cluster: Cluster) -> None:
     jax.distributed.initialize(cluster.coordinator, cluster.num_processes, cluster.process_id,
                                initialization_timeout=cluster.timeout_s + 60)
   except (ValueError, TypeError, RuntimeError) as e:  # nothing detected in the environment, and the like
-    raise UserError(f"cannot start the multi-process job: {e}. Give --coordinator, --num_processes and "
+    raise UserError(f"cannot start the multi-process job: {str(e).rstrip('.')}. Give --coordinator, --num_processes and "
                     f"--process_id, or run under SLURM, Open MPI or on a TPU pod") from None
   finally:
     watchdog.cancel()

@@ -13,7 +13,7 @@ the environment (SLURM, Open MPI, TPU pods), or with --coordinator,
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eejax.cli import config_value, fail, guarded, parse_flags
+from eejax.cli import config_value, fail, guarded, interrupt_after, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:cpu.",
                                           lock_config=True)
@@ -34,7 +34,8 @@ def main(argv):
 
 
 def _job(config):
-  from eejax import api, distributed, validate  # pylint: disable=g-import-not-at-top  # after flags: a fast --help
+  with interrupt_after():
+    from eejax import api, distributed, validate  # pylint: disable=g-import-not-at-top  # after flags: a fast --help
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cluster = distributed.Cluster(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                 from_environment=config.distributed, timeout_s=_TIMEOUT.value)

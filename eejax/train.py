@@ -196,7 +196,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         pending = None
         checkpoint.save(mngr, step, state)
         last_saved = step
-        if stop_now:
+        # A signal that came during the last save stops the run too, before the evaluation.
+        if stop_now or (step == total_steps and distributed.any_process(stop.signum is not None)):
           progress.close()
           writer.close()
           where = None if stop.signum else f"(sent to another process of the job) at step {step}; checkpoint saved"

@@ -7,7 +7,13 @@ from eejax import checkpoint, cli
 from eejax.errors import UserError
 
 
-def ends(job, capsys, workdir=None):
+def _raise_exit(code):
+  raise SystemExit(code)
+
+
+def ends(job, capsys, workdir=None, monkeypatch=None):
+  if monkeypatch is not None:  # Ctrl-C ends the process at once (os._exit): here, as SystemExit
+    monkeypatch.setattr(cli, "hard_exit", _raise_exit)
   with pytest.raises(SystemExit) as e:
     cli.guarded(job, "eejax", workdir)
   err = capsys.readouterr().err.strip()
@@ -21,11 +27,11 @@ def _raise(e):
   return job
 
 
-def test_each_expected_failure_is_one_line_with_its_status(capsys):
+def test_each_expected_failure_is_one_line_with_its_status(capsys, monkeypatch):
   assert ends(_raise(UserError("fix this")), capsys) == (2, "eejax: error: fix this")
   code, err = ends(_raise(OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl")), capsys)
   assert code == 2 and err.startswith("eejax: error: No space left on device: /w/metrics.jsonl. Free space")
-  code, err = ends(_raise(KeyboardInterrupt()), capsys)
+  code, err = ends(_raise(KeyboardInterrupt()), capsys, monkeypatch=monkeypatch)
   assert code == 130 and "interrupted (Ctrl-C)" in err
   code, err = ends(_raise(checkpoint.Stopped(15, 40, "/w")), capsys)
   assert code == 143 and err == "eejax: stopped by SIGTERM at step 40; checkpoint saved in /w; run the same command again to resume"

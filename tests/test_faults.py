@@ -304,7 +304,8 @@ def test_ctrl_c_in_start_up_or_evaluation_is_one_line_and_the_run_goes_on(tiny_t
   r = _interrupt_when(args, lambda err: "jaxlib" in _maps(), tmp_path)  # importing jax: start-up
   check_clean(r, 130, "interrupted (Ctrl-C)")
   r = _interrupt_when(args, lambda err: "step 10/10" in err and time.sleep(0.5) is None, tmp_path)  # evaluating
-  check_clean(r, 130, "interrupted (Ctrl-C)")
+  # (on a slow machine the last save may still be under way: then it is a stop at step 10, checkpoint saved)
+  check_clean(r, 130, "stopped by SIGINT at step 10" if "stopped by" in r.stderr else "interrupted (Ctrl-C)")
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
   again = run_main(args)
   check_clean(again, 0, "")
