@@ -305,7 +305,7 @@ def save_model(path: str, config, backbone: run.Run, model: MultiExitNet, variab
   spec = dataclasses.replace(backbone.spec, model=settings)
   run.save_model(path, config, spec, variables)
   if on_main_process():
-      thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
+    thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
 
 
 def macs_reduction(macs: float, full_macs: int) -> float:

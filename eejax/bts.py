@@ -207,9 +207,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   bb = prepare(config)
   boosted.check_positions(bts.positions, bb.num_blocks)
   if on_main_process():  # every process of a multi-process job computes the same; process 0 writes
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    workdirs.save_config(workdir, config)
   modes = MODES if bts.baseline else MODES[:1]
   stop = checkpoint.StopSignal()
 

@@ -26,7 +26,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from eejax.errors import UserError
+from eejax import workdirs
+from eejax.errors import UserError, first_line
 from eejax.writers import on_main_process, say
 
 CHECKSUMS = "eejax.sha256.json"
@@ -62,13 +63,13 @@ def _save(mngr, step: int, state, folder: str) -> None:
     mngr.save(step, args=ocp.args.StandardSave(state), force=True)
     mngr.wait_until_finished()
     if on_main_process():
-      _write_json(os.path.join(folder, CHECKSUMS), digest(folder))
+      workdirs.write_json(os.path.join(folder, CHECKSUMS), digest(folder), indent=0)
   except Exception as e:  # orbax and tensorstore wrap OS errors in many types
     if not _is_os_error(e):
       raise
     _remove_partial(str(mngr.directory), step)
-    kept = [s for s in _steps(str(mngr.directory)) if s != step]
-    reason = next((w for w in OS_WORDS if w in str(e)), _first_line(e))
+    kept = [s for s in steps(str(mngr.directory)) if s != step]
+    reason = next((w for w in OS_WORDS if w in str(e)), first_line(e))
     raise UserError(f"cannot save the checkpoint of step {step} in {mngr.directory} ({reason}); "
                     f"{'the last good checkpoint is step ' + str(kept[-1]) if kept else 'no checkpoint was saved'}. "
                     f"Free space or fix the permissions, then run the same command again to resume") from None
@@ -120,8 +121,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
   training can save that step again); if every step is damaged, a UserError.
   """
   directory = str(mngr.directory)
-  steps, damaged, good = _steps(directory), {}, None
-  for step in reversed(steps):
+  saved, damaged, good = steps(directory), {}, None
+  for step in reversed(saved):
     damaged[step] = verify(os.path.join(directory, str(step)))
     if damaged[step] is None:
       del damaged[step]
@@ -137,8 +138,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
       note += f", moved to {aside}"
     say(note)
   if good is None:
-    if steps:
-      raise UserError(f"every checkpoint in {directory} is damaged (steps {', '.join(map(str, steps))}); "
+    if saved:
+      raise UserError(f"every checkpoint in {directory} is damaged (steps {', '.join(map(str, saved))}); "
                       f"use a new --workdir, or restore the folder from a backup")
     return None
   with _quiet():
@@ -153,7 +154,7 @@ def _restore_step(mngr, step: int, abstract_state):
   except Exception as e:  # orbax raises many types for corrupt or mismatched checkpoints
     where = os.path.join(str(mngr.directory), str(step))
     raise UserError(
-        f"cannot restore the checkpoint {where} ({e.__class__.__name__}: {_first_line(e)}). "
+        f"cannot restore the checkpoint {where} ({e.__class__.__name__}: {first_line(e)}). "
         f"It is corrupt or was written by a different model config; move that folder away to resume "
         f"from an earlier checkpoint, or use a new --workdir") from None
 
@@ -171,7 +172,7 @@ def restore_from_workdir(workdir: str, abstract_state):
   return state
 
 
-def _steps(directory: str) -> list[int]:
+def steps(directory: str) -> list[int]:
   """The finished steps in a checkpoints folder, in order (orbax writes a step under a temporary name first)."""
   if not os.path.isdir(directory):
     return []
@@ -194,18 +195,6 @@ def _is_os_error(e: BaseException) -> bool:
       return True
     e = e.__cause__ or e.__context__
   return False
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:200] if text else e.__class__.__name__
-
-
-def _write_json(path: str, value) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=0)
-  os.replace(tmp, path)
 
 
 def as_abstract(tree, sharding):

@@ -17,6 +17,8 @@ import traceback
 
 from absl import flags
 
+from eejax.errors import UserError, first_line
+
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
                errno.EISDIR, errno.EEXIST}
 
@@ -31,14 +33,14 @@ def parse_flags(argv, program: str = "eejax"):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    if "Traceback" in str(e) and "No such file" in str(e):
+      _config_missing(_config_path(argv), program)
     fail(_config_file_message(str(e)), program)
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # unknown --config.key, bad value, bad preset
     message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
     fail(f"bad --config override: {message}" if "preset" not in message else message, program)
   except OSError:  # a config file that could not be loaded, met by a --config.key override
-    path = _config_path(argv)
-    why = "no such file" if not os.path.exists(path) else "it could not be loaded"
-    fail(f"--config={path}: {why} (give --config=configs/FILE.py[:preset])", program)
+    _config_missing(_config_path(argv), program)
   except KeyboardInterrupt:
     interrupted(program)
 
@@ -47,9 +49,7 @@ def _config_file_message(text: str) -> str:
   """A config file's own error (e.g. an unknown preset) rather than the traceback absl wraps around it."""
   lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
   if "Traceback" in text and lines:
-    last = lines[-1].split(": ", 1)[-1].strip(")")
-    return f"the config file cannot be read ({last}); give --config=configs/FILE.py[:preset]" \
-        if "No such file" in last else last
+    return lines[-1].split(": ", 1)[-1]
   return lines[0] if lines else "bad flags"
 
 
@@ -61,9 +61,12 @@ def config_value(config_flag, program: str = "eejax"):
       value.keys()  # a config that failed to load raises only when used
     return value
   except OSError:
-    path = flags.FLAGS["config"].config_filename
-    why = "no such file" if not os.path.exists(path) else "it could not be loaded"
-    fail(f"--config={path}: {why} (give --config=configs/FILE.py[:preset])", program)
+    _config_missing(flags.FLAGS["config"].config_filename, program)
+
+
+def _config_missing(path: str, program: str) -> None:
+  why = "no such file" if not os.path.exists(path) else "it could not be loaded"
+  fail(f"--config={path}: {why} (give --config=configs/FILE.py[:preset])", program)
 
 
 def _config_path(argv) -> str:
@@ -91,7 +94,6 @@ hard_exit = os._exit  # pylint: disable=protected-access
 
 def guarded(job, program: str = "eejax", workdir: str | None = None):
   """job() with every way it can end as one line (see the module docstring)."""
-  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
   sys.unraisablehook = _resend_swallowed_interrupt
   try:
     return job()
@@ -110,8 +112,9 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
     if stopped is not None:
       print(f"{program}: {e}", file=sys.stderr)
       sys.exit(stopped)
-    if _lost_peer(e, workdir):
-      return None
+    if _in_a_job_that_lost_a_peer(e):
+      from eejax import distributed  # pylint: disable=g-import-not-at-top
+      distributed.lost_peer(e, workdir or ".")  # one line; never returns
     _unforeseen(e, program, workdir)
 
 
@@ -151,14 +154,10 @@ def _stopped(e: Exception) -> int | None:
   return getattr(e, "exit_code", None) if e.__class__.__name__ == "Stopped" else None
 
 
-def _lost_peer(e: Exception, workdir) -> bool:
-  """In a multi-process job, a failed collective means another process died: one line (never returns)."""
+def _in_a_job_that_lost_a_peer(e: Exception) -> bool:
+  """In a multi-process job, a failed collective means another process died."""
   jax = sys.modules.get("jax")
-  if jax is None or not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
-    return False
-  from eejax import distributed  # pylint: disable=g-import-not-at-top
-  distributed.lost_peer(e, workdir or ".")
-  return True
+  return jax is not None and isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1
 
 
 def _unforeseen(e: BaseException, program: str, workdir) -> None:
@@ -170,7 +169,6 @@ def _unforeseen(e: BaseException, program: str, workdir) -> None:
       f.write("".join(traceback.format_exception(e)))
   except OSError:
     path = "(could not be written)"
-  first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-  print(f"{program}: internal error: {e.__class__.__name__}: {first}; the full traceback is in {path}. "
+  print(f"{program}: internal error: {e.__class__.__name__}: {first_line(e, 300)}; the full traceback is in {path}. "
         f"Please report it with that file", file=sys.stderr)
   sys.exit(1)

@@ -14,7 +14,7 @@ JAX's runtime ends a process that cannot reach the rest of its job with a C++
 abort and a stack trace, after minutes. Here a process that has not joined
 within `timeout_s` (a coordinator that never answers, a process that never
 starts) ends with one line and status 2; a process that loses a peer during
-the run ends with one line and status 3 (`eejax.peers`).
+the run ends with one line and status 3 (`lost_peer`).
 """
 import dataclasses
 import os
@@ -25,7 +25,8 @@ import threading
 import jax
 import numpy as np
 
-from eejax.errors import UserError
+from eejax import checkpoint
+from eejax.errors import UserError, first_line
 
 LOST_PEER_EXIT = 3
 
@@ -112,11 +113,10 @@ def lost_peer(error: Exception, workdir: str) -> None:
   Gloo (CPU) reports a dead peer at the next collective, within a second; NCCL (GPU) may wait until JAX's
   heartbeat (100 s) ends the job. The job resumes from its last checkpoint when started again.
   """
-  folder = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(folder) else []
-  resume = f"it resumes from step {steps[-1]}, its last checkpoint" if steps else "no checkpoint was saved yet"
-  first = str(error).strip().splitlines()[0][:300] if str(error).strip() else error.__class__.__name__
-  _exit_line(LOST_PEER_EXIT, f"process {jax.process_index()} lost the rest of its job ({first}). Start the job "
+  saved = checkpoint.steps(os.path.join(workdir, "checkpoints"))
+  resume = f"it resumes from step {saved[-1]}, its last checkpoint" if saved else "no checkpoint was saved yet"
+  _exit_line(LOST_PEER_EXIT, f"process {jax.process_index()} lost the rest of its job ({first_line(error, 300)}). "
+                             f"Start the job "
                              f"again with the same command on every process: {resume} in {workdir}")
 
 

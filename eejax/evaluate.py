@@ -15,7 +15,7 @@ import numpy as np
 from eejax import calibration, data, inference, input_pipeline, policies, report, risk, sharding, thresholds
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
-from eejax.writers import say
+from eejax.writers import on_main_process, say
 
 
 def make_predict_fn(model, mesh):
@@ -237,7 +237,7 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
     result["real_inference"] = {"budget": row["budget"], **real_inference_report(
         model, local, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_ExC,
         config.eval.batch_size, simulated)}
-  if jax.process_index() == 0:
+  if on_main_process():
     np.savez(os.path.join(workdir, "logits.npz"), step=-1 if step is None else step,
              val_logits=logits["val"], val_labels=ds.val.labels_N,
              test_logits=logits["test"], test_labels=ds.test.labels_N, cumulative_macs=np.asarray(macs.cumulative))

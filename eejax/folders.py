@@ -16,6 +16,7 @@ import concurrent.futures
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -143,7 +144,6 @@ def to_rgb(im) -> np.ndarray:
   floating-point greyscale is read as 0..255; palette images are looked up in their palette; RGBA and LA
   keep their colour (alpha dropped); CMYK becomes (255 - C)(255 - K) / 255 per channel; bilevel 0/255.
   """
-  import warnings  # pylint: disable=g-import-not-at-top
   if im.mode in SIXTEEN_BIT or im.mode == "F":
     v = np.asarray(im).astype(np.float64)
     grey = np.clip(np.round(v / 257.0 if im.mode in SIXTEEN_BIT else v), 0, 255).astype(np.uint8)

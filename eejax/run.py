@@ -11,7 +11,6 @@ training data, with a line saying so, and saved.
 """
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -101,8 +100,7 @@ def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpe
 
 def save_run(workdir: str, config, spec: RunSpec) -> None:
   """config.json and run.json, written when a run starts (process 0)."""
-  os.makedirs(workdir, exist_ok=True)
-  workdirs.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
+  workdirs.save_config(workdir, config)
   _write_spec(workdir, spec)
 
 

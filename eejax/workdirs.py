@@ -105,10 +105,9 @@ def _older_identity(workdir: str) -> dict | None:
     return None
   config = read_json(path)
   model = config.get("model", {})
-  out = {"scheme": config.get("scheme"), "seed": config.get("seed"),
-         "model": {"arch": model.get("name"), "width": model.get("width"), "head": model.get("head")},
-         "data": {k: config.get("data", {}).get(k) for k in DATA_KEYS}}
-  return out
+  return {"scheme": config.get("scheme"), "seed": config.get("seed"),
+          "model": {"arch": model.get("name"), "width": model.get("width"), "head": model.get("head")},
+          "data": {k: config.get("data", {}).get(k) for k in DATA_KEYS}}
 
 
 def _keys(tree: dict, prefix: str = "") -> list[str]:
@@ -131,6 +130,12 @@ def _show(tree: dict, key: str) -> str:
     return f"data {tree.get('data_source', '?')} (fingerprint {tree[key][:12]})"
   value = _get(tree, key)
   return "null" if value is None else json.dumps(value)
+
+
+def save_config(workdir: str, config) -> None:
+  """WORKDIR/config.json: the settings that made the run."""
+  os.makedirs(workdir, exist_ok=True)
+  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
 
 
 def read_json(path: str):
