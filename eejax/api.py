@@ -15,8 +15,8 @@ import os
 
 import numpy as np
 
-from eejax import (calibration, evaluate, export as exports, inference, policies, risk, schemes, thresholds, validate,
-                   workdirs)
+from eejax import (calibration, distributed, evaluate, export as exports, inference, policies, risk, schemes,
+                   thresholds, validate, workdirs)
 from eejax.flops import exit_macs
 from eejax.run import Run, load_run
 
@@ -33,6 +33,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if job is None:
     from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
     job = loop.train_and_evaluate
+  distributed.initialize(distributed.Cluster(from_environment=config.distributed))  # unless the command line did
+  distributed.check_shared(workdir)
   with workdirs.lock(workdir):  # one job at a time in a workdir
     return job(config, workdir)
 

@@ -218,8 +218,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     distributed.barrier(f"bts-save-{name}")
     boosted.save_model(path, config, bb.run, model, variables, threshold_ExC, row["margin"])
     if on_main_process():
-      with open(os.path.join(path, "row.json"), "w", encoding="utf-8") as f:  # written last: marks it finished
-        json.dump(row, f, default=_plain)
+      workdirs.write_json(os.path.join(path, "row.json"), row, indent=None, default=_plain)  # last: marks it done
     if distributed.any_process(stop.signum is not None):
       raise checkpoint.Stopped(stop.signum or signal.SIGTERM, 0, workdir, where=f"after saving models/{name}")
 

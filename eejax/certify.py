@@ -6,18 +6,25 @@ r"""Certified early-exit thresholds for a finished run, from its saved validatio
 Prints the report's "Certified thresholds" table (`eejax.evaluate.risk_report`, `eejax.risk`) for a run
 evaluated before the report had it, or for other settings; writes RUN/certified.md and .json.
 """
-import json
 import os
 
-import ml_collections
-import numpy as np
 from absl import app, flags, logging
 
-from eejax import evaluate, report, risk
+from eejax import cli
+
+if __name__ == "__main__":  # Ctrl-C while JAX loads below: one line, not a traceback from inside an import
+  cli.exit_on_interrupt("eejax.certify")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections
+import numpy as np
+
+from eejax import evaluate, report, risk, workdirs
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 def define_flags() -> None:
   """The command line's flags (defined only when this module runs as the program)."""
@@ -48,10 +55,8 @@ def main(argv) -> None:
                                 exit_macs(run.model, run.spec.image_shape), cfg, f.policy)
   rows = guarded(job, "eejax.certify", f.workdir)
   text = "\n".join(report.certified_lines({"certified": rows})).strip() + "\n"
-  with open(os.path.join(f.workdir, "certified.md"), "w", encoding="utf-8") as out:
-    out.write(text)
-  with open(os.path.join(f.workdir, "certified.json"), "w", encoding="utf-8") as out:
-    json.dump(rows, out, indent=1)
+  workdirs.write_text(os.path.join(f.workdir, "certified.md"), text)
+  workdirs.write_json(os.path.join(f.workdir, "certified.json"), rows)
   print(text)
 
 

@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from eejax import workdirs
+from eejax import distributed, workdirs
 from eejax.errors import UserError, first_line
 from eejax.writers import on_main_process, say
 
@@ -118,7 +118,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
   """The newest checkpoint whose checksums hold, shaped like `abstract_state`; None if there is none at all.
 
   A damaged step is skipped with a line (and moved to WORKDIR/damaged-checkpoints/ when `set_aside`, so
-  training can save that step again); if every step is damaged, a UserError.
+  training can save that step again); if every step is damaged, a UserError. Every process of a multi-process
+  job checks the steps before process 0 moves any, and all must find the same step.
   """
   directory = str(mngr.directory)
   saved, damaged, good = steps(directory), {}, None
@@ -128,13 +129,19 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
       del damaged[step]
       good = step
       break
+  found = distributed.gather(-1 if good is None else good)
+  if len(set(found)) > 1:
+    raise UserError(f"the processes of this job find different newest whole checkpoints in {directory} (steps "
+                    f"{', '.join(str(s) if s >= 0 else 'none' for s in found)}, by process): give a --workdir that "
+                    f"every process shares, or run the job again once the file system has settled")
   for step, problem in damaged.items():
     folder = os.path.join(directory, str(step))
     note = f"checkpoint {folder} is damaged ({problem}): not used"
-    if set_aside and good is not None and on_main_process():  # never when nothing whole is left
+    if set_aside and good is not None:  # never when nothing whole is left
       aside = os.path.join(os.path.dirname(directory), "damaged-checkpoints", f"{step}-{int(time.time())}")
-      os.makedirs(os.path.dirname(aside), exist_ok=True)
-      shutil.move(folder, aside)
+      if on_main_process():
+        os.makedirs(os.path.dirname(aside), exist_ok=True)
+        shutil.move(folder, aside)
       note += f", moved to {aside}"
     say(note)
   if good is None:
@@ -144,6 +151,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
     return None
   with _quiet():
     if set_aside and damaged:
+      distributed.barrier("eejax_damaged_checkpoints_set_aside")  # process 0 has moved them
       mngr.reload()  # the manager forgets the steps set aside
     return _restore_step(mngr, good, abstract_state)
 

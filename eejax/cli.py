@@ -92,9 +92,29 @@ def interrupted(program: str) -> None:
 hard_exit = os._exit  # pylint: disable=protected-access
 
 
+def exit_on_interrupt(program: str) -> None:
+  """Until `guarded` runs the job, Ctrl-C is one line and status 130: for a command that imports JAX at its top,
+  where a KeyboardInterrupt would surface from inside an extension's import. A SIGINT ignored stays ignored."""
+  if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+    signal.signal(signal.SIGINT, _StartUp(program))
+
+
+class _StartUp:
+  """The SIGINT handler of `exit_on_interrupt`."""
+
+  def __init__(self, program: str):
+    self.program = program
+
+  def __call__(self, signum, frame):
+    del signum, frame
+    interrupted(self.program)
+
+
 def guarded(job, program: str = "eejax", workdir: str | None = None):
   """job() with every way it can end as one line (see the module docstring)."""
   sys.unraisablehook = _resend_swallowed_interrupt
+  if isinstance(signal.getsignal(signal.SIGINT), _StartUp):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a KeyboardInterrupt, caught below
   try:
     return job()
   except UserError as e:

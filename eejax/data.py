@@ -210,8 +210,8 @@ def _read_tfds(name, data_dir, download, image_size):
 def _prepare_tfds(name, builder, data_dir, download):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   where = data_dir or "~/tensorflow_datasets"
-  how = (f"either run once with network access and TensorFlow (pip install 'eejax[tfds]') and "
-         f"--config.data.download=True, or give a class-per-folder copy with --config.data.source=folder:PATH")
+  how = ("either run once with network access and TensorFlow (pip install 'eejax[tfds]') and "
+         "--config.data.download=True, or give a class-per-folder copy with --config.data.source=folder:PATH")
   if not download:
     raise UserError(f"tfds dataset {name!r} is not prepared in {where} (as array_record); {how}")
   if not _online():

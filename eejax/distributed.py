@@ -25,7 +25,6 @@ import threading
 import jax
 import numpy as np
 
-from eejax import checkpoint
 from eejax.errors import UserError, first_line
 
 LOST_PEER_EXIT = 3
@@ -100,6 +99,58 @@ def any_process(flag: bool) -> bool:
   return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
 
 
+def gather(value: int) -> list[int]:
+  """`value` of every process, in process order (one entry in a single-process run)."""
+  if jax.process_count() == 1:
+    return [int(value)]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return [int(v) for v in multihost_utils.process_allgather(np.asarray(value, np.int64))]
+
+
+def agree(problem: str | None) -> None:
+  """One UserError on every process when any process has a `problem`: a process that stopped alone would leave
+  the others waiting at the next collective until JAX's heartbeat ends them with a stack trace."""
+  if jax.process_count() == 1:
+    if problem:
+      raise UserError(problem)
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  mine = (problem or "").encode()[:_TEXT_BYTES].ljust(_TEXT_BYTES, b"\0")
+  text_PxL = multihost_utils.process_allgather(np.frombuffer(mine, np.uint8))
+  texts = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in np.asarray(text_PxL)]
+  if problem:
+    raise UserError(problem)
+  for i, text in enumerate(texts):
+    if text:
+      raise UserError(f"process {i} of this job: {text}")
+
+
+_TEXT_BYTES = 1024
+
+
+def check_shared(workdir: str) -> None:
+  """One line on every process when the processes do not see one --workdir (each host its own /tmp, say): every
+  process writes a file there, and each must see all of them. Nothing is left behind."""
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = int(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(4), np.uint32)[0]))
+  names = [f".job-{token}-process-{i}" for i in range(jax.process_count())]
+  mine = os.path.join(workdir, names[jax.process_index()])
+  os.makedirs(workdir, exist_ok=True)
+  with open(mine, "w", encoding="utf-8") as f:
+    f.write(f"{os.getpid()}\n")
+  try:
+    barrier("eejax_check_shared_workdir")
+    unseen = [i for i, name in enumerate(names) if not os.path.exists(os.path.join(workdir, name))]
+    agree(None if not unseen else (
+        f"--workdir={workdir} is not one folder that every process shares: process {jax.process_index()} does "
+        f"not see the files that process(es) {', '.join(map(str, unseen))} wrote there. Give a --workdir on a file "
+        f"system that every host mounts (NFS, Lustre, a bucket): all processes save into one checkpoint"))
+  finally:
+    os.remove(mine)
+
+
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (after process 0 changed files the others read)."""
   if jax.process_count() > 1:
@@ -113,6 +164,7 @@ def lost_peer(error: Exception, workdir: str) -> None:
   Gloo (CPU) reports a dead peer at the next collective, within a second; NCCL (GPU) may wait until JAX's
   heartbeat (100 s) ends the job. The job resumes from its last checkpoint when started again.
   """
+  from eejax import checkpoint  # pylint: disable=g-import-not-at-top  # checkpoint imports this module
   saved = checkpoint.steps(os.path.join(workdir, "checkpoints"))
   resume = f"it resumes from step {saved[-1]}, its last checkpoint" if saved else "no checkpoint was saved yet"
   _exit_line(LOST_PEER_EXIT, f"process {jax.process_index()} lost the rest of its job ({first_line(error, 300)}). "

@@ -34,21 +34,28 @@ Nothing here reads the training images: the normalisation statistics come
 from the run (`eejax.run`), the images to verify on from its evaluation split.
 """
 import functools
-import json
 import os
 import time
 
 from absl import app, flags, logging
 
+from eejax import cli
+
+if __name__ == "__main__":  # Ctrl-C while JAX loads below: one line, not a traceback from inside an import
+  cli.exit_on_interrupt("eejax.export")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, data, evaluate, export_onnx, inference, input_pipeline, policies, sharding, thresholds
+from eejax import (calibration, data, evaluate, export_onnx, inference, input_pipeline, policies, sharding, thresholds,
+                   workdirs)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 FORMATS = ("stablehlo", "onnx", "onnx_static", "onnx_stages", "tflite")
 
@@ -246,10 +253,8 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
     log(f"{fmt}: " + "; ".join(f"exit {r['exit']}: max |diff| {r['max_abs_diff']:.2e}, "
                                f"{r['latency_ms']:.3f} ms" for r in exits)
         + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs")
-  with open(os.path.join(out_dir, "export_report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(out_dir, "export_report.md"), "w", encoding="utf-8") as f:
-    f.write(markdown(report))
+  workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
+  workdirs.write_text(os.path.join(out_dir, "export_report.md"), markdown(report))
   return report
 
 

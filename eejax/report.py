@@ -1,11 +1,12 @@
 """report.json, report.md and curve.png from a report dict (see `eejax.evaluate`)."""
-import json
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from eejax import workdirs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _pct(x):
@@ -130,10 +131,8 @@ def plot_curve(report: dict, path: str) -> None:
 def write_files(workdir: str, report: dict, text: str, plot, default=None) -> None:
   """report.json, report.md (`text`) and curve.png (`plot(report, path)`): every job's report files."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, default=default)
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write(text)
+  workdirs.write_json(os.path.join(workdir, "report.json"), report, indent=2, default=default)
+  workdirs.write_text(os.path.join(workdir, "report.md"), text)
   plot(report, os.path.join(workdir, "curve.png"))
 
 

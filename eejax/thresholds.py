@@ -61,8 +61,8 @@ def save(workdir: str, entries: list[dict]) -> None:
   """Writes the entries (threshold_ExC as an array or already in JSON form) to thresholds.json."""
   entries = [{**e, "threshold_ExC": to_json(e["threshold_ExC"])} if isinstance(e["threshold_ExC"], np.ndarray)
              else e for e in entries]
-  with open(os.path.join(workdir, FILE), "w", encoding="utf-8") as f:  # one entry a line
-    f.write('{"thresholds": [\n' + ",\n".join(json.dumps(e) for e in entries) + "\n]}\n")
+  workdirs.write_text(os.path.join(workdir, FILE),  # one entry a line
+                      '{"thresholds": [\n' + ",\n".join(json.dumps(e) for e in entries) + "\n]}\n")
 
 
 def load(workdir: str, num_exits: int, num_classes: int, step: int | None = None) -> list[dict]:

@@ -3,7 +3,9 @@ with one clear line when damaged, and the paths a job is given checked before an
 
 lock: `fcntl.flock` on WORKDIR/.lock for as long as a job runs. The OS drops it when the process ends, however it
 ends, so a crashed or killed run never leaves it stuck; a second job in the same workdir meets one line naming
-the first one's process id.
+the first one's process id and host. Linux's NFS client carries flock to the server (NFSv4, or NFSv3 with its
+lock manager); Lustre does only when mounted with `-o flock`, and without it a warning says that nothing guards
+the workdir.
 
 identity: WORKDIR/identity.json, written before anything else of a new run: the scheme, the seed, the model's
 settings and classes, the data's split settings and a fingerprint of the training images and labels (the path of
@@ -16,9 +18,12 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
+import sys
 
 import numpy as np
 
+from eejax import distributed
 from eejax.errors import UserError
 from eejax.writers import on_main_process
 
@@ -44,27 +49,39 @@ def check_path(path: str, what: str, flag: str) -> None:
 
 @contextlib.contextmanager
 def lock(workdir: str):
-  """Holds WORKDIR/.lock while the block runs (process 0 of a multi-process job); a second job gets one line."""
-  if not on_main_process():
-    yield
-    return
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, ".lock")
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  """Holds WORKDIR/.lock while the block runs (taken by process 0 of a multi-process job; every process stops
+  when it is held by another job). A file system without locks (Lustre mounted without `flock`) gets a warning."""
+  fd, problem = None, None
+  if on_main_process():
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    problem = _take(fd, workdir)
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
-      holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-      raise UserError(f"{workdir} is in use by another eejax job (process {holder}); wait for it to end, or give "
-                      f"this one another --workdir") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    distributed.agree(problem)
+    if fd is not None:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
     yield
   finally:
-    os.close(fd)  # releases the lock
+    if fd is not None:
+      os.close(fd)  # releases the lock
+
+
+def _take(fd: int, workdir: str) -> str | None:
+  """None once this process holds the lock on `fd` (or the file system has none), else why not."""
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EAGAIN, errno.EACCES):
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+      return (f"{workdir} is in use by another eejax job (process {holder}); wait for it to end, or give this one "
+              f"another --workdir")
+    if e.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+      os.close(fd)
+      raise
+    print(f"warning: the file system of {workdir} does not support locks ({e.strerror}): a second job started "
+          f"in this workdir while this one runs would not be stopped", file=sys.stderr)
+  return None
 
 
 def fingerprint(images_NxHxWx3: np.ndarray, labels_N: np.ndarray) -> str:
@@ -150,9 +167,19 @@ def read_json(path: str):
     raise UserError(f"cannot read {path} ({e.strerror or e})") from None
 
 
-def write_json(path: str, value, indent=1) -> None:
+def write_json(path: str, value, indent=1, default=None) -> None:
+  """Writes whole or not at all (`write_text`); `default` as json.dumps takes it."""
+  write_text(path, json.dumps(value, indent=indent, default=default))
+
+
+def write_text(path: str, text: str) -> None:
   """Writes whole or not at all: a temporary file renamed into place."""
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=indent)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

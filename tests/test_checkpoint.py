@@ -89,6 +89,21 @@ def test_training_sets_a_damaged_step_aside_and_can_save_it_again(tmp_path):
   np.testing.assert_array_equal(checkpoint.restore(mngr, checkpoint.as_abstract(old, rep))["w"], new["w"])
 
 
+def test_processes_that_find_different_steps_are_one_error_and_nothing_is_moved(tmp_path, monkeypatch):
+  """In a multi-process job every process must find the same newest whole step (one shared workdir)."""
+  rep = sharding.replicated(sharding.make_mesh())
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 5, {"w": jnp.zeros(8)})
+  checkpoint.save(mngr, 10, {"w": jnp.ones(8)})
+  _flip(_data_files(tmp_path / "checkpoints" / "10")[0], 1)
+  monkeypatch.setattr(checkpoint.distributed, "gather", lambda step: [step, 10])  # process 1 sees step 10 whole
+  with pytest.raises(UserError, match=r"find different newest whole checkpoints in .* \(steps 5, 10, by process\)"):
+    checkpoint.restore(checkpoint.manager(str(tmp_path)), checkpoint.as_abstract({"w": jnp.zeros(8)}, rep),
+                       set_aside=True)
+  assert checkpoint.steps(str(tmp_path / "checkpoints")) == [5, 10]
+  assert not os.path.exists(tmp_path / "damaged-checkpoints")
+
+
 def test_a_save_on_a_full_disk_is_one_error_and_leaves_the_last_good_step(tmp_path, monkeypatch):
   """Simulated ENOSPC (the real one, on a small tmpfs, is in tests/test_faults.py)."""
   rep = sharding.replicated(sharding.make_mesh())

@@ -1,5 +1,8 @@
 """Every way a command can end, as one line: `eejax.cli.guarded`."""
 import errno
+import os
+import signal
+import time
 
 import pytest
 
@@ -46,3 +49,26 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_goes_to_a_file(tmp_pa
     text = f.read()
   assert "Traceback" in text and "ZeroDivisionError" in text and "1 / 0" in text
   assert cli.guarded(lambda: 7) == 7  # a job that ends well returns its value
+
+
+def test_ctrl_c_at_start_up_ends_at_once_and_the_job_gets_a_keyboard_interrupt(capsys, monkeypatch):
+  previous = signal.getsignal(signal.SIGINT)
+  monkeypatch.setattr(cli, "hard_exit", _raise_exit)
+  try:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    cli.exit_on_interrupt("eejax.export")
+    with pytest.raises(SystemExit) as e:  # while JAX loads: one line, the process ends
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+    assert e.value.code == 130 and capsys.readouterr().err.startswith("eejax.export: interrupted (Ctrl-C)")
+    # the job itself: Ctrl-C is a KeyboardInterrupt again, which the guard turns into the same line
+    def job():
+      assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      raise KeyboardInterrupt
+    code, err = ends(job, capsys, monkeypatch=monkeypatch)
+    assert code == 130 and "interrupted (Ctrl-C)" in err
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # started with Ctrl-C ignored (in the background): still ignored
+    cli.exit_on_interrupt("eejax.export")
+    assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)

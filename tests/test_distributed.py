@@ -7,6 +7,7 @@ work on such a workdir (BTS-EE as a 2-process job too); bad settings are one lin
 """
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_main, smoke_args
+from eejax import workdirs
+from test_faults import _flip_in_latest
 from test_train import _wait_for_checkpoint, params_of
 
 NO_INFERENCE = "--config.eval.real_inference=False"
@@ -33,7 +36,7 @@ def free_port() -> int:
 class Job:
   """N processes of `python -m eejax.main ARGS` joined over 127.0.0.1, their output in files."""
 
-  def __init__(self, args, logs, num_processes=2, devices=1):
+  def __init__(self, args, logs, num_processes=2, devices=1, extra=None):
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICES.format(devices)}".strip()
@@ -44,7 +47,7 @@ class Job:
       with open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "eejax.main", *args, f"--coordinator=127.0.0.1:{port}",
-             f"--num_processes={num_processes}", f"--process_id={i}"], cwd=REPO, env=env, stdout=o, stderr=e))
+             f"--num_processes={num_processes}", f"--process_id={i}", *(extra[i] if extra else ())], cwd=REPO, env=env, stdout=o, stderr=e))
 
   def wait(self, timeout=400):
     """[(returncode, stdout, stderr)] of every process."""
@@ -210,6 +213,42 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line_and_the_job_resumes
   check_finished(resumed)
   assert f"resuming from {workdir} at step {saved}" in resumed[0][1]
   assert_same_params(workdir, long_reference)
+
+
+def test_a_damaged_step_in_a_multi_process_workdir_is_set_aside_once_and_trained_again(two_process_run, tmp_path):
+  """Both processes check the steps before process 0 moves the damaged one; both resume from the same step."""
+  tree, workdir, _ = two_process_run
+  copy = str(tmp_path / "w")
+  shutil.copytree(workdir, copy)
+  _flip_in_latest(copy)
+  results = Job(smoke_args(tree, copy, "", NO_INFERENCE), str(tmp_path / "logs")).wait()
+  check_finished(results)
+  (_, out0, err0), (_, out1, err1) = results
+  assert "checkpoints/10 is damaged" in out0 and "resuming from" in out0 and "moved to" in out0
+  assert "damaged" not in out1 + err1 and "Traceback" not in err0 + err1
+  assert len(os.listdir(os.path.join(copy, "damaged-checkpoints"))) == 1
+  for a, b in zip(params_of(copy), params_of(workdir), strict=True):  # step 10 trained again, bit for bit
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_workdir_not_shared_or_in_use_stops_every_process_with_one_line(tiny_tree, tmp_path):
+  """Each process sees its own folder (each host its own /tmp), or another job holds the workdir: all processes
+  end with status 2 and one line before anything is written, none waits for the other until JAX's heartbeat."""
+  mine, theirs = str(tmp_path / "a" / "w"), str(tmp_path / "b" / "w")
+  results = Job(smoke_args(tiny_tree, mine, "", NO_INFERENCE), str(tmp_path / "logs1"),
+                extra=[[], [f"--workdir={theirs}"]]).wait(timeout=120)
+  for i, (code, _, err) in enumerate(results):
+    assert code == 2 and "Traceback" not in err, (i, err[-2000:])
+    assert "is not one folder that every process shares" in last_line(err), err[-2000:]
+  for folder in (mine, theirs):
+    assert os.listdir(folder) == []  # the probe files are gone, and nothing else was written
+  with workdirs.lock(mine):  # another job holds it
+    results = Job(smoke_args(tiny_tree, mine, "", NO_INFERENCE), str(tmp_path / "logs2")).wait(timeout=120)
+  (code0, _, err0), (code1, _, err1) = results
+  assert (code0, code1) == (2, 2) and "Traceback" not in err0 + err1
+  assert f"in use by another eejax job (process {os.getpid()}" in last_line(err0)
+  assert last_line(err1).startswith("eejax: error: process 0 of this job: ") and "in use" in last_line(err1)
+  assert sorted(os.listdir(mine)) == [".lock"]
 
 
 @pytest.mark.parametrize("flags, expected", [

@@ -6,6 +6,7 @@ Run `pytest -s tests/test_faults.py` to see each case's command, status and last
 import hashlib
 import json
 import os
+import socket
 import shutil
 import signal
 import subprocess
@@ -260,7 +261,7 @@ def test_two_runs_at_once_in_one_workdir_the_second_is_one_line(tiny_tree, tmp_p
   while not os.path.exists(os.path.join(workdir, "identity.json")) and time.time() < deadline:
     time.sleep(0.1)
   second = run_main(smoke_args(tiny_tree, workdir, "", NO_INFERENCE, "--config.seed=1"))
-  check_clean(second, 2, f"in use by another eejax job (process {first.pid})")
+  check_clean(second, 2, f"in use by another eejax job (process {first.pid} on {socket.gethostname()})")
   _, err = first.communicate(timeout=300)
   assert first.returncode == 0, err[-2000:]
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8")
@@ -281,12 +282,12 @@ def _maps():
     return ""
 
 
-def _interrupt_when(args, ready, tmp_path):
+def _interrupt_when(args, ready, tmp_path, module="eejax.main"):
   # Ctrl-C as a terminal delivers it: a shell may start this suite with SIGINT ignored, which children inherit,
   # so the command starts through an exec that restores it (the same process id).
   restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-             "os.execv(sys.executable, [sys.executable, '-m', 'eejax.main', *sys.argv[1:]])")
-  proc = subprocess.Popen([sys.executable, "-c", restore, *args], cwd=REPO, stdout=subprocess.PIPE,
+             "os.execv(sys.executable, [sys.executable, '-m', sys.argv[1], *sys.argv[2:]])")
+  proc = subprocess.Popen([sys.executable, "-c", restore, module, *args], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=open(tmp_path / "err.txt", "w", encoding="utf-8"), text=True,
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
   _PROC["pid"] = proc.pid
@@ -310,6 +311,17 @@ def test_ctrl_c_in_start_up_or_evaluation_is_one_line_and_the_run_goes_on(tiny_t
   again = run_main(args)
   check_clean(again, 0, "")
   assert "resuming from" in again.stdout and os.path.exists(os.path.join(workdir, "report.md"))
+
+
+def test_ctrl_c_while_export_or_certify_loads_jax_is_one_line(finished, tmp_path):
+  _, workdir, _ = finished
+  before = tree_digest(workdir)
+  for module, args in (("eejax.export", [f"--workdir={workdir}", f"--out={tmp_path / 'e'}", "--formats=stablehlo"]),
+                       ("eejax.certify", [f"--workdir={workdir}"])):
+    r = _interrupt_when(args, lambda err: "jaxlib" in _maps(), tmp_path, module)
+    check_clean(r, 130, "interrupted (Ctrl-C)")
+    assert r.stderr.strip().splitlines()[-1].startswith(f"{module}: interrupted"), r.stderr
+  assert not os.path.exists(tmp_path / "e") and tree_digest(workdir) == before
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_once_freed(tiny_tree, tmp_path):

@@ -1,6 +1,8 @@
 """The workdir guards: the lock, the run's identity, damaged JSON files, paths a job cannot write."""
+import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -27,7 +29,7 @@ def test_a_second_lock_is_one_line_and_a_dead_holder_never_leaves_it_stuck(tmp_p
         except UserError as e:
           print(e)""")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert f"in use by another eejax job (process {os.getpid()})" in out
+    assert f"in use by another eejax job (process {os.getpid()} on {socket.gethostname()})" in out
   # a holder killed with SIGKILL: the OS drops the lock with the process
   holder = subprocess.Popen([sys.executable, "-c", f"from eejax import workdirs\nimport time\n"
                              f"with workdirs.lock({workdir!r}):\n  print('held', flush=True); time.sleep(60)"],
@@ -37,6 +39,22 @@ def test_a_second_lock_is_one_line_and_a_dead_holder_never_leaves_it_stuck(tmp_p
   holder.wait()
   with workdirs.lock(workdir):
     pass
+
+
+def test_a_file_system_without_locks_warns_and_other_lock_errors_are_not_hidden(tmp_path, monkeypatch, capsys):
+  def no_locks(fd, op):
+    raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre mounted without -o flock
+  monkeypatch.setattr(workdirs.fcntl, "flock", no_locks)
+  with workdirs.lock(str(tmp_path)):
+    assert (tmp_path / ".lock").read_text() == f"{os.getpid()} on {socket.gethostname()}\n"
+  assert "does not support locks (Function not implemented)" in capsys.readouterr().err
+
+  def broken(fd, op):
+    raise OSError(errno.EIO, "Input/output error")
+  monkeypatch.setattr(workdirs.fcntl, "flock", broken)
+  with pytest.raises(OSError, match="Input/output error"):
+    with workdirs.lock(str(tmp_path)):
+      pass
 
 
 def _identity(config, fingerprint="f" * 64):
@@ -95,3 +113,14 @@ def test_damaged_json_and_unwritable_paths_are_one_line(tmp_path):
   with pytest.raises(UserError, match="is a file, so the workdir cannot be made there"):
     workdirs.check_path(str(tmp_path / "file" / "sub"), "workdir", "--workdir")
   workdirs.check_path(str(tmp_path / "new" / "deeper"), "workdir", "--workdir")  # made later: fine
+
+
+def test_a_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+  path = str(tmp_path / "report.json")
+  workdirs.write_json(path, {"accuracy": 0.9})
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(workdirs.os, "replace", full_disk)
+  with pytest.raises(OSError):
+    workdirs.write_json(path, {"accuracy": 0.1})
+  assert workdirs.read_json(path) == {"accuracy": 0.9} and os.listdir(tmp_path) == ["report.json"]
