@@ -34,8 +34,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
     job = loop.train_and_evaluate
   distributed.initialize(distributed.Cluster(from_environment=config.distributed))  # unless the command line did
-  distributed.check_shared(workdir)
-  with workdirs.lock(workdir):  # one job at a time in a workdir
+  workdirs.check_shared(workdir)
+  with distributed.watch_peers(workdir), workdirs.lock(workdir):  # one job at a time in a workdir
     return job(config, workdir)
 
 

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from eejax import boosted, checkpoint, data, distributed, report, thresholds, workdirs
+from eejax import boosted, checkpoint, collectives, data, report, thresholds, workdirs
 from eejax.boosted import Features
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -215,11 +215,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     path = os.path.join(workdir, "models", name)
     if on_main_process() and os.path.exists(path):  # left by a run stopped while saving it (no row.json)
       shutil.rmtree(path)
-    distributed.barrier(f"bts-save-{name}")
+    collectives.barrier(f"bts-save-{name}")
     boosted.save_model(path, config, bb.run, model, variables, threshold_ExC, row["margin"])
     if on_main_process():
       workdirs.write_json(os.path.join(path, "row.json"), row, indent=None, default=_plain)  # last: marks it done
-    if distributed.any_process(stop.signum is not None):
+    if collectives.any_process(stop.signum is not None):
       raise checkpoint.Stopped(stop.signum or signal.SIGTERM, 0, workdir, where=f"after saving models/{name}")
 
   def finished(name):

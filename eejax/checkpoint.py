@@ -26,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from eejax import distributed, workdirs
+from eejax import collectives, workdirs
 from eejax.errors import UserError, first_line
 from eejax.writers import on_main_process, say
 
@@ -129,7 +129,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
       del damaged[step]
       good = step
       break
-  found = distributed.gather(-1 if good is None else good)
+  found = collectives.gather(-1 if good is None else good)
   if len(set(found)) > 1:
     raise UserError(f"the processes of this job find different newest whole checkpoints in {directory} (steps "
                     f"{', '.join(str(s) if s >= 0 else 'none' for s in found)}, by process): give a --workdir that "
@@ -151,7 +151,7 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, set_aside: bool = False
     return None
   with _quiet():
     if set_aside and damaged:
-      distributed.barrier("eejax_damaged_checkpoints_set_aside")  # process 0 has moved them
+      collectives.barrier("eejax_damaged_checkpoints_set_aside")  # process 0 has moved them
       mngr.reload()  # the manager forgets the steps set aside
     return _restore_step(mngr, good, abstract_state)
 

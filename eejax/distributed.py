@@ -14,17 +14,22 @@ JAX's runtime ends a process that cannot reach the rest of its job with a C++
 abort and a stack trace, after minutes. Here a process that has not joined
 within `timeout_s` (a coordinator that never answers, a process that never
 starts) ends with one line and status 2; a process that loses a peer during
-the run ends with one line and status 3 (`lost_peer`).
+the run ends with one line and status 3 (`lost_peer`): at its next collective
+where the collectives notice (Gloo on CPU), and otherwise once the peer has
+been silent for `--peer_timeout` seconds (`watch_peers`).
 """
+import contextlib
 import dataclasses
+import functools
 import os
 import re
 import sys
 import threading
+import time
 
 import jax
-import numpy as np
 
+from eejax import checkpoint
 from eejax.errors import UserError, first_line
 
 LOST_PEER_EXIT = 3
@@ -38,6 +43,7 @@ class Cluster:
   process_id: int | None = None
   from_environment: bool = False  # let JAX detect the job (SLURM, Open MPI, TPU pods)
   timeout_s: int = 300  # to join the job; then one line and status 2
+  peer_timeout_s: int = 60  # a peer silent this long ends the job with one line and status 3 (`watch_peers`)
 
   @property
   def requested(self) -> bool:
@@ -49,6 +55,8 @@ def check(cluster: Cluster) -> None:
   """One UserError for settings that cannot form a job, before anything starts."""
   if cluster.timeout_s < 1:
     raise UserError(f"--distributed_timeout={cluster.timeout_s} must be 1 second or more")
+  if cluster.peer_timeout_s < 5:
+    raise UserError(f"--peer_timeout={cluster.peer_timeout_s} must be 5 seconds or more")
   if cluster.num_processes is not None and cluster.num_processes < 1:
     raise UserError(f"--num_processes={cluster.num_processes} must be 1 or more")
   if cluster.process_id is not None and cluster.process_id < 0:
@@ -73,6 +81,7 @@ def initialize(cluster: Cluster) -> None:
   if not cluster.requested or jax.distributed.is_initialized():
     return
   check(cluster)
+  _JOB["peer_timeout_s"] = cluster.peer_timeout_s
   where = cluster.coordinator or "the coordinator JAX found in the environment"
   watchdog = threading.Timer(cluster.timeout_s, _exit_line, (2, (
       f"process {cluster.process_id if cluster.process_id is not None else '?'} could not join the job at {where} "
@@ -91,71 +100,66 @@ def initialize(cluster: Cluster) -> None:
     watchdog.cancel()
 
 
-def any_process(flag: bool) -> bool:
-  """True if `flag` is True on any process of the job (a stop request that all processes must agree on)."""
+_JOB = {"peer_timeout_s": Cluster.peer_timeout_s, "watches": 0}  # the job this process joined
+
+
+@contextlib.contextmanager
+def watch_peers(workdir: str, every_s: float = 2.0):
+  """While the block runs, a thread posts this process's heartbeat to the job's key-value store every `every_s`
+  and reads the others'. A peer silent for `--peer_timeout` seconds (killed, stopped, hung, its host lost) ends
+  this process with one line and status 3 wherever it waits: in a collective that would never return (NCCL does
+  not notice a dead peer), in a checkpoint's barrier, in the evaluation. A process that leaves the block
+  normally says so, and is no longer watched."""
   if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
-
-
-def gather(value: int) -> list[int]:
-  """`value` of every process, in process order (one entry in a single-process run)."""
-  if jax.process_count() == 1:
-    return [int(value)]
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  return [int(v) for v in multihost_utils.process_allgather(np.asarray(value, np.int64))]
-
-
-def agree(problem: str | None) -> None:
-  """One UserError on every process when any process has a `problem`: a process that stopped alone would leave
-  the others waiting at the next collective until JAX's heartbeat ends them with a stack trace."""
-  if jax.process_count() == 1:
-    if problem:
-      raise UserError(problem)
+    yield
     return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  mine = (problem or "").encode()[:_TEXT_BYTES].ljust(_TEXT_BYTES, b"\0")
-  text_PxL = multihost_utils.process_allgather(np.frombuffer(mine, np.uint8))
-  texts = [bytes(row).rstrip(b"\0").decode(errors="replace") for row in np.asarray(text_PxL)]
-  if problem:
-    raise UserError(problem)
-  for i, text in enumerate(texts):
-    if text:
-      raise UserError(f"process {i} of this job: {text}")
+  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access  # as orbax uses it
+  _JOB["watches"] += 1  # every process calls this in the same order: the keys of one watch match
+  key = functools.partial("eejax/watch{}/process{}".format, _JOB["watches"])
+  me, stop = jax.process_index(), threading.Event()
+  heard = {j: (None, time.monotonic()) for j in range(jax.process_count()) if j != me}
 
+  def watch():
+    beat = 0
+    while not stop.is_set():
+      beat += 1
+      try:
+        client.key_value_set(key(me), str(beat), allow_overwrite=True)
+        for j in list(heard):
+          value = _try_get(client, key(j))
+          if value == "done":
+            del heard[j]
+          elif value != heard[j][0]:
+            heard[j] = (value, time.monotonic())
+      except Exception as e:  # pylint: disable=broad-except  # the coordinator (process 0) is gone
+        if not stop.is_set():
+          lost_peer(e, workdir)
+      silent = [j for j, (_, since) in heard.items() if time.monotonic() - since > _JOB["peer_timeout_s"]]
+      if silent and not stop.is_set():
+        lost_peer(RuntimeError(f"process {', '.join(map(str, silent))} has not been heard from for "
+                               f"{_JOB['peer_timeout_s']} s: killed, stopped, hung or its host lost"), workdir)
+      stop.wait(every_s)
 
-_TEXT_BYTES = 1024
-
-
-def check_shared(workdir: str) -> None:
-  """One line on every process when the processes do not see one --workdir (each host its own /tmp, say): every
-  process writes a file there, and each must see all of them. Nothing is left behind."""
-  if jax.process_count() == 1:
-    return
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-  token = int(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(4), np.uint32)[0]))
-  names = [f".job-{token}-process-{i}" for i in range(jax.process_count())]
-  mine = os.path.join(workdir, names[jax.process_index()])
-  os.makedirs(workdir, exist_ok=True)
-  with open(mine, "w", encoding="utf-8") as f:
-    f.write(f"{os.getpid()}\n")
+  thread = threading.Thread(target=watch, name="eejax-watch-peers", daemon=True)
+  thread.start()
   try:
-    barrier("eejax_check_shared_workdir")
-    unseen = [i for i, name in enumerate(names) if not os.path.exists(os.path.join(workdir, name))]
-    agree(None if not unseen else (
-        f"--workdir={workdir} is not one folder that every process shares: process {jax.process_index()} does "
-        f"not see the files that process(es) {', '.join(map(str, unseen))} wrote there. Give a --workdir on a file "
-        f"system that every host mounts (NFS, Lustre, a bucket): all processes save into one checkpoint"))
-  finally:
-    os.remove(mine)
+    yield
+  except BaseException:
+    stop.set()  # this process ends with its own line; the others will notice its silence
+    raise
+  stop.set()
+  thread.join(timeout=every_s + 10)
+  client.key_value_set(key(me), "done", allow_overwrite=True)
 
 
-def barrier(name: str) -> None:
-  """Every process waits here until all have arrived (after process 0 changed files the others read)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
+def _try_get(client, key: str) -> str | None:
+  """The value at `key`, or None when nothing was posted there yet."""
+  try:
+    return client.key_value_try_get(key)
+  except Exception as e:  # pylint: disable=broad-except  # JAX raises its runtime error for a missing key
+    if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+      return None
+    raise
 
 
 def lost_peer(error: Exception, workdir: str) -> None:
@@ -164,7 +168,6 @@ def lost_peer(error: Exception, workdir: str) -> None:
   Gloo (CPU) reports a dead peer at the next collective, within a second; NCCL (GPU) may wait until JAX's
   heartbeat (100 s) ends the job. The job resumes from its last checkpoint when started again.
   """
-  from eejax import checkpoint  # pylint: disable=g-import-not-at-top  # checkpoint imports this module
   saved = checkpoint.steps(os.path.join(workdir, "checkpoints"))
   resume = f"it resumes from step {saved[-1]}, its last checkpoint" if saved else "no checkpoint was saved yet"
   _exit_line(LOST_PEER_EXIT, f"process {jax.process_index()} lost the rest of its job ({first_line(error, 300)}). "

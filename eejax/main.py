@@ -23,6 +23,8 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process job:
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process job: this process, 0 to num_processes-1.")
 _TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Multi-process job: seconds to wait for every "
                                 "process to join before giving up with one line.")
+_PEER_TIMEOUT = flags.DEFINE_integer("peer_timeout", 60, "Multi-process job: a process silent this many seconds "
+                                     "(killed, hung, its host lost) ends the job with one line.")
 
 
 def main(argv):
@@ -38,7 +40,8 @@ def _job(config):
     from eejax import api, distributed, validate  # pylint: disable=g-import-not-at-top  # after flags: a fast --help
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   cluster = distributed.Cluster(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                                from_environment=config.distributed, timeout_s=_TIMEOUT.value)
+                                from_environment=config.distributed, timeout_s=_TIMEOUT.value,
+                                peer_timeout_s=_PEER_TIMEOUT.value)
   validate.check_config(config)
   distributed.initialize(cluster)
   api.train_and_evaluate(config, _WORKDIR.value)

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import checkpoint, data, distributed, evaluate, input_pipeline, run, schemes, sharding, workdirs
+from eejax import (checkpoint, collectives, data, distributed, evaluate, input_pipeline, run, schemes, sharding,
+                   workdirs)
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, init_state, make_optimizer, make_schedule, scan_chunk
@@ -189,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if pending is not None:
         pull(pending)
       pending, step = (step, metrics), step + n
-      stop_now = distributed.any_process(stop.signum is not None)  # every process stops at the same step
+      stop_now = collectives.any_process(stop.signum is not None)  # every process stops at the same step
       crossed_save = step // config.checkpoint.every_steps > (step - n) // config.checkpoint.every_steps
       if stop_now or crossed_save or step == total_steps:
         pull(pending)
@@ -197,7 +198,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         checkpoint.save(mngr, step, state)
         last_saved = step
         # A signal that came during the last save stops the run too, before the evaluation.
-        if stop_now or (step == total_steps and distributed.any_process(stop.signum is not None)):
+        if stop_now or (step == total_steps and collectives.any_process(stop.signum is not None)):
           progress.close()
           writer.close()
           where = None if stop.signum else f"(sent to another process of the job) at step {step}; checkpoint saved"

@@ -21,9 +21,11 @@ import os
 import socket
 import sys
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from eejax import distributed
+from eejax import collectives
 from eejax.errors import UserError
 from eejax.writers import on_main_process
 
@@ -57,7 +59,7 @@ def lock(workdir: str):
     fd = os.open(os.path.join(workdir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
     problem = _take(fd, workdir)
   try:
-    distributed.agree(problem)
+    collectives.agree(problem)
     if fd is not None:
       os.ftruncate(fd, 0)
       os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
@@ -82,6 +84,28 @@ def _take(fd: int, workdir: str) -> str | None:
     print(f"warning: the file system of {workdir} does not support locks ({e.strerror}): a second job started "
           f"in this workdir while this one runs would not be stopped", file=sys.stderr)
   return None
+
+
+def check_shared(workdir: str) -> None:
+  """One line on every process when the processes do not see one --workdir (each host its own /tmp, say): every
+  process writes a file there, and each must see all of them. Nothing is left behind."""
+  if jax.process_count() == 1:
+    return
+  token = int(multihost_utils.broadcast_one_to_all(np.frombuffer(os.urandom(4), np.uint32)[0]))
+  names = [f".job-{token}-process-{i}" for i in range(jax.process_count())]
+  mine = os.path.join(workdir, names[jax.process_index()])
+  os.makedirs(workdir, exist_ok=True)
+  with open(mine, "w", encoding="utf-8") as f:
+    f.write(f"{os.getpid()}\n")
+  try:
+    collectives.barrier("eejax_check_shared_workdir")
+    unseen = [i for i, name in enumerate(names) if not os.path.exists(os.path.join(workdir, name))]
+    collectives.agree(None if not unseen else (
+        f"--workdir={workdir} is not one folder that every process shares: process {jax.process_index()} does "
+        f"not see the files that process(es) {', '.join(map(str, unseen))} wrote there. Give a --workdir on a file "
+        f"system that every host mounts (NFS, Lustre, a bucket): all processes save into one checkpoint"))
+  finally:
+    os.remove(mine)
 
 
 def fingerprint(images_NxHxWx3: np.ndarray, labels_N: np.ndarray) -> str:

@@ -96,7 +96,7 @@ def test_processes_that_find_different_steps_are_one_error_and_nothing_is_moved(
   checkpoint.save(mngr, 5, {"w": jnp.zeros(8)})
   checkpoint.save(mngr, 10, {"w": jnp.ones(8)})
   _flip(_data_files(tmp_path / "checkpoints" / "10")[0], 1)
-  monkeypatch.setattr(checkpoint.distributed, "gather", lambda step: [step, 10])  # process 1 sees step 10 whole
+  monkeypatch.setattr(checkpoint.collectives, "gather", lambda step: [step, 10])  # process 1 sees step 10 whole
   with pytest.raises(UserError, match=r"find different newest whole checkpoints in .* \(steps 5, 10, by process\)"):
     checkpoint.restore(checkpoint.manager(str(tmp_path)), checkpoint.as_abstract({"w": jnp.zeros(8)}, rep),
                        set_aside=True)

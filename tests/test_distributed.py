@@ -2,7 +2,8 @@
 
 What is checked: 2 processes (1 or 2 devices each) train what 1 process trains; the report is written once; a
 signal to one process stops the whole job with a checkpoint, SIGKILL of one ends the other with one line within
-seconds, and the same command resumes either to the parameters of an uninterrupted run; export and the BTS-EE job
+seconds, a hung one (SIGSTOP) within the peer timeout, and the same command resumes each to the parameters of an
+uninterrupted run; a workdir not shared or held by another job stops both; a damaged step is set aside once; export and the BTS-EE job
 work on such a workdir (BTS-EE as a 2-process job too); bad settings are one line each.
 """
 import json
@@ -215,6 +216,32 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line_and_the_job_resumes
   assert_same_params(workdir, long_reference)
 
 
+def test_a_hung_process_ends_the_job_with_one_line_within_the_peer_timeout(smoke_master, long_reference, tmp_path):
+  """A process that stops answering (SIGSTOP: alive, its connections open, like a hung host): the collectives of
+  the other never return, and JAX's runtime would abort it after 100 s with a stack trace."""
+  _, tree, _, _ = smoke_master
+  workdir = str(tmp_path / "w")
+  args = smoke_args(tree, workdir, "", NO_INFERENCE, *LONG, "--peer_timeout=8")
+  job = Job(args, str(tmp_path / "logs1"))
+  _wait_for_checkpoint(workdir, job.procs[0])
+  job.procs[1].send_signal(signal.SIGSTOP)
+  stopped_at = time.time()
+  try:
+    job.procs[0].wait(timeout=150)
+  finally:
+    job.procs[1].kill()
+  took = time.time() - stopped_at
+  (code0, _, err0), _ = job.wait()
+  print(f"\n  exit {code0} after {took:.1f} s: {last_line(err0)}")
+  assert code0 == 3 and 5 < took < 30, (code0, took, err0[-2000:])
+  assert "Traceback" not in err0 and "process 1 has not been heard from for 8 s" in last_line(err0), err0[-2000:]
+  saved = int(last_line(err0).split("resumes from step ")[1].split(",")[0])
+  resumed = Job(args, str(tmp_path / "logs2")).wait()
+  check_finished(resumed)
+  assert f"resuming from {workdir} at step {saved}" in resumed[0][1]
+  assert_same_params(workdir, long_reference)
+
+
 def test_a_damaged_step_in_a_multi_process_workdir_is_set_aside_once_and_trained_again(two_process_run, tmp_path):
   """Both processes check the steps before process 0 moves the damaged one; both resume from the same step."""
   tree, workdir, _ = two_process_run
@@ -259,6 +286,8 @@ def test_a_workdir_not_shared_or_in_use_stops_every_process_with_one_line(tiny_t
     (["--coordinator=127.0.0.1:1234", "--num_processes=0", "--process_id=0"], "--num_processes=0 must be"),
     (["--coordinator=127.0.0.1:1234", "--num_processes=2", "--process_id=0", "--distributed_timeout=0"],
      "--distributed_timeout=0 must be"),
+    (["--coordinator=127.0.0.1:1234", "--num_processes=2", "--process_id=0", "--peer_timeout=1"],
+     "--peer_timeout=1 must be 5 seconds or more"),
     (["--config.distributed=True"], "cannot start the multi-process job"),  # no SLURM, MPI or TPU pod here
     (["--coordinator=127.0.0.1:{port}", "--num_processes=2", "--process_id=1", "--distributed_timeout=3"],
      "could not join the job at 127.0.0.1:"),  # nobody hosts the coordinator
