@@ -15,8 +15,9 @@ import os
 
 import numpy as np
 
-from eejax import (calibration, distributed, evaluate, export as exports, inference, policies, risk, schemes,
-                   thresholds, validate, workdirs)
+from eejax import (calibration, collectives, distributed, evaluate, export as exports, inference, policies, risk,
+                   schemes, thresholds, validate, workdirs)
+from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import Run, load_run
 
@@ -26,17 +27,27 @@ __all__ = ["Run", "certify_thresholds", "export_run", "fit_thresholds", "load_ru
 def train_and_evaluate(config, workdir: str) -> dict:
   """Checks the config's names, then runs its scheme's job (the training loop, or BTS-EE's); returns the report."""
   validate.check_config(config)
-  workdirs.check_path(workdir, "workdir", "--workdir")
-  if config.data.cache_dir:
-    workdirs.check_path(config.data.cache_dir, "data cache", "--config.data.cache_dir")
   job = schemes.get(config.scheme).job
   if job is None:
     from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
     job = loop.train_and_evaluate
   distributed.initialize(distributed.Cluster(from_environment=config.distributed))  # unless the command line did
-  workdirs.check_shared(workdir)
-  with distributed.watch_peers(workdir), workdirs.lock(workdir):  # one job at a time in a workdir
-    return job(config, workdir)
+  with distributed.watch_peers(workdir):  # a process that fails or goes silent ends the others with one line
+    collectives.agree(_paths_problem(config, workdir))
+    workdirs.check_shared(workdir)
+    with workdirs.lock(workdir):  # one job at a time in a workdir
+      return job(config, workdir)
+
+
+def _paths_problem(config, workdir: str) -> str | None:
+  """Why this process cannot write the workdir or the data cache, or None."""
+  try:
+    workdirs.check_path(workdir, "workdir", "--workdir")
+    if config.data.cache_dir:
+      workdirs.check_path(config.data.cache_dir, "data cache", "--config.data.cache_dir")
+  except UserError as e:
+    return str(e)
+  return None
 
 
 def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float | None = None,

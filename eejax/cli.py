@@ -25,7 +25,18 @@ USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROF
 
 def fail(message: str, program: str = "eejax") -> None:
   print(f"{program}: error: {message}", file=sys.stderr)
-  sys.exit(2)
+  end(2)
+
+
+def end(status: int) -> None:
+  """sys.exit(status); in a multi-process job the process ends at once instead: JAX's shutdown at exit waits for
+  every process, and aborts with a stack trace when process 0, which hosts the job, has already gone."""
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.distributed.is_initialized():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    hard_exit(status)
+  sys.exit(status)
 
 
 def parse_flags(argv, program: str = "eejax"):
@@ -131,7 +142,7 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
     stopped = _stopped(e)
     if stopped is not None:
       print(f"{program}: {e}", file=sys.stderr)
-      sys.exit(stopped)
+      end(stopped)
     if _in_a_job_that_lost_a_peer(e):
       from eejax import distributed  # pylint: disable=g-import-not-at-top
       distributed.lost_peer(e, workdir or ".")  # one line; never returns
@@ -174,10 +185,16 @@ def _stopped(e: Exception) -> int | None:
   return getattr(e, "exit_code", None) if e.__class__.__name__ == "Stopped" else None
 
 
+COLLECTIVE_WORDS = ("Gloo", "NCCL", "Connection closed by peer", "Connection reset by peer", "UNAVAILABLE")
+
+
 def _in_a_job_that_lost_a_peer(e: Exception) -> bool:
-  """In a multi-process job, a failed collective means another process died."""
+  """In a multi-process job, a failed collective means another process died (JAX raises it as its runtime error,
+  or as a ValueError from inside a jitted all-gather)."""
   jax = sys.modules.get("jax")
-  return jax is not None and isinstance(e, jax.errors.JaxRuntimeError) and jax.process_count() > 1
+  if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
+    return False
+  return isinstance(e, jax.errors.JaxRuntimeError) or any(w in str(e) for w in COLLECTIVE_WORDS)
 
 
 def _unforeseen(e: BaseException, program: str, workdir) -> None:
@@ -191,4 +208,4 @@ def _unforeseen(e: BaseException, program: str, workdir) -> None:
     path = "(could not be written)"
   print(f"{program}: internal error: {e.__class__.__name__}: {first_line(e, 300)}; the full traceback is in {path}. "
         f"Please report it with that file", file=sys.stderr)
-  sys.exit(1)
+  end(1)

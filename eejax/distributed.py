@@ -20,7 +20,6 @@ been silent for `--peer_timeout` seconds (`watch_peers`).
 """
 import contextlib
 import dataclasses
-import functools
 import os
 import re
 import sys
@@ -106,50 +105,92 @@ _JOB = {"peer_timeout_s": Cluster.peer_timeout_s, "watches": 0}  # the job this 
 @contextlib.contextmanager
 def watch_peers(workdir: str, every_s: float = 2.0):
   """While the block runs, a thread posts this process's heartbeat to the job's key-value store every `every_s`
-  and reads the others'. A peer silent for `--peer_timeout` seconds (killed, stopped, hung, its host lost) ends
-  this process with one line and status 3 wherever it waits: in a collective that would never return (NCCL does
-  not notice a dead peer), in a checkpoint's barrier, in the evaluation. A process that leaves the block
-  normally says so, and is no longer watched."""
+  and reads the others'. This process ends with one line and status 3, wherever it waits (a collective that
+  would never return: NCCL does not notice a dead peer; a checkpoint's barrier; the evaluation), when a peer
+  - was silent for `--peer_timeout` seconds (killed, stopped, hung, its host lost), or
+  - left the block with an error of its own (a dataset missing on its host, say) `ENDED_GRACE_S` ago, time
+    enough for this process to end with the same error where every process met it.
+  A process that leaves the block normally says so, and is no longer watched."""
   if jax.process_count() == 1:
     yield
     return
   client = jax._src.distributed.global_state.client  # pylint: disable=protected-access  # as orbax uses it
   _JOB["watches"] += 1  # every process calls this in the same order: the keys of one watch match
-  key = functools.partial("eejax/watch{}/process{}".format, _JOB["watches"])
   me, stop = jax.process_index(), threading.Event()
-  heard = {j: (None, time.monotonic()) for j in range(jax.process_count()) if j != me}
 
   def watch():
+    heard = {j: (None, time.monotonic()) for j in range(jax.process_count()) if j != me}  # value, since when
     beat = 0
-    while not stop.is_set():
+    while not stop.wait(every_s if beat else 0):
       beat += 1
       try:
-        client.key_value_set(key(me), str(beat), allow_overwrite=True)
-        for j in list(heard):
-          value = _try_get(client, key(j))
-          if value == "done":
-            del heard[j]
-          elif value != heard[j][0]:
-            heard[j] = (value, time.monotonic())
+        client.key_value_set(_key(me), str(beat), allow_overwrite=True)
+        values = {j: _try_get(client, _key(j)) for j in heard}
       except Exception as e:  # pylint: disable=broad-except  # the coordinator (process 0) is gone
-        if not stop.is_set():
-          lost_peer(e, workdir)
-      silent = [j for j, (_, since) in heard.items() if time.monotonic() - since > _JOB["peer_timeout_s"]]
-      if silent and not stop.is_set():
-        lost_peer(RuntimeError(f"process {', '.join(map(str, silent))} has not been heard from for "
-                               f"{_JOB['peer_timeout_s']} s: killed, stopped, hung or its host lost"), workdir)
-      stop.wait(every_s)
+        values = e
+      if stop.is_set():
+        return
+      if isinstance(values, Exception):
+        lost_peer(values, workdir)
+      now = time.monotonic()
+      for j, value in values.items():
+        if value == "done":
+          del heard[j]
+        elif value != heard[j][0]:
+          heard[j] = (value, now)
+      why = _lost(heard, now, _JOB["peer_timeout_s"])
+      if why:
+        lost_peer(RuntimeError(why), workdir)
 
   thread = threading.Thread(target=watch, name="eejax-watch-peers", daemon=True)
   thread.start()
   try:
     yield
-  except BaseException:
-    stop.set()  # this process ends with its own line; the others will notice its silence
+  except BaseException as e:
+    stop.set()
+    with contextlib.suppress(Exception):  # the coordinator may be gone; this process's own error comes first
+      client.key_value_set(_key(me), f"{_ENDED}{e.__class__.__name__}: {first_line(e, 300)}", allow_overwrite=True)
     raise
   stop.set()
   thread.join(timeout=every_s + 10)
-  client.key_value_set(key(me), "done", allow_overwrite=True)
+  client.key_value_set(_key(me), "done", allow_overwrite=True)
+
+
+_ENDED = "ended: "
+ENDED_GRACE_S = 5.0
+
+
+def _lost(heard: dict, now: float, timeout_s: float) -> str | None:
+  """Why this process must end, from {peer: (last value, when it changed)}; None while every peer is well."""
+  for j, (value, since) in heard.items():
+    if _ending(j, value) and now - since > ENDED_GRACE_S:
+      return _ending(j, value)
+  silent = [j for j, (_, since) in heard.items() if now - since > timeout_s]
+  if silent:
+    return (f"process {', '.join(map(str, silent))} has not been heard from for {timeout_s} s: killed, stopped, "
+            f"hung or its host lost")
+  return None
+
+
+def _peer_ending() -> RuntimeError | None:
+  """The error another process posted as it ended (`watch_peers`), if any can be read."""
+  with contextlib.suppress(Exception):
+    client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+    for j in range(jax.process_count()):
+      why = _ending(j, _try_get(client, _key(j))) if j != jax.process_index() else None
+      if why:
+        return RuntimeError(why)
+  return None
+
+
+def _key(j: int) -> str:
+  """Where process j posts in the job's key-value store during the current watch."""
+  return f"eejax/watch{_JOB['watches']}/process{j}"
+
+
+def _ending(j: int, value: str | None) -> str | None:
+  """What process j posted as it ended with an error, or None."""
+  return f"process {j} ended with {value[len(_ENDED):]}" if value and value.startswith(_ENDED) else None
 
 
 def _try_get(client, key: str) -> str | None:
@@ -168,6 +209,7 @@ def lost_peer(error: Exception, workdir: str) -> None:
   Gloo (CPU) reports a dead peer at the next collective, within a second; NCCL (GPU) may wait until JAX's
   heartbeat (100 s) ends the job. The job resumes from its last checkpoint when started again.
   """
+  error = _peer_ending() or error  # what the peer said as it ended says more than the collective that failed
   saved = checkpoint.steps(os.path.join(workdir, "checkpoints"))
   resume = f"it resumes from step {saved[-1]}, its last checkpoint" if saved else "no checkpoint was saved yet"
   _exit_line(LOST_PEER_EXIT, f"process {jax.process_index()} lost the rest of its job ({first_line(error, 300)}). "

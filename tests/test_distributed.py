@@ -242,6 +242,21 @@ def test_a_hung_process_ends_the_job_with_one_line_within_the_peer_timeout(smoke
   assert_same_params(workdir, long_reference)
 
 
+def test_a_process_that_fails_alone_ends_the_others_within_seconds(tiny_tree, tmp_path):
+  """A dataset missing on one host only: that process says why (status 2); the other, which would wait at its
+  next collective, ends a few seconds later with a line naming the first one's error (status 3)."""
+  start = time.time()
+  results = Job(smoke_args(tiny_tree, str(tmp_path / "w"), "", NO_INFERENCE), str(tmp_path / "logs"),
+                extra=[[], [f"--config.data.source=folder:{tmp_path / 'nowhere'}"]]).wait(timeout=150)
+  took = time.time() - start
+  (code0, _, err0), (code1, _, err1) = results
+  print(f"\n  process 0: exit {code0}: {last_line(err0)}\n  process 1: exit {code1}: {last_line(err1)}")
+  assert code1 == 2 and "Traceback" not in err1 and "nowhere" in last_line(err1), err1[-2000:]
+  assert code0 == 3 and "Traceback" not in err0, err0[-2000:]
+  assert "process 1 ended with UserError: " in last_line(err0) and "nowhere" in last_line(err0)
+  assert took < 60
+
+
 def test_a_damaged_step_in_a_multi_process_workdir_is_set_aside_once_and_trained_again(two_process_run, tmp_path):
   """Both processes check the steps before process 0 moves the damaged one; both resume from the same step."""
   tree, workdir, _ = two_process_run
