@@ -80,7 +80,8 @@ def extract(model: MultiExitNet, variables, images_NxHxWx3, labels_N, mean_C, st
     return model.apply(variables, input_pipeline.normalize(x_BxHxWx3, mean_C, std_C),
                        method=MultiExitNet.pooled_features)
 
-  pooled, logits = evaluate.in_batches(lambda x: run(variables, x), images_NxHxWx3, batch_size)
+  pooled, logits = evaluate.in_batches(lambda x: run(variables, x), images_NxHxWx3, batch_size,
+                                       what="extracting the backbone's features")
   return Features(tuple(pooled), logits, np.asarray(labels_N))
 
 

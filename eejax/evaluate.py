@@ -15,7 +15,7 @@ import numpy as np
 from eejax import calibration, data, inference, input_pipeline, policies, report, risk, sharding, thresholds
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
-from eejax.writers import on_main_process, say
+from eejax.writers import Count, on_main_process, say
 
 
 def make_predict_fn(model, mesh):
@@ -29,11 +29,12 @@ def make_predict_fn(model, mesh):
   return lambda variables, x_BxHxWx3, mean_C, std_C: fn(variables, sharding.put(x_BxHxWx3, batch), mean_C, std_C)
 
 
-def in_batches(fn, images_NxHxWx3, batch_size: int, batch_axis: int = 0):
+def in_batches(fn, images_NxHxWx3, batch_size: int, batch_axis: int = 0, what: str = "evaluating",
+               every_s: float = 10.0):
   """fn over fixed-size batches of images (the last one padded); every output leaf on the host, trimmed to the
-  real images and concatenated along batch_axis."""
+  real images and concatenated along batch_axis. Long work prints `what: N of M images ... ETA` every `every_s`."""
   n = images_NxHxWx3.shape[0]
-  outs = []
+  outs, count = [], Count(what, n, every_s)
   for start in range(0, n, batch_size):
     x = images_NxHxWx3[start:start + batch_size]
     valid = x.shape[0]
@@ -41,12 +42,16 @@ def in_batches(fn, images_NxHxWx3, batch_size: int, batch_axis: int = 0):
       x = np.concatenate([x, np.zeros((batch_size - valid, *x.shape[1:]), x.dtype)])
     outs.append(jax.tree.map(lambda a, valid=valid: np.take(a, np.arange(valid), axis=batch_axis),
                              sharding.to_host(fn(x))))
+    count.add(valid)
+  count.close()
   return jax.tree.map(lambda *parts: np.concatenate(parts, axis=batch_axis), *outs)
 
 
-def predict(predict_fn, variables, images_NxHxWx3, mean_C, std_C, batch_size: int) -> np.ndarray:
+def predict(predict_fn, variables, images_NxHxWx3, mean_C, std_C, batch_size: int,
+            what: str = "evaluating", every_s: float = 10.0) -> np.ndarray:
   """logits_ExNxC (float32, host) over all images, in fixed-size batches (the last one padded)."""
-  return in_batches(lambda x: predict_fn(variables, x, mean_C, std_C), images_NxHxWx3, batch_size, batch_axis=1)
+  return in_batches(lambda x: predict_fn(variables, x, mean_C, std_C), images_NxHxWx3, batch_size, batch_axis=1,
+                    what=what, every_s=every_s)
 
 
 def val_logits(run) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +67,8 @@ def val_logits(run) -> tuple[np.ndarray, np.ndarray]:
   ds = data.from_config(run.config.data)
   mean_C, std_C = run.spec.stats
   predict_fn = make_predict_fn(run.model, sharding.make_mesh())
-  return predict(predict_fn, run.variables, ds.val.images_NxHxWx3, mean_C, std_C, run.config.eval.batch_size), \
-      ds.val.labels_N
+  return predict(predict_fn, run.variables, ds.val.images_NxHxWx3, mean_C, std_C, run.config.eval.batch_size,
+                 "validation logits"), ds.val.labels_N
 
 
 def exit_accuracy(logits_ExNxC, labels_N) -> np.ndarray:
@@ -204,7 +209,8 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
   """
   mean_C, std_C = stats
   predict_fn = make_predict_fn(model, mesh)
-  logits = {name: predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size)
+  logits = {name: predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size,
+                          f"evaluating the {name} split", config.log.every_s)
             for name, split in (("val", ds.val), ("test", ds.test))}
   acc_E = exit_accuracy(logits["test"], ds.test.labels_N)
   val, test = (logits["val"], ds.val.labels_N), (logits["test"], ds.test.labels_N)

@@ -15,13 +15,12 @@ the test split) is the validation split. It returns
 import concurrent.futures
 import os
 import sys
-import time
 import warnings
 
 import numpy as np
 
 from eejax.errors import UserError
-from eejax.writers import hms, on_main_process, say
+from eejax.writers import Count, say
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -186,28 +185,3 @@ def resize(images_NxHxWx3: np.ndarray, image_size) -> np.ndarray:
                    for im in images_NxHxWx3])
 
 
-class Count:
-  """`decoding PATH: 12,000 of 50,000 images (24%) ETA 0m41s`, printed every 10 s (only for long work)."""
-
-  def __init__(self, what: str, total: int, every_s: float = 10.0, stream=None):
-    self.what, self.total, self.every_s, self.done = what, total, every_s, 0
-    self.stream = stream or sys.stderr
-    self._t0 = self._last = time.perf_counter()
-    self.printed = False
-    self.active = on_main_process()
-
-  def tick(self, item):
-    self.done += 1
-    now = time.perf_counter()
-    if self.active and now - self._last >= self.every_s:
-      self._last = now
-      rate = self.done / (now - self._t0)
-      self.stream.write(f"{self.what}: {self.done:,} of {self.total:,} images ({100 * self.done / self.total:.0f}%) "
-                        f"ETA {hms((self.total - self.done) / rate)}\n")
-      self.stream.flush()
-      self.printed = True
-    return item
-
-  def close(self) -> None:
-    if self.printed:
-      self.stream.write(f"{self.what}: {self.total:,} images in {time.perf_counter() - self._t0:.0f} s\n")

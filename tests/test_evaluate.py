@@ -85,3 +85,18 @@ def test_the_certified_section_holds_its_guarantee_on_test_and_is_written(tmp_pa
   md = open(tmp_path / "report.md", encoding="utf-8").read()
   assert "## Certified thresholds (Learn then Test, `max_prob`, global family)" in md
   assert sum(line.startswith("| disagreement |") for line in md.splitlines()) == 2
+
+
+def test_in_batches_pads_the_last_batch_trims_it_and_counts_every_image(capsys):
+  images_NxHxWx3 = np.arange(10 * 2 * 2 * 3, dtype=np.uint8).reshape(10, 2, 2, 3)
+  seen = []
+  def fn(x_BxHxWx3):
+    seen.append(x_BxHxWx3.shape[0])
+    return {"sum_B": x_BxHxWx3.reshape(x_BxHxWx3.shape[0], -1).sum(-1)}
+  out = evaluate.in_batches(fn, images_NxHxWx3, 4, what="evaluating the test split", every_s=0.0)
+  assert seen == [4, 4, 4]  # every batch the same size: one compilation
+  np.testing.assert_array_equal(out["sum_B"], images_NxHxWx3.reshape(10, -1).sum(-1))
+  lines = capsys.readouterr().err.splitlines()
+  assert [line.split(" images")[0] for line in lines] == [
+      "evaluating the test split: 4 of 10", "evaluating the test split: 8 of 10",
+      "evaluating the test split: 10 of 10", "evaluating the test split: 10"]

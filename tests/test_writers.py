@@ -1,4 +1,4 @@
-"""Metric files (JSONL, TensorBoard events readable without TensorFlow) and the progress line."""
+"""Metric files (JSONL, TensorBoard events readable without TensorFlow), the progress line and the count of long work."""
 import io
 import json
 import os
@@ -9,7 +9,7 @@ import sys
 from tensorboardX.proto import event_pb2
 
 from conftest import REPO
-from eejax.writers import MetricWriter, Progress
+from eejax.writers import Count, MetricWriter, Progress
 
 
 def read_events(folder):
@@ -69,3 +69,33 @@ def test_progress_reports_rate_and_eta_without_compile_time():
   rate = float(last.split(" img/s")[0].split()[-1].replace(",", ""))
   assert 95 < rate < 101  # 20 steps x 10 images in ~2 s
   assert "ETA 0m" in last  # 70 steps at ~10 steps/s: about 7 s
+
+
+def test_decoding_prints_progress_with_an_eta_and_a_total():
+  out = io.StringIO()
+  count = Count("decoding t/train", 12, every_s=0.0, stream=out)
+  for i in range(12):
+    assert count.tick(i) == i
+  count.close()
+  lines = out.getvalue().splitlines()
+  assert lines[0].startswith("decoding t/train: 1 of 12 images (8%) ETA ")
+  assert lines[-2].startswith("decoding t/train: 12 of 12 images (100%)")
+  assert lines[-1].startswith("decoding t/train: 12 images in ")
+
+
+def test_a_count_by_batches_is_silent_for_short_work_and_counts_every_image(tmp_path):
+  quiet = io.StringIO()
+  count = Count("evaluating", 100, stream=quiet)  # printed every 10 s: short work says nothing
+  for n in (32, 32, 32, 4):
+    count.add(n)
+  count.close()
+  assert quiet.getvalue() == "" and count.done == 100
+  out = io.StringIO()
+  count = Count("evaluating the test split", 100, every_s=0.0, stream=out)
+  for n in (32, 32, 32, 4):
+    count.add(n)
+  count.close()
+  assert [line.split(" images")[0] for line in out.getvalue().splitlines()] == [
+      "evaluating the test split: 32 of 100", "evaluating the test split: 64 of 100",
+      "evaluating the test split: 96 of 100", "evaluating the test split: 100 of 100",
+      "evaluating the test split: 100"]
