@@ -167,8 +167,8 @@ def _lost(heard: dict, now: float, timeout_s: float) -> str | None:
       return _ending(j, value)
   silent = [j for j, (_, since) in heard.items() if now - since > timeout_s]
   if silent:
-    return (f"process {', '.join(map(str, silent))} has not been heard from for {timeout_s} s: killed, stopped, "
-            f"hung or its host lost")
+    who = f"process {silent[0]} has" if len(silent) == 1 else f"processes {', '.join(map(str, silent))} have"
+    return f"{who} not been heard from for {timeout_s} s: killed, stopped, hung or its host lost"
   return None
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_main, smoke_args
-from eejax import workdirs
+from eejax import distributed, workdirs
 from test_faults import _flip_in_latest
 from test_train import _wait_for_checkpoint, params_of
 
@@ -214,6 +214,18 @@ def test_sigkill_of_one_process_ends_the_other_with_one_line_and_the_job_resumes
   check_finished(resumed)
   assert f"resuming from {workdir} at step {saved}" in resumed[0][1]
   assert_same_params(workdir, long_reference)
+
+
+def test_the_watch_ends_a_job_on_silence_or_on_a_peer_that_ended_with_an_error():
+  well = {1: ("7", 100.0), 2: ("9", 95.0)}
+  assert distributed._lost(well, 120.0, 60) is None
+  assert distributed._lost(well, 155.5, 60) == ("process 2 has not been heard from for 60 s: killed, stopped, hung or "
+                                                "its host lost")
+  assert distributed._lost({1: ("7", 0.0), 2: ("8", 0.0)}, 61.0, 60).startswith("processes 1, 2 have not been heard")
+  ended = {1: ("ended: UserError: no data here", 100.0)}
+  assert distributed._lost(ended, 100.0 + distributed.ENDED_GRACE_S - 1, 60) is None  # time to meet it too
+  assert distributed._lost(ended, 100.0 + distributed.ENDED_GRACE_S + 1, 60) == (
+      "process 1 ended with UserError: no data here")
 
 
 def test_a_hung_process_ends_the_job_with_one_line_within_the_peer_timeout(smoke_master, long_reference, tmp_path):
