@@ -28,11 +28,12 @@ def fail(message: str, program: str = "eejax") -> None:
   end(2)
 
 
-def end(status: int) -> None:
-  """sys.exit(status); in a multi-process job the process ends at once instead: JAX's shutdown at exit waits for
-  every process, and aborts with a stack trace when process 0, which hosts the job, has already gone."""
+def end(status: int, at_once: bool = False) -> None:
+  """sys.exit(status); with `at_once`, or in a multi-process job, the process ends at once instead: JAX's
+  shutdown at exit waits for every process, and aborts with a stack trace when process 0, which hosts the job,
+  has already gone."""
   jax = sys.modules.get("jax")
-  if jax is not None and jax.distributed.is_initialized():
+  if at_once or (jax is not None and jax.distributed.is_initialized()):
     sys.stdout.flush()
     sys.stderr.flush()
     hard_exit(status)
@@ -95,9 +96,7 @@ def interrupted(program: str) -> None:
   tearing the interpreter down under them can crash it. Every file eejax writes is whole or flushed by then."""
   print(f"{program}: interrupted (Ctrl-C); every checkpoint and file already written stays whole: run the same "
         f"command again to go on", file=sys.stderr)
-  sys.stdout.flush()
-  sys.stderr.flush()
-  hard_exit(130)
+  end(130, at_once=True)
 
 
 hard_exit = os._exit  # pylint: disable=protected-access

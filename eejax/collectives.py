@@ -13,9 +13,7 @@ from eejax.errors import UserError
 
 def any_process(flag: bool) -> bool:
   """True if `flag` is True on any process of the job (a stop request that all processes must agree on)."""
-  if jax.process_count() == 1:
-    return flag
-  return bool(multihost_utils.process_allgather(np.asarray(flag)).any())
+  return any(gather(int(flag)))
 
 
 def gather(value: int) -> list[int]:
@@ -48,4 +46,4 @@ _TEXT_BYTES = 1024
 def barrier(name: str) -> None:
   """Every process waits here until all have arrived (after process 0 changed files the others read)."""
   if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(name)

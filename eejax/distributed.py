@@ -114,7 +114,7 @@ def watch_peers(workdir: str, every_s: float = 2.0):
   if jax.process_count() == 1:
     yield
     return
-  client = jax._src.distributed.global_state.client  # pylint: disable=protected-access  # as orbax uses it
+  client = _client()
   _JOB["watches"] += 1  # every process calls this in the same order: the keys of one watch match
   me, stop = jax.process_index(), threading.Event()
 
@@ -175,12 +175,17 @@ def _lost(heard: dict, now: float, timeout_s: float) -> str | None:
 def _peer_ending() -> RuntimeError | None:
   """The error another process posted as it ended (`watch_peers`), if any can be read."""
   with contextlib.suppress(Exception):
-    client = jax._src.distributed.global_state.client  # pylint: disable=protected-access
+    client = _client()
     for j in range(jax.process_count()):
       why = _ending(j, _try_get(client, _key(j))) if j != jax.process_index() else None
       if why:
         return RuntimeError(why)
   return None
+
+
+def _client():
+  """The job's key-value store (JAX's distributed runtime client, the handle orbax's multihost utilities use)."""
+  return jax._src.distributed.global_state.client  # pylint: disable=protected-access
 
 
 def _key(j: int) -> str:

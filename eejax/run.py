@@ -112,8 +112,8 @@ def save_model(workdir: str, config, spec: RunSpec, variables) -> None:
   if on_main_process():
     save_run(workdir, config, spec)
   tx = state.make_optimizer(config.train, optax.constant_schedule(0.0))
-  replicated = sharding.replicated(sharding.make_mesh())
-  saved = jax.tree.map(lambda a: sharding.put(a, replicated), sharding.to_host(state.state_of(variables, tx)))
+  mesh = sharding.make_mesh()
+  saved = jax.tree.map(lambda a: sharding.put_replicated(a, mesh), sharding.to_host(state.state_of(variables, tx)))
   checkpoint.save(checkpoint.manager(workdir, 1), 0, saved)
 
 

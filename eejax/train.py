@@ -16,8 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import (checkpoint, collectives, data, distributed, evaluate, input_pipeline, run, schemes, sharding,
-                   workdirs)
+from eejax import checkpoint, collectives, data, evaluate, input_pipeline, run, schemes, sharding, workdirs
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, init_state, make_optimizer, make_schedule, scan_chunk
@@ -109,7 +108,6 @@ def _summary(metrics_S) -> dict:
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), then writes the report."""
   scheme = schemes.get(config.scheme)
-  distributed.initialize(distributed.Cluster(from_environment=config.distributed))  # unless main did
   mesh = sharding.make_mesh()
   replicated, batch_sharded = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   batch_size = config.train.batch_size
