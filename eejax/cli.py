@@ -31,9 +31,12 @@ def fail(message: str, program: str = "eejax") -> None:
 def end(status: int, at_once: bool = False) -> None:
   """sys.exit(status); with `at_once`, or in a multi-process job, the process ends at once instead: JAX's
   shutdown at exit waits for every process, and aborts with a stack trace when process 0, which hosts the job,
-  has already gone."""
-  jax = sys.modules.get("jax")
-  if at_once or (jax is not None and jax.distributed.is_initialized()):
+  has already gone. So process 0 of a job first waits (`eejax.distributed.wait_for_peers`) for the others."""
+  in_a_job = _jax_in_a_job() is not None
+  if in_a_job:
+    from eejax import distributed  # pylint: disable=g-import-not-at-top
+    distributed.wait_for_peers()  # process 0 hosts the job: it goes last
+  if at_once or in_a_job:
     sys.stdout.flush()
     sys.stderr.flush()
     hard_exit(status)
@@ -190,10 +193,18 @@ COLLECTIVE_WORDS = ("Gloo", "NCCL", "Connection closed by peer", "Connection res
 def _in_a_job_that_lost_a_peer(e: Exception) -> bool:
   """In a multi-process job, a failed collective means another process died (JAX raises it as its runtime error,
   or as a ValueError from inside a jitted all-gather)."""
-  jax = sys.modules.get("jax")
-  if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
+  jax = _jax_in_a_job()
+  if jax is None or jax.process_count() == 1:
     return False
   return isinstance(e, jax.errors.JaxRuntimeError) or any(w in str(e) for w in COLLECTIVE_WORDS)
+
+
+def _jax_in_a_job():
+  """JAX's module once this process has joined a multi-process job; else None (JAX not loaded, or half loaded by
+  an import that Ctrl-C cut short)."""
+  jax = sys.modules.get("jax")
+  joined = getattr(getattr(jax, "distributed", None), "is_initialized", None)
+  return jax if joined is not None and joined() else None
 
 
 def _unforeseen(e: BaseException, program: str, workdir) -> None:

@@ -148,8 +148,7 @@ def watch_peers(workdir: str, every_s: float = 2.0):
     yield
   except BaseException as e:
     stop.set()
-    with contextlib.suppress(Exception):  # the coordinator may be gone; this process's own error comes first
-      client.key_value_set(_key(me), f"{_ENDED}{e.__class__.__name__}: {first_line(e, 300)}", allow_overwrite=True)
+    _post(f"{_ENDED}{e.__class__.__name__}: {first_line(e, 300)}")
     raise
   stop.set()
   thread.join(timeout=every_s + 10)
@@ -181,6 +180,29 @@ def _peer_ending() -> RuntimeError | None:
       if why:
         return RuntimeError(why)
   return None
+
+
+def wait_for_peers(timeout_s: float = 10.0) -> None:
+  """On process 0, which hosts the job, as it ends with an error: waits (at most `timeout_s`) until every other
+  process has posted that it ended too. A process still talking to the job when process 0 goes is aborted by
+  JAX's runtime with a stack trace, even one that is a moment from ending with its own line."""
+  if jax.process_count() == 1 or jax.process_index() != 0 or not _JOB["watches"]:
+    return
+  deadline, waiting = time.monotonic() + timeout_s, set(range(1, jax.process_count()))
+  with contextlib.suppress(Exception):
+    while waiting and time.monotonic() < deadline:
+      waiting = {j for j in waiting if not _ending(j, _try_get(_client(), _key(j)))}
+      time.sleep(0.05)
+
+
+def _post(value: str, wait_s: float = 1.0) -> None:
+  """Posts this process's `value` in the current watch, waiting at most `wait_s` (process 0 may be gone)."""
+  def post():
+    with contextlib.suppress(Exception):
+      _client().key_value_set(_key(jax.process_index()), value, allow_overwrite=True)
+  thread = threading.Thread(target=post, daemon=True)
+  thread.start()
+  thread.join(wait_s)
 
 
 def _client():
@@ -215,6 +237,8 @@ def lost_peer(error: Exception, workdir: str) -> None:
   heartbeat (100 s) ends the job. The job resumes from its last checkpoint when started again.
   """
   error = _peer_ending() or error  # what the peer said as it ended says more than the collective that failed
+  if _JOB["watches"]:
+    _post(f"{_ENDED}lost the rest of the job")  # process 0 need not wait for this one (`wait_for_peers`)
   saved = checkpoint.steps(os.path.join(workdir, "checkpoints"))
   resume = f"it resumes from step {saved[-1]}, its last checkpoint" if saved else "no checkpoint was saved yet"
   _exit_line(LOST_PEER_EXIT, f"process {jax.process_index()} lost the rest of its job ({first_line(error, 300)}). "
