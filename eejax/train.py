@@ -164,56 +164,57 @@ def train_and_evaluate(config, workdir: str) -> dict:
   last_saved = step if mngr.latest_step() is not None else None
   writer = MetricWriter(workdir, tensorboard=config.log.tensorboard)
   progress = Progress(total_steps, batch_size, every_s=config.log.every_s)
-  per_call = max(1, config.train.steps_per_call)
-  say(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
-        f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
-  pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
+  try:  # the metrics and the progress line are closed however the run ends
+    per_call = max(1, config.train.steps_per_call)
+    say(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
+          f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
+    pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
 
-  def pull(pending):
-    first, metrics = pending
-    metrics = sharding.to_host(metrics)
-    _check_finite(metrics, first, last_saved)
-    end = first + len(metrics["loss"])
-    writer.write(end, _summary(metrics))
-    progress.update(end, float(metrics["loss"][-1]))
+    def pull(pending):
+      first, metrics = pending
+      metrics = sharding.to_host(metrics)
+      _check_finite(metrics, first, last_saved)
+      end = first + len(metrics["loss"])
+      writer.write(end, _summary(metrics))
+      progress.update(end, float(metrics["loss"][-1]))
 
-  with checkpoint.StopSignal() as stop:
-    while step < total_steps:
-      n = min(per_call, total_steps - step)
-      if n not in chunks:
-        chunks[n] = make_train_chunk(step_fn, n, replicated)
-      # The steady-state loop never copies from the host: everything the step reads is on the device.
-      with jax.transfer_guard_host_to_device(config.train.transfer_guard):
-        state, metrics = chunks[n](state, data_dev, keys, frozen)
-      if pending is not None:
-        pull(pending)
-      pending, step = (step, metrics), step + n
-      stop_now = collectives.any_process(stop.signum is not None)  # every process stops at the same step
-      crossed_save = step // config.checkpoint.every_steps > (step - n) // config.checkpoint.every_steps
-      if stop_now or crossed_save or step == total_steps:
-        pull(pending)
-        pending = None
-        checkpoint.save(mngr, step, state)
-        last_saved = step
-        # A signal that came during the last save stops the run too, before the evaluation.
-        if stop_now or (step == total_steps and collectives.any_process(stop.signum is not None)):
-          progress.close()
-          writer.close()
-          where = None if stop.signum else f"(sent to another process of the job) at step {step}; checkpoint saved"
-          raise checkpoint.Stopped(stop.signum or signal.SIGTERM, step, workdir, where)
-  progress.close()
-  images_per_s = progress.images_per_second(step)
+    with checkpoint.StopSignal() as stop:
+      while step < total_steps:
+        n = min(per_call, total_steps - step)
+        if n not in chunks:
+          chunks[n] = make_train_chunk(step_fn, n, replicated)
+        # The steady-state loop never copies from the host: everything the step reads is on the device.
+        with jax.transfer_guard_host_to_device(config.train.transfer_guard):
+          state, metrics = chunks[n](state, data_dev, keys, frozen)
+        if pending is not None:
+          pull(pending)
+        pending, step = (step, metrics), step + n
+        stop_now = collectives.any_process(stop.signum is not None)  # every process stops at the same step
+        crossed_save = step // config.checkpoint.every_steps > (step - n) // config.checkpoint.every_steps
+        if stop_now or crossed_save or step == total_steps:
+          pull(pending)
+          pending = None
+          checkpoint.save(mngr, step, state)
+          last_saved = step
+          # A signal that came during the last save stops the run too, before the evaluation.
+          if stop_now or (step == total_steps and collectives.any_process(stop.signum is not None)):
+            where = None if stop.signum else f"(sent to another process of the job) at step {step}; checkpoint saved"
+            raise checkpoint.Stopped(stop.signum or signal.SIGTERM, step, workdir, where)
+    progress.close()  # before the evaluation's lines
+    images_per_s = progress.images_per_second(step)
 
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  macs = exit_macs(model, ds.image_shape)
-  t0 = time.perf_counter()
-  extra = {"train_images_per_s": images_per_s, "train_steps": total_steps}
-  if scheme.report is not None:
-    extra.update(scheme.report(state.params))
-  report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra,
-                                        step=step)
-  writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
-  writer.close()
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    macs = exit_macs(model, ds.image_shape)
+    t0 = time.perf_counter()
+    extra = {"train_images_per_s": images_per_s, "train_steps": total_steps}
+    if scheme.report is not None:
+      extra.update(scheme.report(state.params))
+    report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra,
+                                          step=step)
+    writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
+  finally:
+    progress.close()
+    writer.close()
   say(f"evaluation took {time.perf_counter() - t0:.1f}s; report in {workdir}/report.md")
   return report
 

@@ -56,10 +56,13 @@ class MetricWriter:
         self._tb.add_scalar(name, value, int(step))
 
   def close(self) -> None:
+    """Flushes and closes both files; a second call does nothing."""
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    self._jsonl = self._tb = None
+    self._active = False
 
 
 def hms(seconds: float) -> str:
@@ -105,8 +108,10 @@ class Progress:
     return (step - self._start_step) * self.batch_size / (time.perf_counter() - self._start)
 
   def close(self) -> None:
+    """Ends the rewritten line in a terminal; a second call does nothing."""
     if self.active and self.tty:
       self.stream.write("\n")
+    self.active = False
 
 
 class Count:

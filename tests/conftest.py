@@ -2,6 +2,7 @@
 import atexit
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -9,6 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 from PIL import Image
+from tensorboardX.proto import event_pb2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_CIFAR10 = os.path.join(REPO, "..", "shared", "data", "cifar10")
@@ -110,3 +112,18 @@ def smoke_run(smoke_master, tmp_path_factory):
   root = tmp_path_factory.mktemp("smoke_run")
   tree, workdir = copy_run(smoke_master, str(root))
   return root, tree, workdir
+
+
+def read_events(folder):
+  """Scalars from TensorBoard event files (TFRecord framing: length, crc, payload, crc)."""
+  out = []
+  for name in os.listdir(folder):
+    with open(os.path.join(folder, name), "rb") as f:
+      blob = f.read()
+    i = 0
+    while i < len(blob):
+      (length,) = struct.unpack("<Q", blob[i:i + 8])
+      event = event_pb2.Event.FromString(blob[i + 12:i + 12 + length])
+      i += 12 + length + 4
+      out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+  return out

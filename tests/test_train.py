@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main, smoke_args
+from conftest import REPO, read_events, run_main, smoke_args
 from configs import cifar10
 from eejax import run, state, train
 from eejax.errors import UserError
@@ -79,9 +79,13 @@ def test_restart_resumes_and_nan_stops_with_the_step(tiny_tree, tmp_path):
   assert steps[-1] == 3 * (88 // 16) and any(a.shape and not np.array_equal(a, b)
                                                   for a, b in zip(first, params_of(workdir)))
   # Step 1's loss comes from the initial parameters; its NaN update makes step 2's loss the first NaN.
+  nan = smoke_config(tiny_tree, str(tmp_path / "c"), **{"train.learning_rate": float("nan"), "train.steps_per_call": 1})
   with pytest.raises(UserError, match=r"loss became nan at step 2; .*no checkpoint yet.*learning_rate"):
-    train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c"), **{"train.learning_rate": float("nan")}),
-                             str(tmp_path / "nan"))
+    train.train_and_evaluate(nan, str(tmp_path / "nan"))
+  # What came before the bad step is on disk in both metric files (TensorBoard's is flushed only when closed).
+  assert [json.loads(l)["step"] for l in open(tmp_path / "nan" / "metrics.jsonl", encoding="utf-8")] == [1]
+  assert [(step, tag) for step, tag, _ in read_events(tmp_path / "nan" / "tb") if tag == "train/loss"] == [
+      (1, "train/loss")]
 
 
 def test_init_from_checks_the_model(tiny_tree, tmp_path):

@@ -2,29 +2,11 @@
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 
-from tensorboardX.proto import event_pb2
-
-from conftest import REPO
+from conftest import REPO, read_events
 from eejax.writers import Count, MetricWriter, Progress
-
-
-def read_events(folder):
-  """Scalars from TensorBoard event files (TFRecord framing: length, crc, payload, crc)."""
-  out = []
-  for name in os.listdir(folder):
-    with open(os.path.join(folder, name), "rb") as f:
-      blob = f.read()
-    i = 0
-    while i < len(blob):
-      (length,) = struct.unpack("<Q", blob[i:i + 8])
-      event = event_pb2.Event.FromString(blob[i + 12:i + 12 + length])
-      i += 12 + length + 4
-      out += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
-  return out
 
 
 def test_jsonl_and_tensorboard(tmp_path):
