@@ -67,8 +67,10 @@ class Bottleneck(nn.Module):
 class MultiExitResNet(nn.Module):
   """Exits after every stage (or only the last, single_exit=True); forward returns logits E x B x C."""
 
-  def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False):
+  def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False,
+               head_dropout=0.0, exit_grad_scale=1.0):
     super().__init__()
+    self.head_dropout, self.exit_grad_scale = head_dropout, exit_grad_scale
     widths = [max(1, round(w * width)) for w in stage_widths]
     self.stem, self.stem_bn = Conv(3, widths[0], 3), bn(widths[0])
     self.stages, self.heads = nn.ModuleList(), nn.ModuleList()
@@ -84,18 +86,22 @@ class MultiExitResNet(nn.Module):
 
   def forward(self, x):
     h, out = F.relu(self.stem_bn(self.stem(x))), []
-    for stage, head in zip(self.stages, self.heads):
+    for s, (stage, head) in enumerate(zip(self.stages, self.heads)):
       h = stage(h)
       if head is not None:
-        out.append(head(h.mean((2, 3))))
+        to_head = h
+        if s < len(self.stages) - 1 and self.exit_grad_scale != 1.0:  # the early exit's gradient, scaled
+          to_head = h.detach() + self.exit_grad_scale * (h - h.detach())
+        out.append(head(F.dropout(to_head.mean((2, 3)), self.head_dropout, self.training)))
     return torch.stack(out)
 
 
-def build(arch, width=1.0, single_exit=False):
+def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, exit_grad_scale=1.0):
   from eejax.models.resnet import ARCHS, BottleneckBlock  # pylint: disable=g-import-not-at-top
   spec = ARCHS[arch]
   block = Bottleneck if spec.block is BottleneckBlock else Basic
-  return MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, width=width, single_exit=single_exit)
+  return MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
+                         exit_grad_scale)
 
 
 def load_flax(model, variables):

@@ -1,0 +1,222 @@
+"""Test accuracy of one recipe trained by eejax and by PyTorch: is a shortfall eejax's, or the recipe's?
+
+  python bench/accuracy_parity.py --workdir W -- --config configs/cifar10.py:cpu [--config.x=y ...]
+  python bench/accuracy_parity.py --workdir W          # W already holds a finished eejax run
+
+eejax trains the config in W with `python -m eejax.main` (or, when W holds a
+finished run, its report is read). The peer (`bench/torch_peer.py`) then trains
+the same architecture from W's config.json on the same images (the same
+subset, validation carve and channel statistics, decoded by eejax), with the
+same recipe written again in PyTorch: random crop of the zero-padded image and
+horizontal flip per image, a fresh permutation every epoch dropping the last
+partial batch, the weighted sum of every exit's label-smoothed cross-entropy,
+SGD with Nesterov momentum and coupled weight decay on kernels only, and a
+per-step linear warm-up from 0 then cosine to 0 (or the step schedule). What
+differs by design: PyTorch's own initialisation (eejax: flax's lecun-normal
+and a zero-initialised last BatchNorm scale in each block), its own random
+order and augmentation, and BatchNorm's running variance (unbiased in
+PyTorch). So the two runs differ by seed noise only; `--peer-seeds 0,1,2`
+shows how large that is at the chosen scale.
+
+Prints each exit's test accuracy for both, the difference, the training
+throughput of each, and the hardware.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import torch_peer
+from eejax import data, state
+from eejax.errors import UserError
+from eejax.models.resnet import ARCHS
+
+def learning_rate(step: int, train_cfg, steps_per_epoch: int) -> float:
+  """The peak-scaled learning rate of 0-based step `step`: linear warm-up from 0, then cosine to 0 (or steps)."""
+  peak, total = train_cfg.learning_rate, train_cfg.epochs * steps_per_epoch
+  warmup = int(train_cfg.warmup_epochs * steps_per_epoch)
+  if train_cfg.schedule == "cosine":
+    warmup = max(warmup, 1)  # eejax's cosine schedule warms up for one step at least
+  if step < warmup:
+    return peak * step / warmup
+  if train_cfg.schedule == "cosine":
+    span = max(total, warmup + 1) - warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * min(step - warmup, span) / span))
+  passed = sum(step >= int(e * steps_per_epoch) for e in train_cfg.step_epochs)
+  return peak * train_cfg.step_factor**passed
+
+
+def check_schedule(train_cfg, steps_per_epoch: int) -> None:
+  """The peer's schedule against eejax's optax one at every step: the recipe must be the same."""
+  ours = state.make_schedule(train_cfg, steps_per_epoch)
+  steps = np.arange(train_cfg.epochs * steps_per_epoch)
+  theirs = np.array([learning_rate(int(s), train_cfg, steps_per_epoch) for s in steps])
+  worst = float(np.max(np.abs(np.asarray(ours(steps)) - theirs)))
+  if worst > 1e-6 * train_cfg.learning_rate:
+    raise SystemExit(f"the peer's learning-rate schedule differs from eejax's by up to {worst:.3g}; not comparing")
+
+
+def augment(x_BxHxWx3, pad: int, flip: bool, generator):
+  """uint8 images on the device: per-image random crop of the zero-padded image, then a random h-flip."""
+  b, h, w, _ = x_BxHxWx3.shape
+  dev = x_BxHxWx3.device
+  if pad:
+    padded = F.pad(x_BxHxWx3, (0, 0, pad, pad, pad, pad))
+    dy_B, dx_B = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(dev)
+    rows_BxH = dy_B[:, None] + torch.arange(h, device=dev)
+    cols_BxW = dx_B[:, None] + torch.arange(w, device=dev)
+    x_BxHxWx3 = padded[torch.arange(b, device=dev)[:, None, None], rows_BxH[:, :, None], cols_BxW[:, None, :]]
+  if flip:
+    flip_B = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    x_BxHxWx3 = torch.where(flip_B[:, None, None, None], x_BxHxWx3.flip(2), x_BxHxWx3)
+  return x_BxHxWx3
+
+
+def to_input(x_BxHxWx3, mean_C, std_C):
+  """uint8 NHWC to normalised float NCHW in channels_last memory."""
+  x = (x_BxHxWx3.float() / 255.0 - mean_C) / std_C
+  return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+
+
+def peer_model(config, num_classes: int):
+  """The PyTorch model of the config, or SystemExit naming what the peer does not have."""
+  m = config.model
+  arch = ARCHS[m.name]
+  last = sum(arch.stage_sizes)
+  after = None if m.exit_after is None else tuple(m.exit_after)
+  if after not in (None, (last,)):
+    raise SystemExit(f"the peer has exits after every stage or only the last; not model.exit_after={list(after)}")
+  if m.head != "linear" and after is None:
+    raise SystemExit(f"the peer has linear heads only; not model.head={m.head!r}")
+  if config.scheme != "joint":
+    raise SystemExit(f"the peer trains the joint scheme only; not scheme={config.scheme!r}")
+  return torch_peer.build(m.name, m.width, single_exit=after is not None, num_classes=num_classes,
+                          head_dropout=m.head_dropout, exit_grad_scale=m.exit_grad_scale)
+
+
+def train_peer(config, ds, mean_C, std_C, seed: int, device: str, log_every_s: float = 30.0):
+  """(test accuracy per exit, training images/s) of the peer trained with `config`'s recipe on `ds`."""
+  torch.manual_seed(seed)
+  generator = torch.Generator().manual_seed(seed)
+  t = config.train
+  model = peer_model(config, ds.num_classes).to(device).to(memory_format=torch.channels_last)
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  rest = [p for p in model.parameters() if p.ndim <= 1]
+  opt = torch.optim.SGD([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                        lr=0.0, momentum=t.momentum, nesterov=t.nesterov)
+  num_exits = 1 if model.heads[0] is None else len(model.heads)
+  weights_E = torch.tensor(t.exit_weights or (1.0,) * num_exits, device=device)
+  bf16 = config.model.dtype == "bfloat16"
+  images = torch.from_numpy(ds.train.images_NxHxWx3).to(device)
+  labels = torch.from_numpy(ds.train.labels_N.astype(np.int64)).to(device)
+  mean, std = (torch.tensor(np.asarray(v, np.float32), device=device) for v in (mean_C, std_C))
+  steps_per_epoch = len(labels) // t.batch_size
+  total = t.epochs * steps_per_epoch
+  model.train()
+  start = last_print = time.perf_counter()
+  for step in range(total):
+    if step % steps_per_epoch == 0:
+      order = torch.randperm(len(labels), generator=generator).to(device)
+    idx = order[(step % steps_per_epoch) * t.batch_size:(step % steps_per_epoch + 1) * t.batch_size]
+    x = to_input(augment(images[idx], config.data.crop_pad, config.data.flip, generator), mean, std)
+    for group in opt.param_groups:
+      group["lr"] = learning_rate(step, t, steps_per_epoch)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      logits_ExBxC = model(x)
+    ce_E = torch.stack([F.cross_entropy(l.float(), labels[idx], label_smoothing=t.label_smoothing)
+                        for l in logits_ExBxC])
+    loss = torch.dot(weights_E, ce_E)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if t.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+    opt.step()
+    if time.perf_counter() - last_print > log_every_s:
+      last_print = time.perf_counter()
+      print(f"  peer seed {seed}: step {step + 1}/{total} loss {loss.item():.4f}", file=sys.stderr, flush=True)
+  if device == "cuda":
+    torch.cuda.synchronize()
+  images_per_s = total * t.batch_size / (time.perf_counter() - start)
+  return evaluate_peer(model, ds.test, mean, std, device, bf16, config.eval.batch_size), images_per_s
+
+
+@torch.no_grad()
+def evaluate_peer(model, split, mean, std, device, bf16, batch_size):
+  """Test accuracy of every exit, BatchNorm in inference mode."""
+  model.eval()
+  correct = 0
+  for i in range(0, len(split), batch_size):
+    x = to_input(torch.from_numpy(split.images_NxHxWx3[i:i + batch_size]).to(device), mean, std)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+      pred_ExB = model(x).argmax(-1).cpu()
+    correct = correct + (pred_ExB == torch.from_numpy(split.labels_N[i:i + batch_size].astype(np.int64))).sum(1)
+  return (correct.double() / len(split)).tolist()
+
+
+def eejax_report(workdir: str, eejax_args: list[str]) -> tuple[dict, str]:
+  """(report.json, where it came from): trains `eejax_args` in `workdir`, unless it holds a finished run."""
+  path = os.path.join(workdir, "report.json")
+  if os.path.exists(path) and not eejax_args:
+    return json.load(open(path, encoding="utf-8")), f"read from {path} (trained before)"
+  if not eejax_args:
+    raise SystemExit(f"{workdir} holds no finished run: give the run's flags after --, e.g. "
+                     "-- --config configs/cifar10.py:cpu")
+  command = [sys.executable, "-m", "eejax.main", *eejax_args, f"--workdir={workdir}"]
+  print("$ " + " ".join(command[1:]), flush=True)
+  subprocess.run(command, check=True)
+  return json.load(open(path, encoding="utf-8")), "trained by this command"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True, help="eejax's run: trained here unless it holds a finished one")
+  parser.add_argument("--peer-seeds", default="0", help="comma-separated seeds of the PyTorch runs")
+  parser.add_argument("--json", help="write both runs' figures to this file")
+  args, rest = parser.parse_known_args()
+  args.workdir = os.path.abspath(args.workdir)
+  eejax_args = [a for a in rest if a != "--"]
+  report, source = eejax_report(args.workdir, eejax_args)
+  config = ml_collections.ConfigDict(json.load(open(os.path.join(args.workdir, "config.json"), encoding="utf-8")))
+  spec = json.load(open(os.path.join(args.workdir, "run.json"), encoding="utf-8"))
+  try:
+    ds = data.from_config(config.data)
+  except UserError as e:  # a relative data path is read from where the run was started
+    raise SystemExit(f"the run's data: {e}") from None
+  check_schedule(config.train, len(ds.train) // config.train.batch_size)
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  kind = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
+  print(f"hardware: {kind} ({os.cpu_count()} host cores); torch {torch.__version__}; {time.strftime('%Y-%m-%d')}")
+  m, t = config.model, config.train
+  print(f"recipe: {m.name} x{m.width:g}, {len(report['exits'])} exit(s), {m.dtype}, {t.epochs} epochs of "
+        f"{t.batch_size} on {len(ds.train):,} images, lr {t.learning_rate:g} {t.schedule} (warm-up "
+        f"{t.warmup_epochs:g} epochs), weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}; "
+        f"test split {len(ds.test):,} images")
+  ours_E = [e["accuracy"] for e in report["exits"]]
+  runs = []
+  for seed in [int(s) for s in args.peer_seeds.split(",")]:
+    accuracy_E, rate = train_peer(config, ds, spec["mean_C"], spec["std_C"], seed, device)
+    runs.append({"seed": seed, "test_accuracy": accuracy_E, "train_images_per_s": rate})
+  peer_E = np.mean([r["test_accuracy"] for r in runs], axis=0)
+  spread_E = np.ptp([r["test_accuracy"] for r in runs], axis=0)
+  print(f"eejax: seed {config.seed}, {source}; {report.get('train_images_per_s', float('nan')):,.0f} training img/s")
+  print(f"PyTorch: seed(s) {args.peer_seeds}; " + ", ".join(f"{r['train_images_per_s']:,.0f}" for r in runs)
+        + " training img/s")
+  print("exit | eejax test % | PyTorch test % (mean; range over seeds) | eejax - PyTorch")
+  for e, (ours, peer, spread) in enumerate(zip(ours_E, peer_E, spread_E)):
+    print(f"{e + 1:4d} | {100 * ours:12.2f} | {100 * peer:6.2f} ({100 * spread:.2f}) | {100 * (ours - peer):+.2f}")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"workdir": args.workdir, "eejax": ours_E, "peer_runs": runs, "device": kind}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
