@@ -37,6 +37,7 @@ def available() -> str | None:
     from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError as e:
     return f"{e}"
+  _name_closed_jaxpr()
   try:
     spec = jax.ShapeDtypeStruct((1,), jnp.float32)
     probe = lambda x: jax.lax.cond(x[0] > 0, lambda: jax.jit(jax.nn.relu)(x), lambda: jax.nn.softmax(x))
@@ -46,6 +47,16 @@ def available() -> str | None:
     return f"jax2onnx {importlib.metadata.version('jax2onnx')} does not run on jax {jax.__version__} " \
            f"({type(e).__name__}: {str(e)[:120]})"
   return None
+
+
+def _name_closed_jaxpr() -> None:
+  """jax2onnx (0.17.1, the newest) reads `jax._src.core.ClosedJaxpr`, a name jax 0.12 no longer has there since it
+  merged ClosedJaxpr into Jaxpr; the public `jax.extend.core.ClosedJaxpr` still names the class. Where the private
+  name is missing it is set to the public one. Every export is then verified against JAX all the same."""
+  import jax._src.core as jax_core  # pylint: disable=g-import-not-at-top
+  from jax.extend import core  # pylint: disable=g-import-not-at-top
+  if not hasattr(jax_core, "ClosedJaxpr") and hasattr(core, "ClosedJaxpr"):
+    jax_core.ClosedJaxpr = core.ClosedJaxpr
 
 
 def _convert(fn, specs, path: str) -> None:
