@@ -9,12 +9,15 @@ interrupted, skipped if its report.json exists):
   student  preset erde_student: the student alone (joint)
   kd       preset erde_kd: KD from the teacher, no entropy term
   erde     preset erde: KD plus the entropy term on the teacher's mistakes
-then ROOT/comparison.md and ROOT/comparison.json: per-exit test accuracy, the
+then ROOT/comparison.md and ROOT/comparison.json (seed 0): per-exit test accuracy, the
 entropy policy's accuracy at MACs budgets (test curve), and the entropy
 thresholds fitted on validation for 50% of the MACs with their test accuracy
 and mean MACs. Scale 'cpu' is a small setting for a 2-core machine (ResNet-20
 teacher, ResNet-20 at half width as the student, a data subset, a few epochs);
-'gpu' is the presets as they are (ResNet-34 -> ResNet-18, 200 epochs).
+'gpu' is the presets as they are (ResNet-34 -> ResNet-18, 200 epochs). With
+`--seeds N` the three students also run with seeds 1 to N-1 (one teacher) and
+ROOT/compare.md pools them: mean ± std, and KD's and ERDE's final exit against
+the student alone's with a 95% interval.
 """
 import os
 
@@ -69,16 +72,21 @@ def main():
   args = runs.parse_args(__doc__, SCALES, "erde")
   scale = SCALES[args.scale]
   teacher = os.path.join(args.root, "teacher")
-  rows = []
+  rows, groups = [], []
   for name, preset in RUNS:
     extra = scale["common"] + (scale["teacher"] if name == "teacher" else scale["student"]) + args.extra
     if preset in ("erde", "erde_kd"):
       extra = extra + [f"--config.erde.teacher={teacher}"]
-    report = runs.run(name, f"{args.config}:{preset}", os.path.join(args.root, name), args.data, extra)
-    rows.append(row(name, report))
+    seeds = 1 if name == "teacher" else args.seeds  # every student learns from the one teacher
+    done = [(workdir, runs.run(name, f"{args.config}:{preset}", workdir, args.data, extra + seed))
+            for workdir, seed in runs.seeded(os.path.join(args.root, name), seeds)]
+    rows.append(row(name, done[0][1]))
+    if name != "teacher":
+      groups.append((name, [workdir for workdir, _ in done]))
   command = " ".join(["python launch/erde.py", f"--scale {args.scale}", f"--config {args.config}",
-                      f"--data {args.data}", f"--root {args.root}", *args.extra])
+                      f"--data {args.data}", f"--root {args.root}", f"--seeds {args.seeds}", *args.extra])
   runs.write_tables(args.root, command, rows, markdown(rows, command))
+  runs.write_seed_table(args.root, command, groups)
 
 
 if __name__ == "__main__":

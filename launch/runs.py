@@ -8,6 +8,7 @@ import types
 from absl import flags
 
 import steps
+from eejax import compare
 from eejax.cli import parse_flags
 
 
@@ -20,11 +21,27 @@ def parse_args(doc: str, scales, name: str):
   flags.DEFINE_string("config", "configs/cifar10.py", "The config file of every run.")
   flags.DEFINE_string("data", "", "data.source of every run ('': the config's own, e.g. cifar10, downloaded).")
   flags.DEFINE_string("root", None, "Folder for the runs' workdirs and the table.")
+  flags.DEFINE_integer("seeds", 1, "Runs of each variant, seeds 0 to N-1 (seed 0 in ROOT/<name>, seed S in "
+                       "ROOT/<name>_seedS); above 1, ROOT/compare.md pools them (mean ± std, eejax.compare).",
+                       lower_bound=1)
   extra = parse_flags(sys.argv, program=name)[1:]
   f = flags.FLAGS
   root = f.root or os.path.join("workdirs", f"{name}_{f.scale}")
   os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return types.SimpleNamespace(scale=f.scale, config=f.config, data=f.data, root=root, extra=list(extra))
+  return types.SimpleNamespace(scale=f.scale, config=f.config, data=f.data, root=root, extra=list(extra),
+                               seeds=f.seeds)
+
+
+def seeded(workdir: str, seeds: int):
+  """[(workdir, overrides)] of seeds 0..seeds-1: seed 0 is the config's own run in `workdir`, as with one seed."""
+  return [(workdir, [])] + [(f"{workdir}_seed{s}", [f"--config.seed={s}"]) for s in range(1, seeds)]
+
+
+def write_seed_table(root: str, command: str, groups) -> None:
+  """ROOT/compare.md, .json and .png: each group's runs pooled over seeds (`eejax.compare`)."""
+  if all(len(workdirs) < 2 for _, workdirs in groups):
+    return
+  print(compare.write(compare.compare(groups), root, command))
 
 
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:

@@ -8,7 +8,9 @@ skipped if finished), then ROOT/comparison.md and .json: per-exit test
 accuracy, the max-probability policy's accuracy at MACs budgets (test curve),
 per-exit thresholds fitted on validation for 50% of the MACs (test accuracy),
 and MATE's learned teacher weights. Scale 'cpu': the cpu presets (ResNet-8) on
-a data subset for a few epochs; 'gpu': ResNet-18, 200 epochs.
+a data subset for a few epochs; 'gpu': ResNet-18, 200 epochs. With `--seeds N`
+each scheme also runs with seeds 1 to N-1 and ROOT/compare.md pools them
+(mean ± std, and each scheme's final exit against joint's with a 95% interval).
 """
 import os
 
@@ -58,13 +60,17 @@ def markdown(rows, command):
 def main():
   args = runs.parse_args(__doc__, SCALES, "self_distillation")
   scale = SCALES[args.scale]
-  rows = []
+  rows, groups = [], []
   for name, preset in scale["presets"].items():
     config = f"{args.config}:{preset}" if preset else args.config
-    rows.append(row(name, runs.run(name, config, os.path.join(args.root, name), args.data, scale["extra"] + args.extra)))
+    done = [(workdir, runs.run(name, config, workdir, args.data, scale["extra"] + args.extra + seed))
+            for workdir, seed in runs.seeded(os.path.join(args.root, name), args.seeds)]
+    rows.append(row(name, done[0][1]))
+    groups.append((name, [workdir for workdir, _ in done]))
   command = " ".join(["python launch/self_distillation.py", f"--scale {args.scale}", f"--config {args.config}",
-                      f"--data {args.data}", f"--root {args.root}", *args.extra])
+                      f"--data {args.data}", f"--root {args.root}", f"--seeds {args.seeds}", *args.extra])
   runs.write_tables(args.root, command, rows, markdown(rows, command))
+  runs.write_seed_table(args.root, command, groups)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,124 @@
+"""Runs pooled over seeds: the figures read from each report, mean ± std, Welch's interval, the table and errors."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import REPO, make_tree
+from eejax import compare
+from eejax.errors import UserError
+
+
+def fake_run(folder, seed, final, model="resnet8", early=0.5, fits_25=False):
+  """A finished run's report.json and config.json, with made-up figures."""
+  os.makedirs(folder)
+  fitted = [{"budget": b, "per_exit": {"test_accuracy": final - 0.1 + b / 10, "test_macs_fraction": b + 0.01 * seed,
+                                       "fits_budget_on_val": b > 0.25 or fits_25}} for b in (0.25, 0.5)]
+  report = {"model": model, "dataset": "folder:x", "full_macs": 100,
+            "exits": [{"exit": 1, "accuracy": early, "macs": 40}, {"exit": 2, "accuracy": final, "macs": 100}],
+            "policies": {"max_prob": {"budgets": {"0.25": None, "0.5": final - 0.05, "1.0": final}}},
+            "fitted_on_val": {"max_prob": fitted}}
+  with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f)
+  with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+    json.dump({"seed": seed}, f)
+
+
+def test_figures_summaries_and_the_interval_against_scipy(tmp_path):
+  a_final, b_final = [0.80, 0.82, 0.81], [0.85, 0.86, 0.88, 0.87]
+  for seed, final in enumerate(a_final):
+    fake_run(str(tmp_path / "a" / f"seed{seed}"), seed, final)
+  for seed, final in enumerate(b_final):
+    fake_run(str(tmp_path / "b" / f"seed{seed}"), seed, final)
+  groups = [compare.expand(f"base={tmp_path}/a/seed*"), compare.expand(f"{tmp_path}/b/seed*")]
+  assert groups[0][0] == "base" and groups[1][0] == f"{tmp_path}/b/seed*" and len(groups[1][1]) == 4
+  result = compare.compare(groups)
+  base, other = result["groups"]
+  assert [r["seed"] for r in other["runs"]] == [0, 1, 2, 3]
+  s = base["summary"]
+  np.testing.assert_allclose(s["final exit"]["mean"], np.mean(a_final))
+  np.testing.assert_allclose(s["final exit"]["std"], np.std(a_final, ddof=1))
+  assert s["exit 1"] == {"mean": 0.5, "std": 0.0, "n": 3}
+  assert s["best @25%"] == {"mean": None, "std": None, "n": 0}  # no setting within 25% in any run
+  assert s["fitted 25%"]["n"] == 0 and s["fitted 50%"]["n"] == 3  # a budget no setting fits on val is left out
+  np.testing.assert_allclose(s["fitted 50% MACs"]["mean"], 0.51)  # 0.5 + 0.01 * mean seed (1)
+  # Welch's interval against scipy's own.
+  w = other["final_vs_first"]
+  reference = stats.ttest_ind(b_final, a_final, equal_var=False).confidence_interval(0.95)
+  np.testing.assert_allclose([w["low"], w["high"]], [reference.low, reference.high], rtol=1e-9)
+  np.testing.assert_allclose(w["difference"], np.mean(b_final) - np.mean(a_final))
+  text = compare.markdown(result)
+  assert f"| base | resnet8 | 3 (0, 1, 2) | {100 * np.mean(a_final):.2f} ± {100 * np.std(a_final, ddof=1):.2f} |" in text
+  assert f"- {tmp_path}/b/seed*: +5.50 points [" in text and "]: better" in text
+
+
+def test_a_gain_within_the_spread_and_single_runs(tmp_path):
+  for seed, final in enumerate([0.80, 0.90]):
+    fake_run(str(tmp_path / "a" / str(seed)), seed, final)
+  for seed, final in enumerate([0.87, 0.85]):
+    fake_run(str(tmp_path / "b" / str(seed)), seed, final)
+  fake_run(str(tmp_path / "c" / "0"), 0, 0.99)
+  result = compare.compare([compare.expand(f"{g}={tmp_path}/{g}/*") for g in "abc"])
+  assert "- b: +1.00 points [" in compare.markdown(result) and "within the seeds' spread" in compare.markdown(result)
+  assert result["groups"][2]["final_vs_first"] is None  # one run: no interval
+  assert "| c | resnet8 | 1 (0) | 99.00 |" in compare.markdown(result)  # one run: no ± part
+
+
+def test_mistakes_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match="matches no folder"):
+    compare.expand(f"x={tmp_path}/nothing*")
+  os.makedirs(tmp_path / "unfinished")
+  with pytest.raises(UserError, match="no report.json: not a finished run"):
+    compare.compare([compare.expand(str(tmp_path / "unfinished"))])
+  fake_run(str(tmp_path / "m" / "0"), 0, 0.8)
+  fake_run(str(tmp_path / "m" / "1"), 1, 0.8, model="resnet20")
+  with pytest.raises(UserError, match="pools runs of different models"):
+    compare.compare([compare.expand(f"m={tmp_path}/m/*")])
+  with pytest.raises(UserError, match="has no policy 'entropy': give --policy one of max_prob"):
+    compare.compare([compare.expand(f"m={tmp_path}/m/0")], policy="entropy")
+  fake_run(str(tmp_path / "bad"), 0, 0.8)
+  (tmp_path / "bad" / "report.json").write_text("{\"exits\": [")
+  with pytest.raises(UserError, match="damaged report.json"):
+    compare.compare([compare.expand(str(tmp_path / "bad"))])
+
+
+def test_the_command_writes_the_table_and_the_figure_or_one_line(tmp_path):
+  for seed in range(2):
+    fake_run(str(tmp_path / "r" / f"s{seed}"), seed, 0.8 + seed / 100)
+  out = tmp_path / "out"
+  done = subprocess.run([sys.executable, "-m", "eejax.compare", f"--out={out}", f"runs={tmp_path}/r/s*"], cwd=REPO,
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "| runs | resnet8 | 2 (0, 1) | 80.50 ± 0.71 |" in done.stdout
+  assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "compare.png"]
+  assert json.loads((out / "compare.json").read_text())["groups"][0]["final"] == [0.8, 0.81]
+  failed = subprocess.run([sys.executable, "-m", "eejax.compare", f"x={tmp_path}/none*"], cwd=REPO,
+                          capture_output=True, text=True, check=False)
+  assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+      f"eejax.compare: error: '{tmp_path}/none*' matches no folder: give LABEL=GLOB of finished runs, "
+      "e.g. joint='R/joint/seed*'"]
+
+
+def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):
+  tree = str(tmp_path / "tree")
+  make_tree(tree, per_class=(16, 8), size=16)
+  root = str(tmp_path / "sd")
+  tiny = ["--config.model.width=0.25", "--config.data.max_images=48", "--config.data.val_size=12",
+          "--config.train.epochs=1", "--config.train.batch_size=12", "--config.eval.batch_size=24",
+          "--config.eval.num_thresholds=10", "--config.checkpoint.every_steps=100"]
+  done = subprocess.run([sys.executable, "launch/self_distillation.py", "--scale=cpu", f"--data=folder:{tree}",
+                         f"--root={root}", "--seeds=2", "--", *tiny], cwd=REPO, capture_output=True, text=True,
+                        timeout=900, check=False)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  for scheme in ("joint", "byot", "mate"):
+    for workdir, seed in ((scheme, 0), (f"{scheme}_seed1", 1)):
+      assert json.load(open(os.path.join(root, workdir, "config.json")))["seed"] == seed
+  pooled = json.load(open(os.path.join(root, "compare.json")))
+  assert [(g["label"], len(g["runs"])) for g in pooled["groups"]] == [("joint", 2), ("byot", 2), ("mate", 2)]
+  final = [json.load(open(os.path.join(root, w, "report.json")))["exits"][-1]["accuracy"] for w in ("mate", "mate_seed1")]
+  np.testing.assert_allclose(pooled["groups"][2]["summary"]["final exit"]["mean"], np.mean(final))
+  assert "--seeds 2" in pooled["command"] and "- mate: " in open(os.path.join(root, "compare.md")).read()
