@@ -60,7 +60,8 @@ def load(workdir: str) -> dict:
       with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
         seed = json.load(f).get("seed")
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise UserError(f"{workdir}: a damaged report.json or config.json ({e}); evaluate the run again") from None
+    raise UserError(f"{workdir}: a damaged report.json or config.json ({e}); run its command again to write "
+                    "them anew") from None
   if not isinstance(report, dict) or not report.get("exits"):
     raise UserError(f"{path} is not an eejax run report (no per-exit accuracies)")
   return {**report, "seed": seed, "workdir": workdir}

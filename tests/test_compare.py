@@ -52,7 +52,8 @@ def test_figures_summaries_and_the_interval_against_scipy(tmp_path):
   np.testing.assert_allclose([w["low"], w["high"]], [reference.low, reference.high], rtol=1e-9)
   np.testing.assert_allclose(w["difference"], np.mean(b_final) - np.mean(a_final))
   text = compare.markdown(result)
-  assert f"| base | resnet8 | 3 (0, 1, 2) | {100 * np.mean(a_final):.2f} ± {100 * np.std(a_final, ddof=1):.2f} |" in text
+  mean, std = 100 * np.mean(a_final), 100 * np.std(a_final, ddof=1)
+  assert f"| base | resnet8 | 3 (0, 1, 2) | {mean:.2f} ± {std:.2f} |" in text
   assert f"- {tmp_path}/b/seed*: +5.50 points [" in text and "]: better" in text
 
 
@@ -119,6 +120,7 @@ def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):
       assert json.load(open(os.path.join(root, workdir, "config.json")))["seed"] == seed
   pooled = json.load(open(os.path.join(root, "compare.json")))
   assert [(g["label"], len(g["runs"])) for g in pooled["groups"]] == [("joint", 2), ("byot", 2), ("mate", 2)]
-  final = [json.load(open(os.path.join(root, w, "report.json")))["exits"][-1]["accuracy"] for w in ("mate", "mate_seed1")]
+  final = [json.load(open(os.path.join(root, w, "report.json")))["exits"][-1]["accuracy"]
+           for w in ("mate", "mate_seed1")]
   np.testing.assert_allclose(pooled["groups"][2]["summary"]["final exit"]["mean"], np.mean(final))
   assert "--seeds 2" in pooled["command"] and "- mate: " in open(os.path.join(root, "compare.md")).read()
