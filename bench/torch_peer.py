@@ -96,12 +96,19 @@ class MultiExitResNet(nn.Module):
     return torch.stack(out)
 
 
-def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, exit_grad_scale=1.0):
+def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, exit_grad_scale=1.0,
+          zero_init_residual=False):
+  """The peer of eejax's `arch`; `zero_init_residual` starts each block's last BatchNorm scale at 0, as eejax does."""
   from eejax.models.resnet import ARCHS, BottleneckBlock  # pylint: disable=g-import-not-at-top
   spec = ARCHS[arch]
   block = Bottleneck if spec.block is BottleneckBlock else Basic
-  return MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
-                         exit_grad_scale)
+  model = MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
+                          exit_grad_scale)
+  if zero_init_residual:
+    for m in model.modules():
+      if isinstance(m, (Basic, Bottleneck)):
+        nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+  return model
 
 
 def load_flax(model, variables):
