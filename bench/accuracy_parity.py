@@ -67,17 +67,18 @@ def check_schedule(train_cfg, steps_per_epoch: int) -> None:
 
 
 def augment(x_BxHxWx3, pad: int, flip: bool, generator):
-  """uint8 images on the device: per-image random crop of the zero-padded image, then a random h-flip."""
+  """uint8 images on the device: per-image random crop of the zero-padded image, then a random h-flip (the
+  random numbers drawn on the device too, from `generator`)."""
   b, h, w, _ = x_BxHxWx3.shape
   dev = x_BxHxWx3.device
   if pad:
     padded = F.pad(x_BxHxWx3, (0, 0, pad, pad, pad, pad))
-    dy_B, dx_B = torch.randint(0, 2 * pad + 1, (2, b), generator=generator).to(dev)
+    dy_B, dx_B = torch.randint(0, 2 * pad + 1, (2, b), generator=generator, device=dev)
     rows_BxH = dy_B[:, None] + torch.arange(h, device=dev)
     cols_BxW = dx_B[:, None] + torch.arange(w, device=dev)
     x_BxHxWx3 = padded[torch.arange(b, device=dev)[:, None, None], rows_BxH[:, :, None], cols_BxW[:, None, :]]
   if flip:
-    flip_B = (torch.rand(b, generator=generator) < 0.5).to(dev)
+    flip_B = torch.rand(b, generator=generator, device=dev) < 0.5
     x_BxHxWx3 = torch.where(flip_B[:, None, None, None], x_BxHxWx3.flip(2), x_BxHxWx3)
   return x_BxHxWx3
 
@@ -109,7 +110,7 @@ def train_peer(config, ds, mean_C, std_C, seed: int, device: str, zero_init_resi
                log_every_s: float = 30.0):
   """(test accuracy per exit, training images/s) of the peer trained with `config`'s recipe on `ds`."""
   torch.manual_seed(seed)
-  generator = torch.Generator().manual_seed(seed)
+  generator = torch.Generator(device).manual_seed(seed)  # on the device: no host copy, no sync, per step
   t = config.train
   model = peer_model(config, ds.num_classes, zero_init_residual).to(device).to(memory_format=torch.channels_last)
   decay = [p for p in model.parameters() if p.ndim > 1]
@@ -128,7 +129,7 @@ def train_peer(config, ds, mean_C, std_C, seed: int, device: str, zero_init_resi
   start = last_print = time.perf_counter()
   for step in range(total):
     if step % steps_per_epoch == 0:
-      order = torch.randperm(len(labels), generator=generator).to(device)
+      order = torch.randperm(len(labels), generator=generator, device=device)
     idx = order[(step % steps_per_epoch) * t.batch_size:(step % steps_per_epoch + 1) * t.batch_size]
     x = to_input(augment(images[idx], config.data.crop_pad, config.data.flip, generator), mean, std)
     for group in opt.param_groups:

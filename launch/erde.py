@@ -78,8 +78,7 @@ def main():
     if preset in ("erde", "erde_kd"):
       extra = extra + [f"--config.erde.teacher={teacher}"]
     seeds = 1 if name == "teacher" else args.seeds  # every student learns from the one teacher
-    done = [(workdir, runs.run(name, f"{args.config}:{preset}", workdir, args.data, extra + seed))
-            for workdir, seed in runs.seeded(os.path.join(args.root, name), seeds)]
+    done = runs.run_seeds(name, f"{args.config}:{preset}", os.path.join(args.root, name), args.data, extra, seeds)
     rows.append(row(name, done[0][1]))
     if name != "teacher":
       groups.append((name, [workdir for workdir, _ in done]))

@@ -32,9 +32,11 @@ def parse_args(doc: str, scales, name: str):
                                seeds=f.seeds)
 
 
-def seeded(workdir: str, seeds: int):
-  """[(workdir, overrides)] of seeds 0..seeds-1: seed 0 is the config's own run in `workdir`, as with one seed."""
-  return [(workdir, [])] + [(f"{workdir}_seed{s}", [f"--config.seed={s}"]) for s in range(1, seeds)]
+def run_seeds(name: str, config: str, workdir: str, data: str, extra, seeds: int) -> list[tuple[str, dict]]:
+  """[(workdir, report)] of `run` with seeds 0..seeds-1: seed 0 is the config's own run in `workdir`, as with one
+  seed; seed S runs in workdir_seedS."""
+  seeded = [(workdir, [])] + [(f"{workdir}_seed{s}", [f"--config.seed={s}"]) for s in range(1, seeds)]
+  return [(w, run(name, config, w, data, list(extra) + seed)) for w, seed in seeded]
 
 
 def write_seed_table(root: str, command: str, groups) -> None:

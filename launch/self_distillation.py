@@ -63,8 +63,8 @@ def main():
   rows, groups = [], []
   for name, preset in scale["presets"].items():
     config = f"{args.config}:{preset}" if preset else args.config
-    done = [(workdir, runs.run(name, config, workdir, args.data, scale["extra"] + args.extra + seed))
-            for workdir, seed in runs.seeded(os.path.join(args.root, name), args.seeds)]
+    done = runs.run_seeds(name, config, os.path.join(args.root, name), args.data, scale["extra"] + args.extra,
+                          args.seeds)
     rows.append(row(name, done[0][1]))
     groups.append((name, [workdir for workdir, _ in done]))
   command = " ".join(["python launch/self_distillation.py", f"--scale {args.scale}", f"--config {args.config}",
