@@ -33,13 +33,16 @@ import time
 
 import ml_collections
 import numpy as np
-import torch
-import torch.nn.functional as F
-
-import torch_peer
-from eejax import data, state
+try:
+  import torch
+  import torch.nn.functional as F
+  import torch_peer
+except ImportError:
+  raise SystemExit("bench/accuracy_parity.py: error: the peer needs PyTorch: pip install -e '.[bench]'") from None
+from eejax import cli, data, state
 from eejax.errors import UserError
 from eejax.models.resnet import ARCHS
+
 
 def learning_rate(step: int, train_cfg, steps_per_epoch: int) -> float:
   """The peak-scaled learning rate of 0-based step `step`: linear warm-up from 0, then cosine to 0 (or steps)."""
@@ -63,7 +66,7 @@ def check_schedule(train_cfg, steps_per_epoch: int) -> None:
   theirs = np.array([learning_rate(int(s), train_cfg, steps_per_epoch) for s in steps])
   worst = float(np.max(np.abs(np.asarray(ours(steps)) - theirs)))
   if worst > 1e-6 * train_cfg.learning_rate:
-    raise SystemExit(f"the peer's learning-rate schedule differs from eejax's by up to {worst:.3g}; not comparing")
+    raise UserError(f"the peer's learning-rate schedule differs from eejax's by up to {worst:.3g}; not comparing")
 
 
 def augment(x_BxHxWx3, pad: int, flip: bool, generator):
@@ -90,17 +93,17 @@ def to_input(x_BxHxWx3, mean_C, std_C):
 
 
 def peer_model(config, num_classes: int, zero_init_residual: bool = False):
-  """The PyTorch model of the config, or SystemExit naming what the peer does not have."""
+  """The PyTorch model of the config, or a UserError naming what the peer does not have."""
   m = config.model
   arch = ARCHS[m.name]
   last = sum(arch.stage_sizes)
   after = None if m.exit_after is None else tuple(m.exit_after)
   if after not in (None, (last,)):
-    raise SystemExit(f"the peer has exits after every stage or only the last; not model.exit_after={list(after)}")
+    raise UserError(f"the peer has exits after every stage or only the last; not model.exit_after={list(after)}")
   if m.head != "linear" and after is None:
-    raise SystemExit(f"the peer has linear heads only; not model.head={m.head!r}")
+    raise UserError(f"the peer has linear heads only; not model.head={m.head!r}")
   if config.scheme != "joint":
-    raise SystemExit(f"the peer trains the joint scheme only; not scheme={config.scheme!r}")
+    raise UserError(f"the peer trains the joint scheme only; not scheme={config.scheme!r}")
   return torch_peer.build(m.name, m.width, single_exit=after is not None, num_classes=num_classes,
                           head_dropout=m.head_dropout, exit_grad_scale=m.exit_grad_scale,
                           zero_init_residual=zero_init_residual)
@@ -172,11 +175,14 @@ def eejax_report(workdir: str, eejax_args: list[str]) -> tuple[dict, str]:
   if os.path.exists(path) and not eejax_args:
     return json.load(open(path, encoding="utf-8")), f"read from {path} (trained before)"
   if not eejax_args:
-    raise SystemExit(f"{workdir} holds no finished run: give the run's flags after --, e.g. "
+    raise UserError(f"{workdir} holds no finished run: give the run's flags after --, e.g. "
                      "-- --config configs/cifar10.py:cpu")
   command = [sys.executable, "-m", "eejax.main", *eejax_args, f"--workdir={workdir}"]
   print("$ " + " ".join(command[1:]), flush=True)
-  subprocess.run(command, check=True)
+  status = subprocess.run(command, check=False).returncode
+  if status != 0:
+    raise UserError(f"eejax's run stopped with exit status {status} (its own message is above); fix it and run "
+                    "this command again: a stopped run resumes")
   return json.load(open(path, encoding="utf-8")), "trained by this command"
 
 
@@ -196,7 +202,7 @@ def main():
   try:
     ds = data.from_config(config.data)
   except UserError as e:  # a relative data path is read from where the run was started
-    raise SystemExit(f"the run's data: {e}") from None
+    raise UserError(f"the run's data: {e}") from None
   check_schedule(config.train, len(ds.train) // config.train.batch_size)
   device = "cuda" if torch.cuda.is_available() else "cpu"
   kind = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or platform.machine()} CPU"
@@ -226,4 +232,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/accuracy_parity.py")  # a mistake is one line, never a traceback

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import evaluate, inference, input_pipeline, policies, thresholds
+from eejax import cli, evaluate, inference, input_pipeline, policies, thresholds
 from eejax.flops import exit_macs
 from eejax.models import MultiExitNet
 
@@ -74,4 +74,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/early_exit.py")  # a mistake is one line, never a traceback

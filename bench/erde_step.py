@@ -21,7 +21,7 @@ import numpy as np
 
 from configs import cifar10
 from timing import seconds_per_call
-from eejax import losses, sharding, train
+from eejax import cli, losses, sharding, train
 from eejax.run import build_model
 from eejax.state import init_state, make_optimizer
 
@@ -97,4 +97,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/erde_step.py")  # a mistake is one line, never a traceback

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+from eejax import cli
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -60,4 +62,4 @@ def write_section(path, heading, body):
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/run_all.py")  # a mistake is one line, never a traceback

@@ -29,7 +29,7 @@ import numpy as np
 
 from configs import cifar10
 from timing import seconds_per_call
-from eejax import input_pipeline, sharding, train
+from eejax import cli, input_pipeline, sharding, train
 from eejax.run import build_model
 from eejax.state import init_state, make_optimizer, make_schedule
 
@@ -127,4 +127,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/step_breakdown.py")  # a mistake is one line, never a traceback

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, policies
+from eejax import calibration, cli, policies
 
 
 def msdnet_search(max_preds, argmax_preds, targets, flops, threshold_KxE):
@@ -117,4 +117,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/threshold_search.py")  # a mistake is one line, never a traceback

@@ -28,7 +28,7 @@ try:  # the peer; without PyTorch eejax is still measured, and the line says the
 except ImportError:
   torch = None
 from configs import cifar10
-from eejax import flops, sharding, train
+from eejax import cli, flops, sharding, train
 from eejax.run import build_model
 from eejax.state import init_state, make_optimizer, make_schedule
 
@@ -206,4 +206,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  cli.guarded(main, "bench/train_step.py")  # a mistake is one line, never a traceback

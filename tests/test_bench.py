@@ -1,0 +1,56 @@
+"""The benchmark scripts: they run on a finished run, agree with its report, and a mistake is one line.
+
+The timings themselves are never asserted (they are the scripts' output, not a property of the code); what is
+checked is that the figures they print are computed from the right things, so that an accelerator session
+finds them working.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+
+def bench(script, *args):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "bench")]), PYTHONUNBUFFERED="1")
+  return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600, check=False)
+
+
+def test_early_exit_predicts_the_speedup_from_the_exits_it_took(smoke_run):
+  _, _, workdir = smoke_run
+  r = bench("early_exit.py", "--workdir", workdir, "--batch-size", "8", "--repeats", "1")
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.load(open(os.path.join(workdir, "report.json"), encoding="utf-8"))
+  taken_E = np.array(json.loads(re.search(r"exits taken: (\[.*\])", r.stdout).group(1)))
+  assert taken_E.sum() == report["splits"]["test"] // 8 * 8 and len(taken_E) == len(report["exits"])
+  cumulative_E = np.array([e["macs"] for e in report["exits"]], np.float64)
+  predicted = report["full_macs"] / (taken_E @ cumulative_E / taken_E.sum())
+  assert float(re.search(r"MACs-predicted speedup: ([\d.]+)x", r.stdout).group(1)) == pytest.approx(predicted, abs=0.006)
+  assert "hardware: " in r.stdout and re.search(r"measured speedup\s*:\s*[\d.]+x", r.stdout)
+
+
+def test_threshold_search_agrees_with_the_loops_on_a_runs_logits(smoke_run):
+  _, _, workdir = smoke_run
+  r = bench("threshold_search.py", "--logits", os.path.join(workdir, "logits.npz"), "--settings", "7")
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "identical accuracy and MACs in all three: True" in r.stdout
+  assert re.search(r"MSDNet/SDN loop \(peer\)\s*:.*ratio peer / eejax:\s*[\d.]+x", r.stdout)
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("early_exit.py", ["--workdir", "/no/such/run"], "is not an eejax workdir"),
+    ("threshold_search.py", ["--logits", "/no/such/logits.npz"], "No such file or directory"),
+    ("train_step.py", ["--models", "resnet99", "--steps", "1"], "unknown model 'resnet99'"),
+    ("erde_step.py", ["--teacher", "resnet99"], "unknown model 'resnet99'"),
+])
+def test_a_mistake_is_one_line_and_status_2(script, args, words):
+  r = bench(script, *args)
+  lines = [l for l in r.stderr.splitlines() if l.strip()]
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith(f"bench/{script}: error: ") and words in lines[0], r.stderr
