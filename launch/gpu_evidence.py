@@ -1,24 +1,31 @@
-"""The accelerator evidence, one step after another: benchmarks, the main job, early exit, the papers' tables.
+"""The accelerator evidence, one step after another: the main job's accuracy, benchmarks, the papers' tables.
 
   python launch/gpu_evidence.py --root R --data DIR             # a GPU: every step at full size
+  python launch/gpu_evidence.py --root R --data DIR --minutes 9  # the same, stopping cleanly within 9 minutes
   python launch/gpu_evidence.py --root R --data DIR --scale cpu  # the same steps, tiny: checks the plumbing
 
 DIR is the class-per-folder CIFAR-10 tree. Each step is one command whose
-output goes to R/logs/<step>.log; a finished step leaves R/steps/<step>.json (command,
-exit status, seconds) and is skipped when the script runs again, so a stopped
-run continues where it was. Workdirs go under R/work/. The main job's epochs
-follow the measured training throughput: as many (a multiple of 10, 40 to
-120) as fit in --train-seconds, so the command that ran is in its step file.
-Before it, short ablations (single exit, heads, loss weights, the share of
+output goes to R/logs/<step>.log; a finished step leaves R/steps/<step>.json
+(command, exit status, seconds) and is skipped when the script runs again, so
+a stopped run continues where it was. Workdirs go under R/work/.
+
+The steps that answer the largest open question, the main job's accuracy,
+come first. Short ablations (single exit, heads, loss weights, the share of
 the early exits' gradient that reaches the backbone) show what the final exit
-loses to the early ones; the main job takes
-the multi-exit variant whose final exit is best on validation.
-R/summary.md lists every step's command, status, time and last lines.
+loses to the early ones; the main job (--main-epochs) takes the multi-exit
+variant whose final exit is best on validation. Then `bench/accuracy_parity.py`
+trains the same recipe again in PyTorch, on the single-exit ablation and on
+the main job (or, where the peer lacks the main job's heads, on the
+linear-head ablation): is a shortfall eejax's, or the recipe's and the data's?
+The speed benchmarks, early exit and export on the main run, and the papers'
+tables follow. R/summary.md lists every step's command, status, time and last lines.
 """
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 
 import steps
 
@@ -32,15 +39,6 @@ TINY = ["--config.model.name=resnet8", "--config.model.width=0.25", "--config.da
 
 
 COMMAND_BUFFERS = "--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
-
-
-def main_epochs(root, train_seconds, scale):
-  if scale == "cpu":
-    return 1
-  with open(os.path.join(root, "train_step.out.json"), encoding="utf-8") as f:
-    rows = json.load(f)["rows"]
-  rate = max(r["eejax_multi"] for r in rows if r["dtype"] == "bfloat16" and r["batch"] == 512)
-  return int(min(120, max(40, train_seconds * rate / 45_000 // 10 * 10)))
 
 
 # Ablations of the main job at a shorter budget (same recipe otherwise): what the final exit loses to the
@@ -88,6 +86,13 @@ def main_variant(work, cpu):
   return ablations(cpu)[best]
 
 
+def parity_workdir(work):
+  """The run the PyTorch peer trains again: the main job, or the linear-head ablation where the peer lacks its heads."""
+  with open(os.path.join(work, "main", "config.json"), encoding="utf-8") as f:
+    head = json.load(f)["model"]["head"]
+  return os.path.join(work, "main" if head == "linear" else "ablate_linear")
+
+
 def evidence_steps(args):
   py, data = sys.executable, f"folder:{args.data}"
   work = os.path.join(args.root, "work")
@@ -95,6 +100,19 @@ def evidence_steps(args):
   cpu = args.scale == "cpu"
   size = TINY if cpu else RECIPE
   short = [f"--config.train.epochs={1 if cpu else args.short_epochs}"]
+  # The main job's accuracy first: the ablations, the main job, and the same recipe trained by the PyTorch peer.
+  for name, extra in ablations(cpu).items():
+    yield f"ablate_{name}", [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={work}/ablate_{name}",
+                             f"--config.data.source={data}", *size, *extra, "--config.eval.real_inference=False",
+                             f"--config.train.epochs={1 if cpu else args.ablation_epochs}"]
+  yield "main", lambda: [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={main_wd}",
+                         f"--config.data.source={data}", *size, *main_variant(work, cpu),
+                         f"--config.train.epochs={1 if cpu else args.main_epochs}"]
+  parity = lambda workdir, name: [py, "bench/accuracy_parity.py", "--workdir", workdir, "--peer-zero-init",
+                                  "--json", os.path.join(args.root, f"{name}.out.json")]
+  yield "parity_single", parity(os.path.join(work, "ablate_single"), "parity_single")
+  yield "parity_main", lambda: parity(parity_workdir(work), "parity_main")
+  # Then the speed benchmarks, early exit and export on the main job's run, and the papers' tables.
   bench = (["--models", "resnet20", "--batch", "32", "--steps", "2", "--steps-per-call", "1",
             "--torch-compile", "off", "--sweep-batches", "64"] if cpu else
            ["--models", "resnet18", "--batch", "512", "--steps", "50", "--steps-per-call", "10",
@@ -109,13 +127,6 @@ def evidence_steps(args):
   yield "erde_step_f32", [py, "bench/erde_step.py", *erde]
   yield "erde_step_bf16", [py, "bench/erde_step.py", *erde, "--dtype", "bfloat16"]
   yield "threshold_search", [py, "bench/threshold_search.py"]
-  for name, extra in ablations(cpu).items():
-    yield f"ablate_{name}", [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={work}/ablate_{name}",
-                             f"--config.data.source={data}", *size, *extra, "--config.eval.real_inference=False",
-                             f"--config.train.epochs={1 if cpu else args.ablation_epochs}"]
-  epochs = lambda: [f"--config.train.epochs={main_epochs(args.root, args.train_seconds, args.scale)}"]
-  yield "main", lambda: [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={main_wd}",
-                         f"--config.data.source={data}", *size, *main_variant(work, cpu), *epochs()]
   n, batch = ("200", "100") if cpu else ("10000", "1024")
   yield "early_exit", [py, "bench/early_exit.py", "--workdir", main_wd, "--images", n, "--batch-size", batch]
   if not cpu:
@@ -161,26 +172,41 @@ def main():
   parser.add_argument("--root", required=True)
   parser.add_argument("--data", required=True, help="the class-per-folder CIFAR-10 tree")
   parser.add_argument("--scale", choices=("gpu", "cpu"), default="gpu")
-  parser.add_argument("--train-seconds", type=float, default=270.0, help="the main job's training time to aim at")
+  parser.add_argument("--main-epochs", type=int, default=120, help="epochs of the main job (ResNet-18, 4 exits)")
   parser.add_argument("--short-epochs", type=int, default=30, help="epochs of each self-distillation/ERDE run")
   parser.add_argument("--ablation-epochs", type=int, default=20, help="epochs of each ablation of the main job")
   parser.add_argument("--erde-grad-clip", type=float, default=2.0,
                       help="global-norm gradient clip of the four ERDE runs (unclipped KD exits collapsed at lr 0.4)")
   parser.add_argument("--only", default="", help="comma-separated step names; '' runs them all")
+  parser.add_argument("--minutes", type=float, default=0.0,
+                      help="stop cleanly before this many minutes (the running step saves its checkpoint); 0: no limit")
   args = parser.parse_args()
+  start = time.monotonic()
   args.root, args.data = os.path.abspath(args.root), os.path.abspath(args.data)
   os.makedirs(os.path.join(args.root, "work"), exist_ok=True)
   os.chdir(ROOT)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
                                                      os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-  run_steps(args.root, list(evidence_steps(args)), env, set(filter(None, args.only.split(","))))
+  deadline = None
+  if args.minutes > 0:  # early enough for the running step to save its checkpoint and exit before the limit
+    budget = 60 * args.minutes
+    deadline = start + budget - min(30.0, 0.25 * budget)
+  left = run_steps(args.root, list(evidence_steps(args)), env, set(filter(None, args.only.split(","))), deadline)
+  if left:
+    why = (f"stopped by {signal.Signals(steps.stopped_by()).name}" if steps.stopped_by()
+           else f"stopped at the {args.minutes:g}-minute limit")
+    print(f"{why}; left: {', '.join(left)}; run the same command again to continue")
+    sys.exit(128 + steps.stopped_by() if steps.stopped_by() else 0)
 
 
-def run_steps(root, named_commands, env, only=frozenset()):
-  """Runs each (name, command or callable giving one) in order, skipping finished ones; a failure goes on."""
+def run_steps(root, named_commands, env, only=frozenset(), deadline=None):
+  """Runs each (name, command or callable giving one) in order, skipping finished ones; a failure goes on.
+
+  Returns the names left undone (the deadline or a signal came first)."""
   names = [n for n, _ in named_commands]
-  steps.run_steps(root, named_commands, env, only, after_each=lambda: write_summary(root, names))
+  left = steps.run_steps(root, named_commands, env, only, deadline, after_each=lambda: write_summary(root, names))
   write_summary(root, names)
+  return left
 
 
 if __name__ == "__main__":

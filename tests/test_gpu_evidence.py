@@ -52,3 +52,23 @@ def test_the_main_job_takes_the_multi_exit_variant_best_on_validation(tmp_path):
   table = (tmp_path / "ablation.md").read_text()
   assert "| single | --config.model.exit_after=8 | 50.00 | 100.00 |" in table
   assert "The main job takes `detached`" in table
+
+
+def test_the_peer_trains_the_main_job_again_unless_it_lacks_the_heads(tmp_path):
+  for name in ("main", "ablate_linear"):
+    (tmp_path / name).mkdir()
+  write = lambda head: (tmp_path / "main" / "config.json").write_text(json.dumps({"model": {"head": head}}))
+  write("linear")
+  assert gpu_evidence.parity_workdir(str(tmp_path)) == str(tmp_path / "main")
+  write("pool_conv")  # bench/torch_peer.py has linear heads only
+  assert gpu_evidence.parity_workdir(str(tmp_path)) == str(tmp_path / "ablate_linear")
+
+
+def test_the_accuracy_steps_come_first_and_every_name_is_unique():
+  import argparse  # pylint: disable=g-import-not-at-top
+  args = argparse.Namespace(root="/r", data="/d", scale="gpu", main_epochs=120, short_epochs=30, ablation_epochs=20,
+                            erde_grad_clip=2.0)
+  names = [name for name, _ in gpu_evidence.evidence_steps(args)]
+  assert names[:9] == [f"ablate_{a}" for a in gpu_evidence.ablations(cpu=False)] + ["main", "parity_single",
+                                                                                      "parity_main"]
+  assert len(set(names)) == len(names) and "train_step" in names and "bts_grid" in names
