@@ -183,6 +183,8 @@ def main():
   args = parser.parse_args()
   start = time.monotonic()
   args.root, args.data = os.path.abspath(args.root), os.path.abspath(args.data)
+  if not all(os.path.isdir(os.path.join(args.data, split)) for split in ("train", "test")):
+    parser.error(f"--data {args.data}: not a class-per-folder tree (no train/ and test/ in it); every step reads it")
   os.makedirs(os.path.join(args.root, "work"), exist_ok=True)
   os.chdir(ROOT)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
@@ -191,7 +193,12 @@ def main():
   if args.minutes > 0:  # early enough for the running step to save its checkpoint and exit before the limit
     budget = 60 * args.minutes
     deadline = start + budget - min(30.0, 0.25 * budget)
-  left = run_steps(args.root, list(evidence_steps(args)), env, set(filter(None, args.only.split(","))), deadline)
+  named = list(evidence_steps(args))
+  only = set(filter(None, args.only.split(",")))
+  if only - {name for name, _ in named}:
+    parser.error(f"--only: no step named {', '.join(sorted(only - {n for n, _ in named}))}; the steps: "
+                 f"{', '.join(n for n, _ in named)}")
+  left = run_steps(args.root, named, env, only, deadline)
   if left:
     why = (f"stopped by {signal.Signals(steps.stopped_by()).name}" if steps.stopped_by()
            else f"stopped at the {args.minutes:g}-minute limit")
