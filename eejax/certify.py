@@ -19,7 +19,7 @@ if __name__ == "__main__":  # Ctrl-C while JAX loads below: one line, not a trac
 import ml_collections
 import numpy as np
 
-from eejax import evaluate, report, risk, workdirs
+from eejax import evaluate, latex, report, risk, workdirs
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -56,6 +56,7 @@ def main(argv) -> None:
   rows = guarded(job, "eejax.certify", f.workdir)
   text = "\n".join(report.certified_lines({"certified": rows})).strip() + "\n"
   workdirs.write_text(os.path.join(f.workdir, "certified.md"), text)
+  latex.write_beside(os.path.join(f.workdir, "certified.md"), text)
   workdirs.write_json(os.path.join(f.workdir, "certified.json"), rows)
   print(text)
 

@@ -31,7 +31,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, not
 import numpy as np
 from scipy import stats  # comes with jax
 
-from eejax import workdirs
+from eejax import latex, workdirs
 from eejax.errors import UserError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -190,10 +190,11 @@ def plot(result: dict, path: str) -> None:
 
 
 def write(result: dict, out_dir: str, command: str = "") -> str:
-  """compare.md, compare.json and compare.png in out_dir; returns the markdown."""
+  """compare.md (its tables also as compare.tex), compare.json and compare.png in out_dir; returns the markdown."""
   os.makedirs(out_dir, exist_ok=True)
   text = markdown(result, command)
   workdirs.write_text(os.path.join(out_dir, "compare.md"), text)
+  latex.write_beside(os.path.join(out_dir, "compare.md"), text)
   workdirs.write_json(os.path.join(out_dir, "compare.json"), {"command": command, **result})
   plot(result, os.path.join(out_dir, "compare.png"))
   return text

@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import (calibration, data, evaluate, export_onnx, inference, input_pipeline, policies, sharding, thresholds,
-                   workdirs)
+from eejax import (calibration, data, evaluate, export_onnx, inference, input_pipeline, latex, policies, sharding,
+                   thresholds, workdirs)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -254,7 +254,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
                                f"{r['latency_ms']:.3f} ms" for r in exits)
         + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs")
   workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
-  workdirs.write_text(os.path.join(out_dir, "export_report.md"), markdown(report))
+  text = markdown(report)
+  workdirs.write_text(os.path.join(out_dir, "export_report.md"), text)
+  latex.write_beside(os.path.join(out_dir, "export_report.md"), text)
   return report
 
 

@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from eejax import workdirs  # pylint: disable=g-import-not-at-top,wrong-import-position
+from eejax import latex, workdirs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _pct(x):
@@ -129,10 +129,12 @@ def plot_curve(report: dict, path: str) -> None:
 
 
 def write_files(workdir: str, report: dict, text: str, plot, default=None) -> None:
-  """report.json, report.md (`text`) and curve.png (`plot(report, path)`): every job's report files."""
+  """report.json, report.md (`text`), its tables as report.tex, and curve.png (`plot(report, path)`): every job's
+  report files."""
   os.makedirs(workdir, exist_ok=True)
   workdirs.write_json(os.path.join(workdir, "report.json"), report, indent=2, default=default)
   workdirs.write_text(os.path.join(workdir, "report.md"), text)
+  latex.write_beside(os.path.join(workdir, "report.md"), text)
   plot(report, os.path.join(workdir, "curve.png"))
 
 

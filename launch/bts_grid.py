@@ -40,7 +40,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eejax import boosted, bts
+from eejax import boosted, bts, latex
 from eejax.cli import fail, parse_flags
 from eejax.errors import UserError
 
@@ -128,6 +128,7 @@ def main(argv):
   markdown = grid_markdown(rows, reference, command)
   with open(os.path.join(workdir, "grid.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
+  latex.write_beside(os.path.join(workdir, "grid.md"), markdown)
   bts.plot(report, os.path.join(workdir, "grid.png"))
   print(markdown)
   print(f"grid in {workdir}/grid.md, grid.json and grid.png")

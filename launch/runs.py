@@ -8,7 +8,7 @@ import types
 from absl import flags
 
 import steps
-from eejax import compare
+from eejax import compare, latex
 from eejax.cli import parse_flags
 
 
@@ -71,4 +71,5 @@ def write_tables(root: str, command: str, rows, markdown: str) -> None:
     json.dump({"command": command, "rows": rows}, f, indent=2)
   with open(os.path.join(root, "comparison.md"), "w", encoding="utf-8") as f:
     f.write(markdown)
+  latex.write_beside(os.path.join(root, "comparison.md"), markdown)
   print(markdown)

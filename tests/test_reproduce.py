@@ -52,6 +52,10 @@ def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):
   assert len(grid["pairs"]) == 64 and len(grid["rows"]) == 128
   table = [l for l in open(os.path.join(root, "work", "bts_grid", "grid.md")) if re.match(r"\| [\d,]+ \| \d", l)]
   assert len(table) == 64
+  grid_tex = open(os.path.join(root, "work", "bts_grid", "grid.tex")).read()
+  assert sum(bool(re.match(r"    [\d,]+ & \d", l)) for l in grid_tex.splitlines()) == 64
+  for launcher in ("erde", "self_distillation"):  # the launchers' comparison tables, in LaTeX too
+    assert r"\begin{tabular}" in open(os.path.join(root, "work", launcher, "comparison.tex")).read()
   again = reproduce(root, tree)
   assert again.returncode == 0 and "every stage finished" in again.stdout
   assert "(exit status" not in again.stdout  # no step ran again

@@ -1,0 +1,89 @@
+"""The Markdown reports' tables as LaTeX: exact output on a hand-written table, escaping, every report's tables."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from eejax import latex
+
+MARKDOWN = """# joint: resnet8 on folder:/data/my_set
+
+Some text with | no table.
+
+| exit | accuracy (%) | note |
+|---:|:---:|---|
+| 1 | **88.75** | `max_prob` & 50%* |
+| 2 | 90.1 ± 0.3 |
+
+## Policy `entropy`: at a budget
+
+| budget | accuracy |
+|---|---:|
+| 25 | n/a |
+"""
+
+EXPECTED = r"""% The tables of report.md, written by eejax; needs \usepackage{booktabs}.
+
+\begin{table}[t]
+  \centering
+  \caption{joint: resnet8 on folder:/data/my\_set}
+  \label{tab:report-1}
+  \begin{tabular}{rcl}
+    \toprule
+    exit & accuracy (\%) & note \\
+    \midrule
+    1 & \textbf{88.75} & \texttt{max\_prob} \& 50\%* \\
+    2 & 90.1 $\pm$ 0.3 &  \\
+    \bottomrule
+  \end{tabular}
+\end{table}
+
+\begin{table}[t]
+  \centering
+  \caption{Policy \texttt{entropy}: at a budget}
+  \label{tab:report-2}
+  \begin{tabular}{lr}
+    \toprule
+    budget & accuracy \\
+    \midrule
+    25 & n/a \\
+    \bottomrule
+  \end{tabular}
+\end{table}
+"""
+
+
+def test_a_markdown_report_becomes_booktabs_tables():
+  assert latex.to_latex(MARKDOWN, "report") == EXPECTED
+  assert latex.to_latex("# no tables here\n\ntext\n", "report") == ""
+
+
+def test_every_special_character_is_escaped():
+  assert latex.escape(r"a_b&c%d$e#f{g}h~i^j\k") == (r"a\_b\&c\%d\$e\#f\{g\}h\textasciitilde{}i"
+                                                     r"\textasciicircum{}j\textbackslash{}k")
+  assert latex.cell("`a_b` and **c%**") == r"\texttt{a\_b} and \textbf{c\%}"
+
+
+def test_a_run_writes_the_tables_of_its_report_beside_it(smoke_run):
+  _, _, workdir = smoke_run
+  markdown = open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
+  tex = open(os.path.join(workdir, "report.tex"), encoding="utf-8").read()
+  found = latex.tables(markdown)
+  assert len(found) >= 5 and tex.count(r"\begin{tabular}") == len(found)
+  for table in found:  # every row has as many cells as its header
+    assert all(len(row) == len(table["header"]) == len(table["align"]) for row in table["rows"])
+  rows_in_md = sum(len(t["rows"]) + 1 for t in found)
+  assert tex.count(r" \\" + "\n") == rows_in_md
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex is not installed (TeX Live)")
+def test_the_tables_compile(smoke_run, tmp_path):
+  _, _, workdir = smoke_run
+  (tmp_path / "paper.tex").write_text("\\documentclass{article}\\usepackage{booktabs}\\begin{document}\n"
+                                      f"\\input{{{os.path.join(workdir, 'report.tex')}}}\n"
+                                      f"{latex.to_latex(MARKDOWN, 'other')}\n\\end{{document}}\n")
+  r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "paper.tex"], cwd=tmp_path,
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 0, r.stdout[-3000:]
+  assert (tmp_path / "paper.pdf").stat().st_size > 1000
