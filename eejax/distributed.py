@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from eejax import checkpoint
+from eejax import checkpoint, writers
 from eejax.errors import UserError, first_line
 
 LOST_PEER_EXIT = 3
@@ -250,4 +250,5 @@ def _exit_line(status: int, message: str) -> None:
   """Ends this process now with one line on stderr; JAX's runtime would otherwise abort with a stack trace."""
   sys.stdout.flush()
   os.write(2, f"eejax: error: {message}\n".encode())
+  writers.close_all()  # the metrics written so far reach the disk: os._exit runs no finally block
   os._exit(status)  # pylint: disable=protected-access

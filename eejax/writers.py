@@ -8,9 +8,13 @@ Only process 0 of a multi-process job writes and prints (`on_main_process`).
 import json
 import os
 import sys
+import threading
 import time
+import weakref
 
 import jax
+
+_OPEN = weakref.WeakSet()  # MetricWriters not closed yet: `close_all` closes them before the process ends at once
 
 
 def on_main_process() -> bool:
@@ -44,6 +48,7 @@ class MetricWriter:
                 "for TensorBoard files)", file=sys.stderr)
         else:
           self._tb = SummaryWriter(os.path.join(workdir, "tb"), flush_secs=30)
+      _OPEN.add(self)
 
   def write(self, step: int, scalars: dict) -> None:
     if not self._active:
@@ -63,6 +68,18 @@ class MetricWriter:
       self._tb.close()
     self._jsonl = self._tb = None
     self._active = False
+    _OPEN.discard(self)
+
+
+def close_all(timeout_s: float = 5.0) -> None:
+  """Closes every open MetricWriter, waiting `timeout_s` at most in all: for a process about to end at once
+  (`os._exit` runs no `finally`), which would otherwise lose TensorBoard's unflushed events."""
+  closing = [threading.Thread(target=w.close, daemon=True) for w in list(_OPEN)]
+  deadline = time.monotonic() + timeout_s
+  for thread in closing:
+    thread.start()
+  for thread in closing:
+    thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def hms(seconds: float) -> str:

@@ -31,6 +31,17 @@ def test_without_tensorboardx_metrics_still_go_to_jsonl_with_one_line(tmp_path, 
                                              "(pip install tensorboardX for TensorBoard files)")
 
 
+def test_a_process_that_ends_at_once_still_writes_its_tensorboard_events(tmp_path):
+  # How a multi-process job ends when a peer is lost (`eejax.distributed`): one line, then os._exit, which runs
+  # no finally block; tensorboardX would have kept the events in memory for up to 30 s.
+  code = ("import sys; from eejax import distributed, writers; w = writers.MetricWriter(sys.argv[1]); "
+          "w.write(4, {'train/loss': 0.75}); distributed._exit_line(3, 'lost the rest of the job')")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                     timeout=120, check=False)
+  assert r.returncode == 3 and r.stderr.strip().endswith("eejax: error: lost the rest of the job"), r.stderr
+  assert read_events(tmp_path / "tb") == [(4, "train/loss", 0.75)]
+
+
 def test_training_modules_do_not_import_tensorflow(tmp_path):
   code = ("import sys, eejax.train, eejax.writers, eejax.evaluate, eejax.data; "
           "eejax.writers.MetricWriter(sys.argv[1]).write(1, {'a': 1.0}); "
