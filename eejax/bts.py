@@ -148,27 +148,25 @@ def markdown(report: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: str) -> None:
+def plot(result: dict, path: str) -> None:
   """Test accuracy against mean MACs of every row, one series per mode, the reference as a star."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(6, 4))
   for mode, marker in zip(MODES, ("o", "x")):
-    rows = sorted((r for r in report["rows"] if r["mode"] == mode), key=lambda r: r["macs"])
+    rows = sorted((r for r in result["rows"] if r["mode"] == mode), key=lambda r: r["macs"])
     if rows:
       ax.plot([r["macs"] / 1e6 for r in rows], [100 * r["accuracy"] for r in rows], marker, label=mode,
               linestyle="-" if len(rows) <= 8 else "none", alpha=0.8)
-  ref = report["reference"]
+  ref = result["reference"]
   ax.plot([ref["macs"] / 1e6], [100 * ref["accuracy"]], "k*", markersize=12, label="backbone alone")
   ax.set_xlabel("mean MACs per image (M)")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title(f"BTS-EE on {report['backbone_name']}")
+  ax.set_title(f"BTS-EE on {result['backbone_name']}")
   ax.grid(alpha=0.3)
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=150)
-  plt.close(fig)
+  report.save_figure(fig, path, dpi=150)
 
 
 def _plain(o):

@@ -163,6 +163,7 @@ def plot(result: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from eejax import report  # pylint: disable=g-import-not-at-top  # matplotlib only where a figure is drawn
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   for g in result["groups"]:
     s = g["summary"]
@@ -184,9 +185,7 @@ def plot(result: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   if ax.has_data():
     ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  report.save_figure(fig, path)
 
 
 def write(result: dict, out_dir: str, command: str = "") -> str:

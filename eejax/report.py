@@ -1,4 +1,4 @@
-"""report.json, report.md and curve.png from a report dict (see `eejax.evaluate`)."""
+"""report.json, report.md (with report.tex) and curve.png (with curve.pdf) from a report dict (see `eejax.evaluate`)."""
 import os
 
 import matplotlib
@@ -123,8 +123,14 @@ def plot_curve(report: dict, path: str) -> None:
   ax.set_title(f"{report['model']} ({report['method']}) on {report['dataset']}", fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="lower right")
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: str, dpi=None) -> None:
+  """`fig` as the PNG `path` and, for a paper, as vector graphics beside it (the same name with .pdf); closes it."""
   fig.tight_layout()
-  fig.savefig(path)
+  fig.savefig(path, dpi=dpi)
+  fig.savefig(os.path.splitext(path)[0] + ".pdf")
   plt.close(fig)
 
 

@@ -95,7 +95,8 @@ def test_the_command_writes_the_table_and_the_figure_or_one_line(tmp_path):
                         capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr
   assert "| runs | resnet8 | 2 (0, 1) | 80.50 ± 0.71 |" in done.stdout
-  assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "compare.png", "compare.tex"]
+  assert sorted(os.listdir(out)) == ["compare.json", "compare.md", "compare.pdf", "compare.png",
+                                  "compare.tex"]
   assert r"runs & resnet8 & 2 (0, 1) & 80.50 $\pm$ 0.71" in (out / "compare.tex").read_text()
   assert json.loads((out / "compare.json").read_text())["groups"][0]["final"] == [0.8, 0.81]
   failed = subprocess.run([sys.executable, "-m", "eejax.compare", f"x={tmp_path}/none*"], cwd=REPO,

@@ -44,6 +44,9 @@ def test_report_files(tmp_path):
   with open(tmp_path / "curve.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(tmp_path / "curve.png") > 10_000
+  with open(tmp_path / "curve.pdf", "rb") as f:  # the same figure as vector graphics, for a paper
+    assert f.read(5) == b"%PDF-"
+  assert r"\begin{tabular}{rrrr}" in open(tmp_path / "report.tex", encoding="utf-8").read()
 
 
 def test_a_single_exit_model_gets_a_report(tmp_path):
