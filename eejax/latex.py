@@ -7,11 +7,16 @@ above a table is its caption, `tab:<file>-<n>` its label, Markdown's column
 alignment its column spec. Needs `\\usepackage{booktabs}` in the preamble.
 
   \\input{workdir/report.tex}     % every table
+
+For Markdown reports written before, or any other Markdown file:
+
+  python -m eejax.latex REPORT.md [...]     # writes REPORT.tex beside each
 """
 import os
 import re
 
-from eejax import workdirs
+from eejax import cli, workdirs
+from eejax.errors import UserError
 
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "≤": r"$\leq$",
@@ -91,3 +96,26 @@ def write_beside(md_path: str, markdown: str) -> None:
   text = to_latex(markdown, os.path.basename(stem))
   if text:
     workdirs.write_text(stem + ".tex", text)
+
+
+def main(argv) -> None:
+  paths = argv[1:]
+  if not paths:
+    cli.fail("give one or more Markdown reports: python -m eejax.latex REPORT.md [...]", "eejax.latex")
+
+  def job():
+    for path in paths:
+      if not path.endswith(".md"):
+        raise UserError(f"{path}: not a Markdown file (.md)")
+      with open(path, encoding="utf-8") as f:
+        markdown = f.read()
+      count = len(tables(markdown))
+      write_beside(path, markdown)
+      print(f"{path}: {count} table(s)" + (f" -> {os.path.splitext(path)[0]}.tex" if count else ", nothing written"))
+  cli.guarded(job, "eejax.latex")
+
+
+if __name__ == "__main__":
+  import functools  # pylint: disable=g-import-not-at-top
+  from absl import app  # pylint: disable=g-import-not-at-top
+  app.run(main, flags_parser=functools.partial(cli.parse_flags, program="eejax.latex"))

@@ -87,3 +87,17 @@ def test_the_tables_compile(smoke_run, tmp_path):
                      capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 0, r.stdout[-3000:]
   assert (tmp_path / "paper.pdf").stat().st_size > 1000
+
+
+def test_the_command_converts_reports_written_before_and_a_mistake_is_one_line(tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  (tmp_path / "old.md").write_text(MARKDOWN)
+  run = lambda *paths: subprocess.run([sys.executable, "-m", "eejax.latex", *map(str, paths)], cwd=REPO,
+                                      capture_output=True, text=True, timeout=120, check=False)
+  r = run(tmp_path / "old.md")
+  assert r.returncode == 0 and "2 table(s)" in r.stdout, r.stderr
+  assert (tmp_path / "old.tex").read_text() == EXPECTED.replace("report", "old")
+  r = run(tmp_path / "missing.md")
+  assert r.returncode == 2 and r.stderr.strip().startswith("eejax.latex: error: No such file or directory")
+  assert len(r.stderr.strip().splitlines()) == 1
