@@ -113,6 +113,7 @@ def train_peer(config, ds, mean_C, std_C, seed: int, device: str, zero_init_resi
                log_every_s: float = 30.0):
   """(test accuracy per exit, training images/s) of the peer trained with `config`'s recipe on `ds`."""
   torch.manual_seed(seed)
+  torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for these fixed shapes (CUDA only)
   generator = torch.Generator(device).manual_seed(seed)  # on the device: no host copy, no sync, per step
   t = config.train
   model = peer_model(config, ds.num_classes, zero_init_residual).to(device).to(memory_format=torch.channels_last)
