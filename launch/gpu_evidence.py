@@ -23,7 +23,6 @@ tables follow. R/summary.md lists every step's command, status, time and last li
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
@@ -189,21 +188,14 @@ def main():
   os.chdir(ROOT)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
                                                      os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-  deadline = None
-  if args.minutes > 0:  # early enough for the running step to save its checkpoint and exit before the limit
-    budget = 60 * args.minutes
-    deadline = start + budget - min(30.0, 0.25 * budget)
+  deadline = steps.deadline(start, args.minutes)
   named = list(evidence_steps(args))
   only = set(filter(None, args.only.split(",")))
   if only - {name for name, _ in named}:
     parser.error(f"--only: no step named {', '.join(sorted(only - {n for n, _ in named}))}; the steps: "
                  f"{', '.join(n for n, _ in named)}")
   left = run_steps(args.root, named, env, only, deadline)
-  if left:
-    why = (f"stopped by {signal.Signals(steps.stopped_by()).name}" if steps.stopped_by()
-           else f"stopped at the {args.minutes:g}-minute limit")
-    print(f"{why}; left: {', '.join(left)}; run the same command again to continue")
-    sys.exit(128 + steps.stopped_by() if steps.stopped_by() else 0)
+  steps.end_if_left(left, args.minutes)
 
 
 def run_steps(root, named_commands, env, only=frozenset(), deadline=None):

@@ -22,7 +22,6 @@ says what is left; SIGTERM or Ctrl-C do the same at once. R/summary.md holds
 every table and figure with its command, the hardware line and the date.
 """
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -164,10 +163,7 @@ def main(argv):
   command = "python launch/reproduce.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--minutes"))
   hardware = hardware_line(env)
   # The running step is asked to stop early enough to save its checkpoint and exit before the limit.
-  deadline = None
-  if FLAGS.minutes > 0:
-    budget = 60 * FLAGS.minutes
-    deadline = start + budget - min(30.0, 0.25 * budget)
+  deadline = steps.deadline(start, FLAGS.minutes)
   only = {name for stage, name, _, _ in planned if stage in FLAGS.only} if FLAGS.only else frozenset()
   summary = lambda left=(): write_summary(root, planned, hardware, command, left)
   left = steps.run_steps(root, [(name, cmd) for _, name, cmd, _ in planned], env, only, deadline, summary)
@@ -175,11 +171,7 @@ def main(argv):
   failed = [name for _, name, _, _ in planned if (not only or name in only) and
             (r := steps.record(root, name)) is not None and r["status"] != 0]
   print(f"summary: {os.path.join(root, 'summary.md')} ({time.monotonic() - start:.0f} s)")
-  if left:
-    why = (f"stopped by {signal.Signals(steps.stopped_by()).name}" if steps.stopped_by()
-           else f"stopped at the {FLAGS.minutes:g}-minute limit")
-    print(f"{why}; left: {', '.join(left)}; run the same command again to continue")
-    sys.exit(128 + steps.stopped_by() if steps.stopped_by() else 0)
+  steps.end_if_left(left, FLAGS.minutes)
   if failed:
     sys.exit(f"failed: {', '.join(failed)} (logs in {root}/logs; the same command runs them again)")
   print("every stage finished")

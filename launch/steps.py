@@ -153,3 +153,22 @@ def run_steps(root: str, named_commands, env: dict, only=frozenset(), deadline: 
 def stopped_by() -> int | None:
   """The signal that stopped `run_steps`, if one did."""
   return _stop["signum"]
+
+
+def deadline(start: float, minutes: float) -> float | None:
+  """When to stop the running step so that it saves its checkpoint and exits within `minutes` of `start`
+  (time.monotonic()); None for no limit (minutes <= 0)."""
+  if minutes <= 0:
+    return None
+  budget = 60 * minutes
+  return start + budget - min(30.0, 0.25 * budget)
+
+
+def end_if_left(left: list[str], minutes: float) -> None:
+  """After `run_steps`: with steps left, says why and what, then exits (0 at the time limit, 128+signal after a
+  signal); with none left, returns."""
+  if not left:
+    return
+  why = f"stopped by {signal.Signals(stopped_by()).name}" if stopped_by() else f"stopped at the {minutes:g}-minute limit"
+  print(f"{why}; left: {', '.join(left)}; run the same command again to continue", flush=True)
+  sys.exit(128 + stopped_by() if stopped_by() else 0)

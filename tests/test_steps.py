@@ -55,3 +55,18 @@ def test_a_step_dies_with_its_launcher(tmp_path):
   while alive(sleeper) and time.monotonic() < deadline:
     time.sleep(0.05)
   assert not alive(sleeper)
+
+
+def test_the_time_limit_leaves_the_running_step_time_to_save(capsys):
+  assert steps.deadline(100.0, 9) == 100.0 + 540 - 30  # 30 s before the end at most
+  assert steps.deadline(0.0, 1) == 60 - 15  # a quarter of a short budget
+  assert steps.deadline(5.0, 0) is None
+  assert steps.end_if_left([], 9) is None  # nothing left: the caller goes on
+  try:
+    steps.end_if_left(["main", "bts"], 9)
+  except SystemExit as e:
+    assert e.code == 0  # the time limit is a normal end: the same command continues
+  else:
+    raise AssertionError("end_if_left returned with steps left")
+  assert capsys.readouterr().out == ("stopped at the 9-minute limit; left: main, bts; run the same command again "
+                                     "to continue\n")
