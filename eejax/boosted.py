@@ -34,11 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import cpm, evaluate, input_pipeline, losses, policies, run, state, thresholds
+from eejax import cpm, evaluate, input_pipeline, losses, policies, state
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models.heads import Conv1dHead
-from eejax.writers import on_main_process, say
+from eejax.writers import say
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,19 +296,3 @@ def evaluate_split(params_list, positions, head_width: int, split: Features, thr
 def device_arrays(train: Features) -> dict:
   return {"pooled": tuple(jnp.asarray(p) for p in train.pooled), "labels_N": jnp.asarray(train.labels_N),
           "teacher_NxC": jnp.asarray(train.final_logits_NxC)}
-
-
-def save_model(path: str, config, backbone: run.Run, model: MultiExitNet, variables, threshold_ExC,
-               margin: float) -> None:
-  """A loadable eejax workdir (`eejax.run.load_run`) of the branch model, with its CPM thresholds.json."""
-  settings = {**backbone.spec.model, "exit_after": list(model.exit_after), "head": "conv1d",
-              "head_width": model.head_width, "ensemble_teachers": False}
-  spec = dataclasses.replace(backbone.spec, model=settings)
-  run.save_model(path, config, spec, variables)
-  if on_main_process():
-    thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
-
-
-def macs_reduction(macs: float, full_macs: int) -> float:
-  """The fraction of the plain backbone's MACs saved: 1 - mean MACs / full MACs."""
-  return 1.0 - macs / full_macs

@@ -20,7 +20,8 @@ from eejax import boosted, checkpoint, collectives, data, report, thresholds, wo
 from eejax.boosted import Features
 from eejax.errors import UserError
 from eejax.flops import exit_macs
-from eejax.run import Run, load_run
+from eejax.models import MultiExitNet
+from eejax.run import Run, load_run, save_model as save_workdir
 from eejax.writers import on_main_process, say
 
 MODES = ("boosted", "nonboosted")
@@ -101,7 +102,7 @@ def run_configuration(bb: Backbone, positions, head_width: int, margins, modes, 
       val = boosted.evaluate_split(params, positions, head_width, bb.val, threshold_ExC, macs.cumulative)
       row = {"mode": mode, "margin": float(margin), "positions": list(positions), "head_width": head_width,
              "accuracy": test["accuracy"], "macs": test["macs"],
-             "macs_reduction": boosted.macs_reduction(test["macs"], macs.full), "test": test,
+             "macs_reduction": macs_reduction(test["macs"], macs.full), "test": test,
              "val": {"accuracy": val["accuracy"], "macs": val["macs"]}, "exit_macs": list(macs.cumulative),
              "stages": stages, "threshold_ExC": thresholds.to_json(threshold_ExC)}
       if save is not None:
@@ -169,6 +170,22 @@ def plot(result: dict, path: str) -> None:
   report.save_figure(fig, path, dpi=150)
 
 
+def save_model(path: str, config, backbone: Run, model: MultiExitNet, variables, threshold_ExC,
+               margin: float) -> None:
+  """A loadable eejax workdir (`eejax.run.load_run`) of the branch model, with its CPM thresholds.json."""
+  settings = {**backbone.spec.model, "exit_after": list(model.exit_after), "head": "conv1d",
+              "head_width": model.head_width, "ensemble_teachers": False}
+  spec = dataclasses.replace(backbone.spec, model=settings)
+  save_workdir(path, config, spec, variables)
+  if on_main_process():
+    thresholds.save(path, [thresholds.entry("max_prob", threshold_ExC, method="cpm", margin=float(margin))])
+
+
+def macs_reduction(macs: float, full_macs: int) -> float:
+  """The fraction of the plain backbone's MACs saved: 1 - mean MACs / full MACs."""
+  return 1.0 - macs / full_macs
+
+
 def _plain(o):
   """JSON for numpy values in rows (the recorded per-stage indices, numpy scalars)."""
   return o.tolist() if hasattr(o, "tolist") else str(o)
@@ -214,7 +231,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if on_main_process() and os.path.exists(path):  # left by a run stopped while saving it (no row.json)
       shutil.rmtree(path)
     collectives.barrier(f"bts-save-{name}")
-    boosted.save_model(path, config, bb.run, model, variables, threshold_ExC, row["margin"])
+    save_model(path, config, bb.run, model, variables, threshold_ExC, row["margin"])
     if on_main_process():
       workdirs.write_json(os.path.join(path, "row.json"), row, indent=None, default=_plain)  # last: marks it done
     if collectives.any_process(stop.signum is not None):

@@ -49,8 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import (calibration, data, evaluate, export_onnx, inference, input_pipeline, latex, policies, sharding,
-                   thresholds, workdirs)
+from eejax import (calibration, data, evaluate, export_onnx, export_tflite, inference, input_pipeline, latex, policies,
+                   sharding, thresholds, workdirs)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -76,51 +76,9 @@ def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str,
   return [path], lambda x, t: tuple(np.asarray(a) for a in call(x, t))
 
 
-def export_tflite(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  interpreters, paths = [], []
-  shape = (1, *image_shape)
-  dtype = tf.uint8
-  for k, fn in enumerate(inference.stage_fns(model, variables, mean_C, std_C)):
-    tf_fn = tf.function(jax2tf.convert(fn, native_serialization=False, enable_xla=False), autograph=False)
-    concrete = tf_fn.get_concrete_function(tf.TensorSpec(shape, dtype))
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf_fn)
-    path = os.path.join(out_dir, f"stage_{k}.tflite")
-    with open(path, "wb") as f:
-      f.write(converter.convert())
-    paths.append(path)
-    interpreter = tf.lite.Interpreter(model_path=path)
-    interpreter.allocate_tensors()
-    interpreters.append(interpreter)
-    shape = tuple(jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, jnp.uint8 if k == 0 else jnp.float32))[0].shape)
-    dtype = tf.float32
-
-  def run_stage(interpreter, inp):
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], inp)
-    interpreter.invoke()
-    outs = sorted(interpreter.get_output_details(), key=lambda d: len(d["shape"]), reverse=True)
-    return [interpreter.get_tensor(d["index"]) for d in outs]  # (h, logits): the feature map has more axes
-
-  policy = policies.get(policy)
-
-  def cascade(x, t_ExC):
-    h, run_1, prev_1 = np.asarray(x), np.zeros(1, np.int32), np.full(1, -1)
-    for k, interpreter in enumerate(interpreters):
-      h, logits_1xC = run_stage(interpreter, h)
-      if k == len(interpreters) - 1:
-        return logits_1xC, np.int32(k)
-      score_1, pred_1, run_1 = policy.exit_score(logits_1xC, run_1, prev_1)  # the policy's test, on the host
-      if policy.passes(float(score_1[0]), t_ExC[k, int(pred_1[0])]):
-        return logits_1xC, np.int32(k)
-      prev_1 = pred_1
-    raise AssertionError("unreachable")
-  return paths, cascade
-
-
 EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx.export_onnx,
              "onnx_static": export_onnx.export_onnx_static, "onnx_stages": export_onnx.export_onnx_stages,
-             "tflite": export_tflite}
+             "tflite": export_tflite.export_tflite}
 ONNX_EXTRA = "pip install 'eejax[export]' (jax2onnx, onnxruntime)"
 MISSING = {"onnx": ONNX_EXTRA, "onnx_static": ONNX_EXTRA, "onnx_stages": ONNX_EXTRA,
            "tflite": "pip install 'eejax[tflite]' (tensorflow; never on a TPU runtime)"}
