@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, cli, policies
+from eejax import calibration, cli, policies, workdirs
 
 
 def msdnet_search(max_preds, argmax_preds, targets, flops, threshold_KxE):
@@ -75,7 +75,7 @@ def main():
   parser.add_argument("--settings", type=int, default=100, help="per-exit threshold settings K")
   args = parser.parse_args()
   if args.logits:
-    saved = np.load(args.logits)
+    saved = workdirs.read_npz(args.logits, ("test_logits", "test_labels", "cumulative_macs"))
     logits, labels, cost = saved["test_logits"], saved["test_labels"], saved["cumulative_macs"].astype(np.float64)
   else:
     logits, labels, cost = synthetic()

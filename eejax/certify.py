@@ -17,11 +17,9 @@ if __name__ == "__main__":  # Ctrl-C while JAX loads below: one line, not a trac
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
-import numpy as np
 
 from eejax import evaluate, latex, report, risk, workdirs
 from eejax.cli import fail, guarded, parse_flags
-from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -44,10 +42,8 @@ def main(argv) -> None:
     fail("give --workdir=RUN", "eejax.certify")
   def job():
     run = load_run(f.workdir)
-    path = os.path.join(f.workdir, "logits.npz")
-    if not os.path.exists(path):
-      raise UserError(f"{path} is missing: certify reads the validation and test logits a finished run saves")
-    saved = np.load(path)
+    saved = workdirs.read_npz(os.path.join(f.workdir, "logits.npz"),
+                              ("val_logits", "val_labels", "test_logits", "test_labels"))
     cfg = ml_collections.ConfigDict({"risks": tuple(f.risks), "risk_epsilons": tuple(float(e) for e in f.epsilons),
                                      "risk_delta": f.delta, "risk_family": f.family})
     return evaluate.risk_report((saved["val_logits"], saved["val_labels"]),

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import calibration, data, inference, input_pipeline, policies, report, risk, sharding, thresholds
+from eejax import calibration, data, inference, input_pipeline, policies, report, risk, sharding, thresholds, workdirs
 from eejax.data import Dataset
 from eejax.flops import ExitMacs
 from eejax.writers import Count, on_main_process, say
@@ -58,10 +58,10 @@ def val_logits(run) -> tuple[np.ndarray, np.ndarray]:
   """(logits_ExNxC, labels_N) of a run's validation split: from its logits.npz, else predicted on its data."""
   path = os.path.join(run.workdir, "logits.npz")
   if os.path.exists(path):
-    with np.load(path) as saved:
-      step = int(saved["step"]) if "step" in saved else None
-      if step is None or run.step is None or step == run.step:
-        return saved["val_logits"], saved["val_labels"]
+    saved = workdirs.read_npz(path, ("val_logits", "val_labels"))
+    step = int(saved["step"]) if "step" in saved else None
+    if step is None or run.step is None or step == run.step:
+      return saved["val_logits"], saved["val_labels"]
     say(f"{path} holds the logits of step {step}, not of the checkpoint loaded (step {run.step}): computing them "
         f"again")
   ds = data.from_config(run.config.data)
@@ -244,7 +244,7 @@ def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, w
         model, local, ds.test.images_NxHxWx3, mean_C, std_C, macs, threshold_ExC,
         config.eval.batch_size, simulated)}
   if on_main_process():
-    np.savez(os.path.join(workdir, "logits.npz"), step=-1 if step is None else step,
+    workdirs.write_npz(os.path.join(workdir, "logits.npz"), step=-1 if step is None else step,
              val_logits=logits["val"], val_labels=ds.val.labels_N,
              test_logits=logits["test"], test_labels=ds.test.labels_N, cumulative_macs=np.asarray(macs.cumulative))
     report.write_all(result, workdir)

@@ -196,6 +196,38 @@ def write_json(path: str, value, indent=1, default=None) -> None:
   write_text(path, json.dumps(value, indent=indent, default=default))
 
 
+def read_npz(path: str, names=()) -> dict:
+  """The arrays of a workdir's .npz file (logits.npz), or one line that names it when it is unreadable, damaged
+  (a file cut short) or lacks one of `names`."""
+  try:
+    with np.load(path) as saved:
+      arrays = {name: saved[name] for name in saved.files}
+  except FileNotFoundError:
+    raise UserError(f"{path} is missing: a finished run writes it after training; run the training command again "
+                    f"(it evaluates the last checkpoint)") from None
+  except OSError as e:
+    raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+  except Exception as e:  # pylint: disable=broad-except  # zipfile.BadZipFile, ValueError, EOFError: damaged
+    raise UserError(f"{path} is damaged ({e.__class__.__name__}: {e}); run the training command again: it "
+                    f"evaluates the last checkpoint and writes it anew") from None
+  missing = [name for name in names if name not in arrays]
+  if missing:
+    raise UserError(f"{path} lacks {', '.join(missing)}: not the logits.npz of an eejax run")
+  return arrays
+
+
+def write_npz(path: str, **arrays) -> None:
+  """np.savez, whole or not at all: a temporary file renamed into place."""
+  tmp = f"{path}.tmp{os.getpid()}.npz"
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
 def write_text(path: str, text: str) -> None:
   """Writes whole or not at all: a temporary file renamed into place."""
   tmp = f"{path}.tmp{os.getpid()}"

@@ -45,7 +45,7 @@ def test_threshold_search_agrees_with_the_loops_on_a_runs_logits(smoke_run):
 
 @pytest.mark.parametrize("script, args, words", [
     ("early_exit.py", ["--workdir", "/no/such/run"], "is not an eejax workdir"),
-    ("threshold_search.py", ["--logits", "/no/such/logits.npz"], "No such file or directory"),
+    ("threshold_search.py", ["--logits", "/no/such/logits.npz"], "/no/such/logits.npz is missing"),
     ("train_step.py", ["--models", "resnet99", "--steps", "1"], "unknown model 'resnet99'"),
     ("erde_step.py", ["--teacher", "resnet99"], "unknown model 'resnet99'"),
 ])

@@ -124,3 +124,31 @@ def test_a_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch
   with pytest.raises(OSError):
     workdirs.write_json(path, {"accuracy": 0.1})
   assert workdirs.read_json(path) == {"accuracy": 0.9} and os.listdir(tmp_path) == ["report.json"]
+
+
+def test_logits_are_written_whole_and_a_damaged_file_is_one_line(tmp_path, monkeypatch):
+  path = str(tmp_path / "logits.npz")
+  val_ExNxC = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
+  workdirs.write_npz(path, val_logits=val_ExNxC, val_labels=np.arange(5))
+  saved = workdirs.read_npz(path, ("val_logits", "val_labels"))
+  np.testing.assert_array_equal(saved["val_logits"], val_ExNxC)
+  # A write cut short (a kill, a full disk) leaves the previous file whole and no temporary file behind.
+  def cut_short(file, **arrays):
+    open(file, "wb").write(b"PK\x03\x04 half a zip")
+    raise OSError(errno.ENOSPC, "No space left on device")
+  monkeypatch.setattr(workdirs.np, "savez", cut_short)
+  with pytest.raises(OSError):
+    workdirs.write_npz(path, val_logits=val_ExNxC[:1], val_labels=np.arange(5))
+  monkeypatch.undo()
+  assert os.listdir(tmp_path) == ["logits.npz"]
+  np.testing.assert_array_equal(workdirs.read_npz(path)["val_logits"], val_ExNxC)
+  # A file cut short by an older writer, one without the arrays asked for, and none at all: one line each.
+  data = open(path, "rb").read()
+  open(path, "wb").write(data[:len(data) // 2])
+  with pytest.raises(UserError, match=r"logits.npz is damaged \(.*\); run the training command again"):
+    workdirs.read_npz(path)
+  workdirs.write_npz(path, other=np.zeros(2))
+  with pytest.raises(UserError, match="lacks test_logits: not the logits.npz of an eejax run"):
+    workdirs.read_npz(path, ("other", "test_logits"))
+  with pytest.raises(UserError, match="missing.npz is missing: a finished run writes it"):
+    workdirs.read_npz(str(tmp_path / "missing.npz"))
