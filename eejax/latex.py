@@ -80,7 +80,7 @@ def to_latex(markdown: str, name: str) -> str:
     body = [" & ".join(cell(c) for c in table["header"]) + r" \\", r"\midrule"]
     body += [" & ".join(cell(c) for c in row) + r" \\" for row in table["rows"]]
     floats.append("\n".join([
-        r"\begin{table}[t]", r"  \centering", rf"  \caption{{{cell(table['caption'])}}}",
+        r"\begin{table}[t]", r"  \centering", *([rf"  \caption{{{cell(table['caption'])}}}"] if table["caption"] else []),
         rf"  \label{{tab:{re.sub(r'[^A-Za-z0-9]+', '-', name)}-{n}}}", rf"  \begin{{tabular}}{{{table['align']}}}",
         r"    \toprule", *("    " + line for line in body), r"    \bottomrule", r"  \end{tabular}",
         r"\end{table}"]))

@@ -57,6 +57,8 @@ EXPECTED = r"""% The tables of report.md, written by eejax; needs \usepackage{bo
 def test_a_markdown_report_becomes_booktabs_tables():
   assert latex.to_latex(MARKDOWN, "report") == EXPECTED
   assert latex.to_latex("# no tables here\n\ntext\n", "report") == ""
+  untitled = latex.to_latex("| a |\n|---|\n| 1 |\n", "x")  # no heading above: no caption, still a label
+  assert r"\caption" not in untitled and r"\label{tab:x-1}" in untitled
 
 
 def test_every_special_character_is_escaped():
