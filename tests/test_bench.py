@@ -43,6 +43,28 @@ def test_threshold_search_agrees_with_the_loops_on_a_runs_logits(smoke_run):
   assert re.search(r"MSDNet/SDN loop \(peer\)\s*:.*ratio peer / eejax:\s*[\d.]+x", r.stdout)
 
 
+def number(text):
+  return float(text.replace(",", ""))
+
+
+def test_input_pipeline_and_step_breakdown_print_shares_of_the_step_they_measured():
+  tiny = ["--model", "resnet8", "--width", "0.25", "--batch", "8"]
+  r = bench("input_pipeline.py", *tiny, "--images", "256")
+  assert r.returncode == 0, r.stderr[-2000:]
+  alone = number(re.search(r"normalise alone:\s*([\d,]+) images/s", r.stdout).group(1))
+  step = number(re.search(r"training step \(resnet8 x0.25\)\s*:\s*([\d,]+) images/s", r.stdout).group(1))
+  headroom = float(re.search(r"([\d.]+)x headroom", r.stdout).group(1))
+  assert headroom == pytest.approx(alone / step, rel=2e-3, abs=0.06)
+  r = bench("step_breakdown.py", *tiny, "--steps", "2")
+  assert r.returncode == 0, r.stderr[-2000:]
+  parts = re.findall(r"\(([a-e])\) [^:]+:\s*([\d.]+) ms\s+([\d.]+)% of the step\s+\(\s*([\d,]+) images/s\)", r.stdout)
+  assert [p[0] for p in parts] == list("abcde")
+  step_ms = float(parts[0][1])
+  for _, ms, share, rate in parts:  # each share and rate computed from the part's own time
+    assert float(share) == pytest.approx(100 * float(ms) / step_ms, abs=0.06)
+    assert number(rate) == pytest.approx(8 / (float(ms) / 1e3), rel=6e-4 / float(ms) + 1e-3, abs=1)  # ms: 3 decimals
+
+
 @pytest.mark.parametrize("script, args, words", [
     ("early_exit.py", ["--workdir", "/no/such/run"], "is not an eejax workdir"),
     ("threshold_search.py", ["--logits", "/no/such/logits.npz"], "/no/such/logits.npz is missing"),
