@@ -51,8 +51,7 @@ def main(argv) -> None:
                                 exit_macs(run.model, run.spec.image_shape), cfg, f.policy)
   rows = guarded(job, "eejax.certify", f.workdir)
   text = "\n".join(report.certified_lines({"certified": rows})).strip() + "\n"
-  workdirs.write_text(os.path.join(f.workdir, "certified.md"), text)
-  latex.write_beside(os.path.join(f.workdir, "certified.md"), text)
+  latex.write_markdown(os.path.join(f.workdir, "certified.md"), text)
   workdirs.write_json(os.path.join(f.workdir, "certified.json"), rows)
   print(text)
 

@@ -192,8 +192,7 @@ def write(result: dict, out_dir: str, command: str = "") -> str:
   """compare.md (its tables also as compare.tex), compare.json and compare.png in out_dir; returns the markdown."""
   os.makedirs(out_dir, exist_ok=True)
   text = markdown(result, command)
-  workdirs.write_text(os.path.join(out_dir, "compare.md"), text)
-  latex.write_beside(os.path.join(out_dir, "compare.md"), text)
+  latex.write_markdown(os.path.join(out_dir, "compare.md"), text)
   workdirs.write_json(os.path.join(out_dir, "compare.json"), {"command": command, **result})
   plot(result, os.path.join(out_dir, "compare.png"))
   return text

@@ -212,9 +212,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
                                f"{r['latency_ms']:.3f} ms" for r in exits)
         + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs")
   workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
-  text = markdown(report)
-  workdirs.write_text(os.path.join(out_dir, "export_report.md"), text)
-  latex.write_beside(os.path.join(out_dir, "export_report.md"), text)
+  latex.write_markdown(os.path.join(out_dir, "export_report.md"), markdown(report))
   return report
 
 

@@ -90,12 +90,20 @@ def to_latex(markdown: str, name: str) -> str:
           + "\n\n".join(floats) + "\n")
 
 
-def write_beside(md_path: str, markdown: str) -> None:
-  """Writes the tables of the Markdown report at `md_path` to the same name with .tex (nothing if it has none)."""
+def write_beside(md_path: str, markdown: str) -> int:
+  """Writes the tables of the Markdown report at `md_path` to the same name with .tex (nothing if it has none);
+  returns how many tables."""
   stem = os.path.splitext(md_path)[0]
   text = to_latex(markdown, os.path.basename(stem))
   if text:
     workdirs.write_text(stem + ".tex", text)
+  return text.count(r"\begin{tabular}")
+
+
+def write_markdown(md_path: str, markdown: str) -> None:
+  """A Markdown report, written whole (`workdirs.write_text`), and its tables as LaTeX beside it."""
+  workdirs.write_text(md_path, markdown)
+  write_beside(md_path, markdown)
 
 
 def main(argv) -> None:
@@ -109,8 +117,7 @@ def main(argv) -> None:
         raise UserError(f"{path}: not a Markdown file (.md)")
       with open(path, encoding="utf-8") as f:
         markdown = f.read()
-      count = len(tables(markdown))
-      write_beside(path, markdown)
+      count = write_beside(path, markdown)
       print(f"{path}: {count} table(s)" + (f" -> {os.path.splitext(path)[0]}.tex" if count else ", nothing written"))
   cli.guarded(job, "eejax.latex")
 

@@ -139,8 +139,7 @@ def write_files(workdir: str, report: dict, text: str, plot, default=None) -> No
   report files."""
   os.makedirs(workdir, exist_ok=True)
   workdirs.write_json(os.path.join(workdir, "report.json"), report, indent=2, default=default)
-  workdirs.write_text(os.path.join(workdir, "report.md"), text)
-  latex.write_beside(os.path.join(workdir, "report.md"), text)
+  latex.write_markdown(os.path.join(workdir, "report.md"), text)
   plot(report, os.path.join(workdir, "curve.png"))
 
 

@@ -126,9 +126,7 @@ def main(argv):
   with open(os.path.join(workdir, "grid.json"), "w", encoding="utf-8") as f:
     json.dump(report, f, indent=1)
   markdown = grid_markdown(rows, reference, command)
-  with open(os.path.join(workdir, "grid.md"), "w", encoding="utf-8") as f:
-    f.write(markdown)
-  latex.write_beside(os.path.join(workdir, "grid.md"), markdown)
+  latex.write_markdown(os.path.join(workdir, "grid.md"), markdown)
   bts.plot(report, os.path.join(workdir, "grid.png"))
   print(markdown)
   print(f"grid in {workdir}/grid.md, grid.json and grid.png")

@@ -69,7 +69,5 @@ def pct(x) -> str:
 def write_tables(root: str, command: str, rows, markdown: str) -> None:
   with open(os.path.join(root, "comparison.json"), "w", encoding="utf-8") as f:
     json.dump({"command": command, "rows": rows}, f, indent=2)
-  with open(os.path.join(root, "comparison.md"), "w", encoding="utf-8") as f:
-    f.write(markdown)
-  latex.write_beside(os.path.join(root, "comparison.md"), markdown)
+  latex.write_markdown(os.path.join(root, "comparison.md"), markdown)
   print(markdown)
