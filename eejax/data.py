@@ -105,19 +105,24 @@ def from_config(data_cfg) -> Dataset:
               mirror=data_cfg.mirror)
 
 
-def sample_images(data_cfg, n: int) -> np.ndarray:
-  """Up to n uint8 images of the evaluation split, never reading the training split (verifying an export).
+def sample_images(data_cfg, n: int, split: str = "test") -> np.ndarray:
+  """Up to n uint8 images of one split ("test": the evaluation split, where an export is verified; "train": the
+  images an int8 export calibrates on), reading no other split.
 
-  A folder source decodes n files spread evenly over its sorted test folder (so every class shows); a tfds
-  source reads its test split.
+  A folder source decodes n files spread evenly over the split's sorted folder (so every class shows); a tfds
+  source reads that split.
   """
   kind, _, arg = data_cfg.source.partition(":")
   if kind != "folder":
-    return from_config(data_cfg).test.images_NxHxWx3[:n]
-  folder = os.path.join(os.path.expanduser(arg), data_cfg.test_split)
+    dataset = from_config(data_cfg)
+    return (dataset.test if split == "test" else dataset.train).images_NxHxWx3[:n]
+  folder = os.path.join(os.path.expanduser(arg), data_cfg.test_split if split == "test" else "train")
   paths = folders.images_under(folder)
   if not paths:
-    raise UserError(f"no .jpg/.png images under {folder}: the run's evaluation split, where exports are verified")
+    use = ("the run's evaluation split, where exports are verified" if split == "test" else
+           "the run's training split, where an int8 export calibrates its activation ranges: restore it there, or "
+           "leave tflite_int8 out of --formats")
+    raise UserError(f"no .jpg/.png images under {folder}: {use}")
   picks = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
   return np.stack([folders.decode(paths[i], data_cfg.image_size) for i in picks])
 

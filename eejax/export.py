@@ -22,16 +22,23 @@ last exit always answers.
              head k) with the policy's test in host code between them; a
              single-graph conversion of `lax.cond` is known to give wrong
              outputs (needs TensorFlow: `eejax[tflite]`).
+  tflite_int8  the same cascade quantized to int8 after training, its
+             activation ranges calibrated on `--calibration_images` training
+             images (the one format that reads the training split).
 
 Verify forces every exit in turn (thresholds never before it, always at it),
-and reports per exit the max |logits - JAX's logits| over the images, whether
-the expected exit answered, and the latency (mean over the images of each
+and reports per exit the max |logits - JAX's logits| over the images, the
+share whose top-1 class is JAX's, whether the expected exit answered, and the
+latency (mean over the images of each
 one's fastest of 3 calls, so a mix of exits is weighted as the policy mixes
 them). A format whose optional dependency is missing is reported as such. The
 thresholds are the run's (thresholds.json: fitted on validation for `--budget`,
 or a BTS-EE model's CPM table), else fitted now on its validation logits.
-Nothing here reads the training images: the normalisation statistics come
-from the run (`eejax.run`), the images to verify on from its evaluation split.
+At the calibrated thresholds it reports the exits taken and the share of
+images where the format answers at JAX's exit with JAX's class. Apart from
+tflite_int8's calibration, nothing here reads the training images: the
+normalisation statistics come from the run (`eejax.run`), the images to verify
+on from its evaluation split.
 """
 import functools
 import os
@@ -57,7 +64,8 @@ from eejax.flops import exit_macs
 from eejax.run import load_run
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-FORMATS = ("stablehlo", "onnx", "onnx_static", "onnx_stages", "tflite")
+FORMATS = ("stablehlo", "onnx", "onnx_static", "onnx_stages", "tflite", "tflite_int8")
+CALIBRATED = ("tflite_int8",)  # formats whose exporter takes calibration_NxHxWx3, training images
 
 
 # ---------------------------------------------------------------- formats: export, then a runner (x, t) -> (logits, exit)
@@ -78,10 +86,11 @@ def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str,
 
 EXPORTERS = {"stablehlo": export_stablehlo, "onnx": export_onnx.export_onnx,
              "onnx_static": export_onnx.export_onnx_static, "onnx_stages": export_onnx.export_onnx_stages,
-             "tflite": export_tflite.export_tflite}
+             "tflite": export_tflite.export_tflite, "tflite_int8": export_tflite.export_tflite_int8}
 ONNX_EXTRA = "pip install 'eejax[export]' (jax2onnx, onnxruntime)"
+TFLITE_EXTRA = "pip install 'eejax[tflite]' (tensorflow; never on a TPU runtime)"
 MISSING = {"onnx": ONNX_EXTRA, "onnx_static": ONNX_EXTRA, "onnx_stages": ONNX_EXTRA,
-           "tflite": "pip install 'eejax[tflite]' (tensorflow; never on a TPU runtime)"}
+           "tflite": TFLITE_EXTRA, "tflite_int8": TFLITE_EXTRA}
 
 
 def _latency_ms(fn, images, rounds: int = 3) -> float:
@@ -96,18 +105,22 @@ def _latency_ms(fn, images, rounds: int = 3) -> float:
 
 
 def verify(runner, reference_logits_NxExC, images_Nx1xHxWx3, policy="max_prob") -> list[dict]:
-  """Per exit k (forced): max |logits - reference| over the images, exit check, latency (ms)."""
+  """Per exit k (forced): max |logits - reference| over the images, the share with the reference's top-1 class,
+  exit check, latency (ms)."""
   num_exits, num_classes = reference_logits_NxExC.shape[1:]
   rows = []
   for k in range(num_exits):
     t = thresholds.forced(k, num_exits, num_classes, policy)
     runner(images_Nx1xHxWx3[0], t)  # warm-up (compilation, allocation)
-    diffs, right_exit = [], True
+    diffs, same_top1, right_exit = [], [], True
     for x, ref in zip(images_Nx1xHxWx3, reference_logits_NxExC):
       logits, exit_index = runner(x, t)
-      diffs.append(float(np.max(np.abs(np.asarray(logits).reshape(-1) - ref[k]))))
+      logits_C = np.asarray(logits).reshape(-1)
+      diffs.append(float(np.max(np.abs(logits_C - ref[k]))))
+      same_top1.append(int(np.argmax(logits_C)) == int(np.argmax(ref[k])))
       right_exit &= int(np.asarray(exit_index)) == k
-    rows.append({"exit": k + 1, "max_abs_diff": max(diffs), "answered_at_forced_exit": bool(right_exit),
+    rows.append({"exit": k + 1, "max_abs_diff": max(diffs), "top1_agreement": float(np.mean(same_top1)),
+                 "answered_at_forced_exit": bool(right_exit),
                  "latency_ms": _latency_ms(lambda x: runner(x, t), images_Nx1xHxWx3)})
   return rows
 
@@ -126,13 +139,19 @@ def batch_latency(runner, images_Nx1xHxWx3, threshold_ExC, batch: int = 64) -> d
           "exits_match_batch_1": bool(np.array_equal(exit_B, singles))}
 
 
-def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E) -> dict:
-  """Mean batch-1 latency at the calibrated thresholds, the exits taken and the mean MACs they predict."""
+def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E, reference_NxExC, policy="max_prob") -> dict:
+  """Mean batch-1 latency at the calibrated thresholds, the exits taken, the mean MACs they predict, and the
+  share of images answered at JAX's exit with JAX's class."""
   runner(images_Nx1xHxWx3[0], threshold_ExC)
-  exits = np.array([int(np.asarray(runner(x, threshold_ExC)[1])) for x in images_Nx1xHxWx3])
+  answers = [runner(x, threshold_ExC) for x in images_Nx1xHxWx3]
+  exits = np.array([int(np.asarray(e)) for _, e in answers])
+  classes = np.array([int(np.argmax(np.asarray(logits))) for logits, _ in answers])
+  want_exit_N, want_class_N = (np.asarray(a) for a in policies.decide(reference_NxExC.transpose(1, 0, 2),
+                                                                      threshold_ExC, policy))
   return {"latency_ms": _latency_ms(lambda x: runner(x, threshold_ExC), images_Nx1xHxWx3),
           "exit_share": (np.bincount(exits, minlength=len(cost_E)) / len(exits)).tolist(),
-          "predicted_mean_macs": float(np.mean(np.asarray(cost_E)[exits]))}
+          "predicted_mean_macs": float(np.mean(np.asarray(cost_E)[exits])),
+          "agrees_with_jax": float(np.mean((exits == want_exit_N) & (classes == want_class_N)))}
 
 
 def run_threshold(run, policy, budget: float):
@@ -166,8 +185,10 @@ def plain_fn(model, variables, mean_C, std_C):
 
 
 def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float = 0.5, num_images: int = 200,
-                      policy="max_prob", log=print, threshold_ExC=None, run=None) -> dict:
-  """Exports `workdir`'s model in every format, verifies each and times it; writes out_dir/export_report.json/.md."""
+                      policy="max_prob", log=print, threshold_ExC=None, run=None,
+                      calibration_images: int = 200) -> dict:
+  """Exports `workdir`'s model in every format, verifies each and times it; writes out_dir/export_report.json/.md.
+  An int8 format calibrates on `calibration_images` training images."""
   unknown = [f for f in formats if f not in EXPORTERS]
   if unknown:
     raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
@@ -175,6 +196,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats
   images = data.sample_images(run.config.data, num_images)
+  calibration_NxHxWx3 = None  # read first, so a missing training split fails before any export
+  if any(f in CALIBRATED for f in formats) and export_tflite.available() is None:
+    calibration_NxHxWx3 = data.sample_images(run.config.data, calibration_images, "train")
   reference_NxExC = evaluate.predict(evaluate.make_predict_fn(model, sharding.make_mesh()), variables, images, mean_C,
                                      std_C, run.config.eval.batch_size).transpose(1, 0, 2)
   images = images[:, None]
@@ -193,8 +217,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
             "plain_network_jax_latency_ms": _latency_ms(plain, images), "formats": {}}
   for fmt in formats:
     log(f"{fmt}: exporting ...")
+    extra = {"calibration_NxHxWx3": calibration_NxHxWx3} if fmt in CALIBRATED else {}
     try:
-      paths, runner = EXPORTERS[fmt](model, variables, mean_C, std_C, image_shape, out_dir, policy)
+      paths, runner = EXPORTERS[fmt](model, variables, mean_C, std_C, image_shape, out_dir, policy, **extra)
     except ImportError as e:
       report["formats"][fmt] = {"status": f"not available here ({e}); {MISSING[fmt]}"}
       log(f"{fmt}: {report['formats'][fmt]['status']}")
@@ -204,13 +229,15 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
       log(f"{fmt}: {report['formats'][fmt]['status']}")
       continue
     exits = verify(runner, reference_NxExC, images, policy)
-    calibrated = policy_latency(runner, images, threshold_ExC, macs.cumulative)
-    report["formats"][fmt] = {"status": "ok", "files": paths, "exits": exits, "policy": calibrated}
+    calibrated = policy_latency(runner, images, threshold_ExC, macs.cumulative, reference_NxExC, policy)
+    report["formats"][fmt] = {"status": "ok", "files": paths, "bytes": sum(os.path.getsize(p) for p in paths),
+                              "exits": exits, "policy": calibrated}
     if hasattr(runner, "batch"):
       report["formats"][fmt]["batch64"] = batch_latency(runner, images, threshold_ExC)
     log(f"{fmt}: " + "; ".join(f"exit {r['exit']}: max |diff| {r['max_abs_diff']:.2e}, "
                                f"{r['latency_ms']:.3f} ms" for r in exits)
-        + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs")
+        + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs, "
+        f"{100 * calibrated['agrees_with_jax']:.1f}% answered as JAX does")
   workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
   latex.write_markdown(os.path.join(out_dir, "export_report.md"), markdown(report))
   return report
@@ -222,21 +249,23 @@ def markdown(report: dict) -> str:
            f"thresholds from {report['thresholds']}. "
            f"Plain network (no early exits) in JAX: {report['plain_network_jax_latency_ms']:.3f} ms, "
            f"{report['full_macs'] / 1e6:.2f} M MACs.", "",
-           "| format | exit | max abs diff vs JAX | forced exit answered | latency (ms) |", "|---|---|---|---|---|"]
+           "| format | exit | max abs diff vs JAX | top-1 as JAX | forced exit answered | latency (ms) |",
+           "|---|---|---|---|---|---|"]
   for fmt, r in report["formats"].items():
     if r["status"] != "ok":
-      lines.append(f"| {fmt} | | {r['status']} | | |")
+      lines.append(f"| {fmt} | | {r['status']} | | | |")
       continue
     for e in r["exits"]:
-      lines.append(f"| {fmt} | {e['exit']} | {e['max_abs_diff']:.2e} | {e['answered_at_forced_exit']} | "
-                   f"{e['latency_ms']:.3f} |")
+      lines.append(f"| {fmt} | {e['exit']} | {e['max_abs_diff']:.2e} | {100 * e['top1_agreement']:.1f}% | "
+                   f"{e['answered_at_forced_exit']} | {e['latency_ms']:.3f} |")
     p = r["policy"]
     shares = " / ".join(f"{100 * s:.0f}" for s in p["exit_share"])
-    lines.append(f"| {fmt} | calibrated (exits {shares}%) | | | {p['latency_ms']:.3f} "
+    lines.append(f"| {fmt} | calibrated (exits {shares}%) | {r['bytes'] / 1e6:.3f} MB in {len(r['files'])} file(s) "
+                 f"| exit and class as JAX: {100 * p['agrees_with_jax']:.1f}% | | {p['latency_ms']:.3f} "
                  f"(predicted {p['predicted_mean_macs'] / 1e6:.2f} M MACs) |")
     if "batch64" in r:
       b = r["batch64"]
-      lines.append(f"| {fmt} | calibrated, batch {b['batch']} | | decisions as at batch 1: "
+      lines.append(f"| {fmt} | calibrated, batch {b['batch']} | | | decisions as at batch 1: "
                    f"{b['exits_match_batch_1']} | {b['ms_per_batch']:.3f} per batch, {b['ms_per_image']:.4f} per image |")
   return "\n".join(lines) + "\n"
 
@@ -249,6 +278,7 @@ def define_flags() -> None:
   flags.DEFINE_string("policy", "max_prob", f"Exit policy: {', '.join(policies.POLICIES)}.")
   flags.DEFINE_float("budget", 0.5, "The thresholds fitted for this fraction of the full network's MACs.")
   flags.DEFINE_integer("images", 200, "Evaluation-split images for verification and timing.")
+  flags.DEFINE_integer("calibration_images", 200, "Training images that calibrate tflite_int8's activation ranges.")
 
 
 def main(argv) -> None:
@@ -257,8 +287,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.workdir or not f.out:
     fail("give --workdir=RUN and --out=DIR", "eejax.export")
-  report = guarded(lambda: export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy),
-                   "eejax.export", f.out)
+  report = guarded(lambda: export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy,
+                                             calibration_images=f.calibration_images), "eejax.export", f.out)
   print(markdown(report))
 
 

@@ -132,8 +132,6 @@ def export_onnx_stages(model, variables, mean_C, std_C, image_shape, out_dir: st
     h = jax.eval_shape(fn, spec)[0]
     spec = jax.ShapeDtypeStruct(h.shape, h.dtype)
 
-  exit_score = jax.jit(policy.exit_score)  # compiled once per number of images still in play
-
   def batch(x_BxHxWx3, threshold_ExC):
     n = x_BxHxWx3.shape[0]
     out_logits, exit_B = [None] * n, np.full(n, len(sessions) - 1)
@@ -142,7 +140,7 @@ def export_onnx_stages(model, variables, mean_C, std_C, image_shape, out_dir: st
     for k, session in enumerate(sessions):
       h, logits_BxC = session.run(None, {session.get_inputs()[0].name: h})
       if k < len(sessions) - 1:
-        score_B, pred_B, run_B = (np.asarray(a) for a in exit_score(logits_BxC, run_B, prev_B))
+        score_B, pred_B, run_B = policy.host_exit_score(logits_BxC, run_B, prev_B)  # numpy: no JAX between stages
         done = np.asarray(policy.passes(score_B, np.asarray(threshold_ExC)[k][pred_B]))
       else:
         done = np.ones(len(active), bool)

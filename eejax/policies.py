@@ -3,7 +3,9 @@
 Shapes: E exits, B images, C classes, K threshold settings evaluated at once.
 
 A `Policy` turns one exit's logits_BxC into a score_B and a prediction pred_B
-(`exit_score`, the form both inference paths and every export use) or all
+(`exit_score`, the form both inference paths and the in-graph exports use;
+`host_exit_score` is the same in numpy, for the host code between a deployed
+cascade's stages, where JAX need not be) or all
 exits' logits_ExBxC at once (`scores`, the form the simulation uses); image b
 stops at the first exit e whose score passes that exit's threshold
 (`passes`), and the last exit always answers:
@@ -23,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from eejax.errors import unknown_name
 
@@ -38,6 +41,20 @@ def normalized_entropy(logits_ExBxC):
   logp_ExBxC = jax.nn.log_softmax(logits_ExBxC.astype(jnp.float32), axis=-1)
   entropy_ExB = -jnp.sum(jnp.exp(logp_ExBxC) * logp_ExBxC, axis=-1) / jnp.log(logits_ExBxC.shape[-1])
   return entropy_ExB, logp_ExBxC.argmax(-1)
+
+
+def max_prob_host(logits_BxC):
+  """`max_prob` of one exit in numpy: (conf_B, pred_B)."""
+  z_BxC = logits_BxC - logits_BxC.max(-1, keepdims=True)
+  probs_BxC = np.exp(z_BxC) / np.exp(z_BxC).sum(-1, keepdims=True)
+  return probs_BxC.max(-1), probs_BxC.argmax(-1)
+
+
+def normalized_entropy_host(logits_BxC):
+  """`normalized_entropy` of one exit in numpy: (entropy_B, pred_B)."""
+  z_BxC = logits_BxC - logits_BxC.max(-1, keepdims=True)
+  logp_BxC = z_BxC - np.log(np.exp(z_BxC).sum(-1, keepdims=True))
+  return -np.sum(np.exp(logp_BxC) * logp_BxC, axis=-1) / np.log(logits_BxC.shape[-1]), logp_BxC.argmax(-1)
 
 
 def next_run(run_B, prev_pred_B, pred_B):
@@ -71,6 +88,7 @@ class Policy:
   name: str
   higher_passes: bool
   all_exits: object  # logits_ExBxC -> (score_ExB float32, pred_ExB)
+  one_exit_host: object = None  # logits_BxC (numpy float32) -> (score_B, pred_B), where the score is the exit's own
   uses_run: bool = False  # the score needs the earlier exits' predictions (patience)
 
   def scores(self, logits_ExBxC):
@@ -86,6 +104,16 @@ class Policy:
     score_1xB, pred_1xB = self.all_exits(logits_BxC[None])
     return score_1xB[0], pred_1xB[0], run_B
 
+  def host_exit_score(self, logits_BxC, run_B, prev_pred_B):
+    """`exit_score` in numpy (float32), for host code between a deployed cascade's stages: no JAX dispatch."""
+    logits_BxC = np.asarray(logits_BxC, np.float32)
+    if self.uses_run:
+      pred_B = logits_BxC.argmax(-1)
+      run_B = np.where(pred_B == prev_pred_B, np.asarray(run_B) + 1, 1).astype(np.int32)
+      return run_B.astype(np.float32), pred_B, run_B
+    score_B, pred_B = self.one_exit_host(logits_BxC)
+    return score_B.astype(np.float32), pred_B, run_B
+
   def passes(self, score, threshold):
     return score >= threshold if self.higher_passes else score <= threshold
 
@@ -94,8 +122,8 @@ class Policy:
     return float("inf") if self.higher_passes else float("-inf")
 
 
-MAX_PROB = Policy("max_prob", True, max_prob)
-ENTROPY = Policy("entropy", False, normalized_entropy)
+MAX_PROB = Policy("max_prob", True, max_prob, max_prob_host)
+ENTROPY = Policy("entropy", False, normalized_entropy, normalized_entropy_host)
 PATIENCE = Policy("patience", True, _patience, uses_run=True)
 POLICIES = {p.name: p for p in (MAX_PROB, ENTROPY, PATIENCE)}
 
@@ -133,6 +161,13 @@ def first_exit(score_ExB, pred_ExB, threshold, policy="max_prob"):
   passes_KxExB = get(policy).passes(score_ExB[None], thresholds_KxExB(threshold, pred_ExB))
   passes_KxExB = passes_KxExB.at[:, -1].set(True)
   return jnp.argmax(passes_KxExB, axis=1)
+
+
+def decide(logits_ExBxC, threshold_ExC, policy="max_prob"):
+  """(exit_B, pred_B): where `policy` stops each image at one threshold setting, and the class it answers."""
+  score_ExB, pred_ExB = scores(jnp.asarray(logits_ExBxC), policy)
+  exit_B = first_exit(score_ExB, pred_ExB, jnp.asarray(threshold_ExC)[None], policy)[0]
+  return exit_B, jnp.take_along_axis(pred_ExB, exit_B[None], axis=0)[0]
 
 
 def outcome(exit_KxB, pred_ExB, labels_B, cost_E):

@@ -157,3 +157,19 @@ def test_folder_path_under_home(tmp_path, monkeypatch):
   make_tree(str(tmp_path / "cinic"), splits=("train", "valid", "test"), per_class=(4, 2, 2))
   ds = data.load("folder:~/cinic", cache_dir=None)
   assert (len(ds.train), len(ds.val), len(ds.test)) == (12, 6, 6)
+
+
+def test_sample_images_reads_only_the_split_asked_for(tmp_path):
+  """The evaluation split verifies an export, the training split calibrates an int8 one: each read alone."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "t")
+  written = make_tree(root, per_class=(4, 2), size=8)
+  cfg = ml_collections.ConfigDict({"source": f"folder:{root}", "test_split": "test", "image_size": 0})
+  for split in ("test", "train"):  # every file, in sorted order: the exact images written
+    np.testing.assert_array_equal(data.sample_images(cfg, 100, split), written[split][0])
+  picked = data.sample_images(cfg, 3, "train")  # spread over the sorted files: the first and last class show
+  np.testing.assert_array_equal(picked[[0, -1]], written["train"][0][[0, -1]])
+  os.rename(os.path.join(root, "train"), os.path.join(root, "gone"))
+  np.testing.assert_array_equal(data.sample_images(cfg, 100), written["test"][0])
+  with pytest.raises(UserError, match="training split.*tflite_int8"):
+    data.sample_images(cfg, 5, "train")

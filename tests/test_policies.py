@@ -72,6 +72,43 @@ def test_policy_matches_numpy_loop(policy, granularity):
   np.testing.assert_allclose(macs, ref_macs, rtol=1e-5)
 
 
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_decide_is_the_numpy_loop_at_one_setting(policy):
+  """`decide` on raw logits: the loop's exit and the class predicted there, per image."""
+  rng = np.random.default_rng(1)
+  logits = rng.normal(size=(3, 64, 4)).astype(np.float32) * 2
+  score_ref, pred_ref = np_scores(logits.astype(np.float64), policy)
+  threshold_ExC = np.quantile(score_ref, 0.5, axis=1)[:, None].repeat(4, 1) if policy != "patience" else \
+      np.full((3, 4), 2.0)
+  higher = policies.get(policy).higher_passes
+  _, _, ref_exits = np_loop(score_ref, pred_ref, np.zeros(64, int), np.ones(3), threshold_ExC[None], higher)
+  exit_B, pred_B = jax.device_get(policies.decide(logits, threshold_ExC, policy))
+  np.testing.assert_array_equal(exit_B, ref_exits[0])
+  np.testing.assert_array_equal(pred_B, pred_ref[ref_exits[0], np.arange(64)])
+  assert len(set(exit_B.tolist())) > 1  # the setting splits the images
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_host_exit_score_is_numpy_and_equals_the_reference(policy):
+  """The cascade's host test, exit by exit, against the independent scores; no JAX array comes out."""
+  rng = np.random.default_rng(2)
+  logits = rng.normal(size=(4, 50, 5)).astype(np.float32) * 3
+  logits[:, :10] = logits[:1, :10]  # agreeing exits: patience runs longer than 1
+  score_ref, pred_ref = np_scores(logits.astype(np.float64), policy)
+  p = policies.get(policy)
+  run_B, prev_B = np.zeros(50, np.int32), np.full(50, -1)
+  jax_run_B = jnp.zeros(50, jnp.int32)
+  for e in range(4):
+    score_B, pred_B, run_B = p.host_exit_score(logits[e], run_B, prev_B)
+    assert all(isinstance(a, np.ndarray) for a in (score_B, pred_B)) and score_B.dtype == np.float32
+    np.testing.assert_allclose(score_B, score_ref[e], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pred_B, pred_ref[e])
+    jax_score_B, _, jax_run_B = p.exit_score(jnp.asarray(logits[e]), jax_run_B, jnp.asarray(prev_B))
+    np.testing.assert_allclose(score_B, np.asarray(jax_score_B), rtol=1e-5, atol=1e-6)  # the in-graph form
+    prev_B = pred_B
+  assert policy != "patience" or score_B.max() == 4  # the agreeing images ran through all four exits
+
+
 def test_last_exit_always_answers():
   score = jnp.zeros((3, 5))
   pred = jnp.zeros((3, 5), jnp.int32)
