@@ -94,14 +94,14 @@ def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_si
 
 
 def export_run(run: Run, out_dir: str, threshold_ExC=None, policy="max_prob", formats=("stablehlo",),
-           budget: float = 0.5, num_images: int = 50) -> dict:
+               budget: float = 0.5, num_images: int = 50, calibration_images: int = 200) -> dict:
   """Exports the run for batch-1 deployment and verifies every format; see `eejax.export`. Returns the report.
 
   `threshold_ExC` (e.g. from `fit_thresholds`) is the setting the calibrated latency is measured at; without it,
-  the run's setting for `policy` and `budget`.
+  the run's setting for `policy` and `budget`. `calibration_images` training images calibrate "tflite_int8".
   """
   return exports.export_and_verify(run.workdir, out_dir, tuple(formats), budget, num_images, policy,
-                                   threshold_ExC=threshold_ExC, run=run)
+                                   threshold_ExC=threshold_ExC, run=run, calibration_images=calibration_images)
 
 
 def report_markdown(workdir: str) -> str:
