@@ -20,8 +20,8 @@ last exit always answers.
              between them and passes on only the images still in play.
   tflite     a cascade, one TFLite model per stage (the blocks up to exit k and
              head k) with the policy's test in host code between them; a
-             single-graph conversion of `lax.cond` is known to give wrong
-             outputs (needs TensorFlow: `eejax[tflite]`).
+             single graph with `lax.cond` converts to TFLite `IF` but fails
+             to run past exit 1 (TensorFlow 2.21; needs `eejax[tflite]`).
   tflite_int8  the same cascade quantized to int8 after training, its
              activation ranges calibrated on `--calibration_images` training
              images (the one format that reads the training split).

@@ -2,8 +2,9 @@
 
 Each stage (the blocks up to exit k and head k) is converted on its own through jax2tf; the cascade runs
 them in turn and applies the run's exit policy between them, passing the feature map on to the next stage
-only while no exit has answered. A single-graph conversion of `lax.cond` is known to give wrong outputs,
-hence the stages. Needs TensorFlow (the optional extra `eejax[tflite]`); never on a TPU runtime.
+only while no exit has answered. A single graph with `lax.cond` converts to TFLite `IF` ops, but with
+TensorFlow 2.21 its interpreter fails to prepare the convolutions inside them once an image passes exit 1
+("filter->dims->size != 4"), hence the stages. Needs TensorFlow (the optional extra `eejax[tflite]`); never on a TPU runtime.
 
 `export_tflite_int8` is the same cascade with post-training integer quantization: weights and activations in
 int8 (TFLite's full-integer ops, float kept only where an op has no integer kernel), each stage's activation
@@ -47,7 +48,7 @@ def _convert(fn, shape, dtype, calibration_inputs):
   """One stage's TFLite flatbuffer; int8 where `calibration_inputs` (the stage's own inputs) are given."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  tf_fn = tf.function(jax2tf.convert(fn, native_serialization=False, enable_xla=False), autograph=False)
+  tf_fn = tf.function(jax2tf.convert(fn), autograph=False)  # StableHLO inside; the converter lowers it
   concrete = tf_fn.get_concrete_function(tf.TensorSpec(shape, dtype))
   converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete], tf_fn)
   if calibration_inputs is not None:
