@@ -25,6 +25,7 @@ import numpy as np
 
 from eejax import datasets, folders
 from eejax.errors import UserError
+from eejax.writers import Count
 
 DEFAULT_CACHE = "~/.cache/eejax"
 
@@ -124,7 +125,10 @@ def sample_images(data_cfg, n: int, split: str = "test") -> np.ndarray:
            "leave tflite_int8 out of --formats")
     raise UserError(f"no .jpg/.png images under {folder}: {use}")
   picks = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
-  return np.stack([folders.decode(paths[i], data_cfg.image_size) for i in picks])
+  count = Count(f"decoding {folder}", len(picks))
+  images = np.stack([count.tick(folders.decode(paths[i], data_cfg.image_size)) for i in picks])
+  count.close()
+  return images
 
 
 def carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

@@ -42,7 +42,6 @@ on from its evaluation split.
 """
 import functools
 import os
-import time
 
 from absl import app, flags, logging
 
@@ -56,12 +55,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import (calibration, data, evaluate, export_onnx, export_tflite, inference, input_pipeline, latex, policies,
-                   sharding, thresholds, workdirs)
+from eejax import (calibration, data, evaluate, export_onnx, export_tflite, export_verify, inference, input_pipeline,
+                   latex, policies, sharding, thresholds, workdirs)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import load_run
+from eejax.writers import Count
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 FORMATS = ("stablehlo", "onnx", "onnx_static", "onnx_stages", "tflite", "tflite_int8")
@@ -91,67 +91,6 @@ ONNX_EXTRA = "pip install 'eejax[export]' (jax2onnx, onnxruntime)"
 TFLITE_EXTRA = "pip install 'eejax[tflite]' (tensorflow; never on a TPU runtime)"
 MISSING = {"onnx": ONNX_EXTRA, "onnx_static": ONNX_EXTRA, "onnx_stages": ONNX_EXTRA,
            "tflite": TFLITE_EXTRA, "tflite_int8": TFLITE_EXTRA}
-
-
-def _latency_ms(fn, images, rounds: int = 3) -> float:
-  """Mean over the images of each image's fastest of `rounds` calls (ms): the best-of is robust to a busy host."""
-  best = np.full(len(images), np.inf)
-  for _ in range(rounds):
-    for i, x in enumerate(images):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(x))
-      best[i] = min(best[i], 1e3 * (time.perf_counter() - t0))
-  return float(np.mean(best))
-
-
-def verify(runner, reference_logits_NxExC, images_Nx1xHxWx3, policy="max_prob") -> list[dict]:
-  """Per exit k (forced): max |logits - reference| over the images, the share with the reference's top-1 class,
-  exit check, latency (ms)."""
-  num_exits, num_classes = reference_logits_NxExC.shape[1:]
-  rows = []
-  for k in range(num_exits):
-    t = thresholds.forced(k, num_exits, num_classes, policy)
-    runner(images_Nx1xHxWx3[0], t)  # warm-up (compilation, allocation)
-    diffs, same_top1, right_exit = [], [], True
-    for x, ref in zip(images_Nx1xHxWx3, reference_logits_NxExC):
-      logits, exit_index = runner(x, t)
-      logits_C = np.asarray(logits).reshape(-1)
-      diffs.append(float(np.max(np.abs(logits_C - ref[k]))))
-      same_top1.append(int(np.argmax(logits_C)) == int(np.argmax(ref[k])))
-      right_exit &= int(np.asarray(exit_index)) == k
-    rows.append({"exit": k + 1, "max_abs_diff": max(diffs), "top1_agreement": float(np.mean(same_top1)),
-                 "answered_at_forced_exit": bool(right_exit),
-                 "latency_ms": _latency_ms(lambda x: runner(x, t), images_Nx1xHxWx3)})
-  return rows
-
-
-def batch_latency(runner, images_Nx1xHxWx3, threshold_ExC, batch: int = 64) -> dict:
-  """A batch form's time per batch of `batch` images (best of 3) and whether it decides as batch 1 does."""
-  x_BxHxWx3 = np.concatenate([images_Nx1xHxWx3[:, 0]] * -(-batch // len(images_Nx1xHxWx3)))[:batch]
-  runner.batch(x_BxHxWx3, threshold_ExC)
-  best = np.inf
-  for _ in range(3):
-    t0 = time.perf_counter()
-    _, exit_B = runner.batch(x_BxHxWx3, threshold_ExC)
-    best = min(best, 1e3 * (time.perf_counter() - t0))
-  singles = [int(np.asarray(runner(x[None], threshold_ExC)[1])) for x in x_BxHxWx3]
-  return {"batch": batch, "ms_per_batch": float(best), "ms_per_image": float(best / batch),
-          "exits_match_batch_1": bool(np.array_equal(exit_B, singles))}
-
-
-def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E, reference_NxExC, policy="max_prob") -> dict:
-  """Mean batch-1 latency at the calibrated thresholds, the exits taken, the mean MACs they predict, and the
-  share of images answered at JAX's exit with JAX's class."""
-  runner(images_Nx1xHxWx3[0], threshold_ExC)
-  answers = [runner(x, threshold_ExC) for x in images_Nx1xHxWx3]
-  exits = np.array([int(np.asarray(e)) for _, e in answers])
-  classes = np.array([int(np.argmax(np.asarray(logits))) for logits, _ in answers])
-  want_exit_N, want_class_N = (np.asarray(a) for a in policies.decide(reference_NxExC.transpose(1, 0, 2),
-                                                                      threshold_ExC, policy))
-  return {"latency_ms": _latency_ms(lambda x: runner(x, threshold_ExC), images_Nx1xHxWx3),
-          "exit_share": (np.bincount(exits, minlength=len(cost_E)) / len(exits)).tolist(),
-          "predicted_mean_macs": float(np.mean(np.asarray(cost_E)[exits])),
-          "agrees_with_jax": float(np.mean((exits == want_exit_N) & (classes == want_class_N)))}
 
 
 def run_threshold(run, policy, budget: float):
@@ -211,10 +150,13 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   os.makedirs(out_dir, exist_ok=True)
   plain = jax.jit(plain_fn(model, variables, mean_C, std_C))
   plain(images[0])
+  count = Count("the plain network in JAX: timing", 3 * len(images))
+  plain_ms = export_verify.latency_ms(lambda x: count.tick(plain(x)), images)
+  count.close()
   report = {"workdir": workdir, "images": len(images), "policy": policy.name, "thresholds": source,
             "device": jax.devices()[0].device_kind,
             "exit_macs": list(macs.cumulative), "full_macs": macs.full,
-            "plain_network_jax_latency_ms": _latency_ms(plain, images), "formats": {}}
+            "plain_network_jax_latency_ms": plain_ms, "formats": {}}
   for fmt in formats:
     log(f"{fmt}: exporting ...")
     extra = {"calibration_NxHxWx3": calibration_NxHxWx3} if fmt in CALIBRATED else {}
@@ -228,12 +170,16 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
       report["formats"][fmt] = {"status": f"export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
       log(f"{fmt}: {report['formats'][fmt]['status']}")
       continue
-    exits = verify(runner, reference_NxExC, images, policy)
-    calibrated = policy_latency(runner, images, threshold_ExC, macs.cumulative, reference_NxExC, policy)
+    count = Count(f"{fmt}: verifying and timing",
+                  export_verify.calls(model.num_exits, len(images), hasattr(runner, "batch")))
+    runner = export_verify.counted(runner, count)
+    exits = export_verify.verify(runner, reference_NxExC, images, policy)
+    calibrated = export_verify.policy_latency(runner, images, threshold_ExC, macs.cumulative, reference_NxExC, policy)
     report["formats"][fmt] = {"status": "ok", "files": paths, "bytes": sum(os.path.getsize(p) for p in paths),
                               "exits": exits, "policy": calibrated}
     if hasattr(runner, "batch"):
-      report["formats"][fmt]["batch64"] = batch_latency(runner, images, threshold_ExC)
+      report["formats"][fmt]["batch64"] = export_verify.batch_latency(runner, images, threshold_ExC)
+    count.close()
     log(f"{fmt}: " + "; ".join(f"exit {r['exit']}: max |diff| {r['max_abs_diff']:.2e}, "
                                f"{r['latency_ms']:.3f} ms" for r in exits)
         + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs, "

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 
-from eejax import export, export_onnx, policies, thresholds
+from eejax import export, export_onnx, export_verify, policies, thresholds
 from eejax.models import MultiExitNet
 
 
@@ -34,7 +34,7 @@ def small_model(head="pool_conv"):
 def check_format(fmt, tmp_path, head="pool_conv", policy="max_prob"):
   model, variables, mean, std, images, reference = small_model(head)
   _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path), policy)
-  rows = export.verify(runner, reference, images, policy)
+  rows = export_verify.verify(runner, reference, images, policy)
   assert [r["exit"] for r in rows] == [1, 2, 3]
   for r in rows:
     assert r["answered_at_forced_exit"] and r["max_abs_diff"] < 1e-4 and r["top1_agreement"] == 1.0, r
@@ -70,7 +70,7 @@ def test_onnx_export_of_variables_on_a_mesh(tmp_path):
   model, variables, mean, std, images, reference = small_model("linear")
   placed = jax.device_put(variables, sharding.replicated(sharding.make_mesh()))
   _, runner = export.EXPORTERS["onnx"](model, placed, mean, std, (16, 16, 3), str(tmp_path))
-  assert all(r["max_abs_diff"] < 1e-4 for r in export.verify(runner, reference, images))
+  assert all(r["max_abs_diff"] < 1e-4 for r in export_verify.verify(runner, reference, images))
   import onnx  # pylint: disable=g-import-not-at-top
   graph = onnx.load(str(tmp_path / "model.onnx")).graph
   assert sum(node.op_type == "If" for node in graph.node) >= 1  # the exit decision is a real conditional
@@ -94,7 +94,7 @@ def test_tflite_int8_cascade_holds_int8_weights_and_stays_near_jax(tmp_path):
   assert all(export_tflite.int8_share(p) > 0.8 for p in paths)  # the weights are int8 ...
   assert all(export_tflite.int8_share(p) == 0 for p in float_paths)  # ... where the float cascade's are not
   assert sum(map(os.path.getsize, paths)) < sum(map(os.path.getsize, float_paths))
-  rows = export.verify(runner, reference, images)
+  rows = export_verify.verify(runner, reference, images)
   scale_E = np.abs(reference).max(axis=(0, 2))
   for r, scale in zip(rows, scale_E):  # quantized: near JAX's logits, not equal to them
     assert r["answered_at_forced_exit"] and 0 < r["max_abs_diff"] < 0.15 * scale, (r, scale)
@@ -162,5 +162,5 @@ def test_onnx_forms_without_control_flow_verify_and_batch(tmp_path, fmt, policy)
   (tmp_path / "again").mkdir()
   _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path / "again"), policy)
   t_ExC = thresholds.per_exit([2, 2] if policy == "patience" else [0.3, 0.3], 3, 5, policy)
-  timing = export.batch_latency(runner, images, t_ExC, batch=8)
+  timing = export_verify.batch_latency(runner, images, t_ExC, batch=8)
   assert timing["exits_match_batch_1"] and timing["ms_per_batch"] > 0
