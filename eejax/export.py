@@ -131,6 +131,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   unknown = [f for f in formats if f not in EXPORTERS]
   if unknown:
     raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
+  if num_images < 1 or (calibration_images < 1 and any(f in CALIBRATED for f in formats)):
+    raise UserError(f"--images={num_images} and --calibration_images={calibration_images}: each must be at least 1 "
+                    "(the evaluation images that verify, and the training images that calibrate an int8 format)")
   policy = policies.get(policy)
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats

@@ -108,6 +108,10 @@ def test_cli_errors_are_one_line(tmp_path):
   r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}"],
                      cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode == 2 and "is not an eejax workdir" in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
+  for bad in ("--images=0", "--formats=stablehlo,tflite_int8 --calibration_images=0"):
+    r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}",
+                        *bad.split()], cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and "must be at least 1" in r.stderr.splitlines()[-1], r.stderr
 
 
 
