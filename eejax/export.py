@@ -76,8 +76,7 @@ def export_stablehlo(model, variables, mean_C, std_C, image_shape, out_dir: str,
   exported = jax.export.export(jax.jit(fn))(jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8),
                                             jax.ShapeDtypeStruct((model.num_exits, model.num_classes), jnp.float32))
   path = os.path.join(out_dir, "model.stablehlo")
-  with open(path, "wb") as f:
-    f.write(exported.serialize())
+  workdirs.write_bytes(path, exported.serialize())
   with open(path, "rb") as f:
     loaded = jax.export.deserialize(bytearray(f.read()))
   call = jax.jit(loaded.call)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import inference, input_pipeline, policies
+from eejax import inference, input_pipeline, policies, workdirs
 
 
 def _session(path: str):
@@ -68,7 +68,8 @@ def _convert(fn, specs, path: str) -> None:
   from jax.extend.core import jaxpr_as_fun  # pylint: disable=g-import-not-at-top
   from jax2onnx import to_onnx  # pylint: disable=g-import-not-at-top
   closed = jax.make_jaxpr(fn)(*specs)
-  to_onnx(lambda *args: tuple(jaxpr_as_fun(closed)(*args)), specs, return_mode="file", output_path=path)
+  with workdirs.replacing(path) as tmp:
+    to_onnx(lambda *args: tuple(jaxpr_as_fun(closed)(*args)), specs, return_mode="file", output_path=tmp)
 
 
 def _convert_any_batch(fn, shape, dtype, path: str) -> None:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import inference, policies
+from eejax import inference, policies, workdirs
 
 
 def available() -> str | None:
@@ -66,8 +66,7 @@ def _export_cascade(model, variables, mean_C, std_C, image_shape, out_dir, polic
   suffix = "" if inputs is None else "_int8"
   for k, fn in enumerate(inference.stage_fns(model, variables, mean_C, std_C)):
     path = os.path.join(out_dir, f"stage_{k}{suffix}.tflite")
-    with open(path, "wb") as f:
-      f.write(_convert(fn, shape, dtype, inputs))
+    workdirs.write_bytes(path, _convert(fn, shape, dtype, inputs))
     paths.append(path)
     interpreter = tf.lite.Interpreter(model_path=path)
     interpreter.allocate_tensors()

@@ -129,9 +129,12 @@ def plot_curve(report: dict, path: str) -> None:
 def save_figure(fig, path: str, dpi=None) -> None:
   """`fig` as the PNG `path` and, for a paper, as vector graphics beside it (the same name with .pdf); closes it."""
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
-  fig.savefig(os.path.splitext(path)[0] + ".pdf")
-  plt.close(fig)
+  try:
+    for target in (path, os.path.splitext(path)[0] + ".pdf"):
+      with workdirs.replacing(target) as tmp:  # an interrupted save leaves the previous figure
+        fig.savefig(tmp, dpi=dpi if target == path else None)
+  finally:
+    plt.close(fig)
 
 
 def write_files(workdir: str, report: dict, text: str, plot, default=None) -> None:

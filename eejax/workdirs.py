@@ -216,26 +216,34 @@ def read_npz(path: str, names=()) -> dict:
   return arrays
 
 
-def write_npz(path: str, **arrays) -> None:
-  """np.savez, whole or not at all: a temporary file renamed into place."""
-  tmp = f"{path}.tmp{os.getpid()}.npz"
+@contextlib.contextmanager
+def replacing(path: str):
+  """A temporary path beside `path` (same extension) to write to; renamed onto `path` when the block ends cleanly,
+  removed when it does not (an error, Ctrl-C): the file appears whole or not at all, never half written."""
+  root, ext = os.path.splitext(path)
+  tmp = f"{root}.tmp{os.getpid()}{ext}"
   try:
-    np.savez(tmp, **arrays)
+    yield tmp
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def write_npz(path: str, **arrays) -> None:
+  """np.savez, whole or not at all."""
+  with replacing(path) as tmp:
+    np.savez(tmp, **arrays)
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes whole or not at all: a temporary file renamed into place."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Writes whole or not at all."""
+  with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes whole or not at all (an exported model)."""
+  with replacing(path) as tmp, open(tmp, "wb") as f:
+    f.write(data)

@@ -126,6 +126,20 @@ def test_a_write_that_fails_leaves_the_previous_file_whole(tmp_path, monkeypatch
   assert workdirs.read_json(path) == {"accuracy": 0.9} and os.listdir(tmp_path) == ["report.json"]
 
 
+def test_an_exported_model_or_figure_interrupted_mid_write_leaves_the_previous_one(tmp_path):
+  path = str(tmp_path / "stage_0.tflite")
+  workdirs.write_bytes(path, b"model one")
+  with pytest.raises(KeyboardInterrupt):  # Ctrl-C half way through a converter writing its file
+    with workdirs.replacing(path) as tmp:
+      assert tmp.endswith(".tflite") and tmp != path  # the extension stays: writers that infer a format from it
+      open(tmp, "wb").write(b"half")
+      raise KeyboardInterrupt
+  assert open(path, "rb").read() == b"model one" and os.listdir(tmp_path) == ["stage_0.tflite"]
+  with workdirs.replacing(path) as tmp:
+    open(tmp, "wb").write(b"model two")
+  assert open(path, "rb").read() == b"model two" and os.listdir(tmp_path) == ["stage_0.tflite"]
+
+
 def test_logits_are_written_whole_and_a_damaged_file_is_one_line(tmp_path, monkeypatch):
   path = str(tmp_path / "logits.npz")
   val_ExNxC = np.random.default_rng(0).normal(size=(3, 5, 4)).astype(np.float32)
