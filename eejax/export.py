@@ -55,8 +55,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import (calibration, data, evaluate, export_onnx, export_tflite, export_verify, inference, input_pipeline,
-                   latex, policies, sharding, thresholds, workdirs)
+from eejax import (calibration, cascade_runtime, data, evaluate, export_onnx, export_tflite, export_verify, inference,
+                   input_pipeline, latex, policies, sharding, thresholds, workdirs)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -66,6 +66,7 @@ from eejax.writers import Count
 
 FORMATS = ("stablehlo", "onnx", "onnx_static", "onnx_stages", "tflite", "tflite_int8")
 CALIBRATED = ("tflite_int8",)  # formats whose exporter takes calibration_NxHxWx3, training images
+CASCADES = ("onnx_stages", "tflite", "tflite_int8")  # stage models run by the standalone driver DIR/cascade.py
 
 
 # ---------------------------------------------------------------- formats: export, then a runner (x, t) -> (logits, exit)
@@ -179,6 +180,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
     calibrated = export_verify.policy_latency(runner, images, threshold_ExC, macs.cumulative, reference_NxExC, policy)
     report["formats"][fmt] = {"status": "ok", "files": paths, "bytes": sum(os.path.getsize(p) for p in paths),
                               "exits": exits, "policy": calibrated}
+    if fmt in CASCADES:
+      report["formats"][fmt]["driver"] = write_driver(out_dir, fmt, paths, policy, threshold_ExC, image_shape, source,
+                                                      run.spec.class_names)
     if hasattr(runner, "batch"):
       report["formats"][fmt]["batch64"] = export_verify.batch_latency(runner, images, threshold_ExC)
     count.close()
@@ -189,6 +193,21 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
   latex.write_markdown(os.path.join(out_dir, "export_report.md"), markdown(report))
   return report
+
+
+def write_driver(out_dir: str, fmt: str, paths, policy, threshold_ExC, image_shape, about: str,
+                 class_names=()) -> str:
+  """DIR/cascade_FORMAT.json (the stages, the policy, the thresholds, the class names where the run recorded
+  them) and DIR/cascade.py, the standalone driver that runs them (`eejax.cascade_runtime`, copied as it is);
+  returns the JSON's path."""
+  path = os.path.join(out_dir, f"cascade_{fmt}.json")
+  workdirs.write_json(path, {"format": fmt, "stages": [os.path.basename(p) for p in paths], "policy": policy.name,
+                             "threshold_ExC": thresholds.to_json(threshold_ExC), "thresholds": about,
+                             "image_shape": list(image_shape), "input": "uint8 RGB images, NxHxWx3",
+                             "class_names": list(class_names)})
+  with open(cascade_runtime.__file__, encoding="utf-8") as f:
+    workdirs.write_text(os.path.join(out_dir, "cascade.py"), f.read())
+  return path
 
 
 def markdown(report: dict) -> str:

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import inference, input_pipeline, policies, workdirs
+from eejax import cascade_runtime, inference, input_pipeline, policies, workdirs
 
 
 def _session(path: str):
@@ -123,38 +123,19 @@ def export_onnx_static(model, variables, mean_C, std_C, image_shape, out_dir: st
 def export_onnx_stages(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
   policy = policies.get(policy)
   variables = jax.device_get(variables)
-  sessions, paths = [], []
+  stages, paths = [], []
   spec = jax.ShapeDtypeStruct((1, *image_shape), jnp.uint8)
   for k, fn in enumerate(inference.stage_fns(model, variables, mean_C, std_C)):
     path = os.path.join(out_dir, f"stage_{k}.onnx")
     _convert_any_batch(fn, spec.shape[1:], spec.dtype, path)
     paths.append(path)
-    sessions.append(_session(path))
+    stages.append(cascade_runtime.OnnxStage(path))
     h = jax.eval_shape(fn, spec)[0]
     spec = jax.ShapeDtypeStruct(h.shape, h.dtype)
-
-  def batch(x_BxHxWx3, threshold_ExC):
-    n = x_BxHxWx3.shape[0]
-    out_logits, exit_B = [None] * n, np.full(n, len(sessions) - 1)
-    h, active = np.asarray(x_BxHxWx3), np.arange(n)
-    run_B, prev_B = np.zeros(n, np.int32), np.full(n, -1)
-    for k, session in enumerate(sessions):
-      h, logits_BxC = session.run(None, {session.get_inputs()[0].name: h})
-      if k < len(sessions) - 1:
-        score_B, pred_B, run_B = policy.host_exit_score(logits_BxC, run_B, prev_B)  # numpy: no JAX between stages
-        done = np.asarray(policy.passes(score_B, np.asarray(threshold_ExC)[k][pred_B]))
-      else:
-        done = np.ones(len(active), bool)
-      for i in np.flatnonzero(done):
-        out_logits[active[i]], exit_B[active[i]] = logits_BxC[i], k
-      keep = np.flatnonzero(~done)
-      if keep.size == 0:
-        break
-      h, active, run_B, prev_B = h[keep], active[keep], run_B[keep], pred_B[keep]
-    return np.stack(out_logits), exit_B
+  cascade = cascade_runtime.Cascade(stages=stages, policy=policy.name)  # the driver that ships, in numpy
 
   def runner(x_1xHxWx3, threshold_ExC):
-    logits_1xC, exit_1 = batch(x_1xHxWx3, threshold_ExC)
+    logits_1xC, exit_1 = cascade(x_1xHxWx3, threshold_ExC)
     return logits_1xC, np.int32(exit_1[0])
-  runner.batch = batch
+  runner.batch = cascade
   return paths, runner

@@ -1,8 +1,8 @@
 """The TFLite form of a batch-1 early-exit export (`eejax.export`): one model per stage, the decisions on the host.
 
-Each stage (the blocks up to exit k and head k) is converted on its own through jax2tf; the cascade runs
-them in turn and applies the run's exit policy between them, passing the feature map on to the next stage
-only while no exit has answered. A single graph with `lax.cond` converts to TFLite `IF` ops, but with
+Each stage (the blocks up to exit k and head k) is converted on its own through jax2tf; the cascade
+(`eejax.cascade_runtime`, the standalone driver that ships beside the stages) runs them in turn and applies
+the run's exit policy between them in numpy, passing the feature map on only while no exit has answered. A single graph with `lax.cond` converts to TFLite `IF` ops, but with
 TensorFlow 2.21 its interpreter fails to prepare the convolutions inside them once an image passes exit 1
 ("filter->dims->size != 4"), hence the stages. Needs TensorFlow (the optional extra `eejax[tflite]`); never on a TPU runtime.
 
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import inference, policies, workdirs
+from eejax import cascade_runtime, inference, policies, workdirs
 
 
 def available() -> str | None:
@@ -60,7 +60,7 @@ def _convert(fn, shape, dtype, calibration_inputs):
 
 def _export_cascade(model, variables, mean_C, std_C, image_shape, out_dir, policy, calibration_NxHxWx3):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  interpreters, paths = [], []
+  stages, paths = [], []
   shape, dtype = (1, *image_shape), tf.uint8
   inputs = None if calibration_NxHxWx3 is None else [x[None] for x in calibration_NxHxWx3]  # each 1xHxWx3
   suffix = "" if inputs is None else "_int8"
@@ -68,35 +68,19 @@ def _export_cascade(model, variables, mean_C, std_C, image_shape, out_dir, polic
     path = os.path.join(out_dir, f"stage_{k}{suffix}.tflite")
     workdirs.write_bytes(path, _convert(fn, shape, dtype, inputs))
     paths.append(path)
-    interpreter = tf.lite.Interpreter(model_path=path)
-    interpreter.allocate_tensors()
-    interpreters.append(interpreter)
+    stages.append(cascade_runtime.TFLiteStage(path))
     if inputs is not None:  # the next stage calibrates on what the float model hands it
       jitted = jax.jit(fn)
       inputs = [np.asarray(jitted(x)[0]) for x in inputs]
     shape = tuple(jax.eval_shape(fn, jax.ShapeDtypeStruct(shape, jnp.uint8 if k == 0 else jnp.float32))[0].shape)
     dtype = tf.float32
 
-  def run_stage(interpreter, inp):
-    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], inp)
-    interpreter.invoke()
-    outs = sorted(interpreter.get_output_details(), key=lambda d: len(d["shape"]), reverse=True)
-    return [interpreter.get_tensor(d["index"]) for d in outs]  # (h, logits): the feature map has more axes
+  cascade = cascade_runtime.Cascade(stages=stages, policy=policies.get(policy).name)  # the code that ships
 
-  policy = policies.get(policy)
-
-  def cascade(x, t_ExC):
-    h, run_1, prev_1 = np.asarray(x), np.zeros(1, np.int32), np.full(1, -1)
-    for k, interpreter in enumerate(interpreters):
-      h, logits_1xC = run_stage(interpreter, h)
-      if k == len(interpreters) - 1:
-        return logits_1xC, np.int32(k)
-      score_1, pred_1, run_1 = policy.host_exit_score(logits_1xC, run_1, prev_1)  # the policy's test, in numpy
-      if policy.passes(float(score_1[0]), t_ExC[k, int(pred_1[0])]):
-        return logits_1xC, np.int32(k)
-      prev_1 = pred_1
-    raise AssertionError("unreachable")
-  return paths, cascade
+  def runner(x_1xHxWx3, threshold_ExC):
+    logits_1xC, exit_1 = cascade(x_1xHxWx3, threshold_ExC)
+    return logits_1xC, np.int32(exit_1[0])
+  return paths, runner
 
 
 def int8_share(path: str) -> float:

@@ -25,8 +25,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from eejax import cascade_runtime
 from eejax.errors import unknown_name
 
 
@@ -41,20 +41,6 @@ def normalized_entropy(logits_ExBxC):
   logp_ExBxC = jax.nn.log_softmax(logits_ExBxC.astype(jnp.float32), axis=-1)
   entropy_ExB = -jnp.sum(jnp.exp(logp_ExBxC) * logp_ExBxC, axis=-1) / jnp.log(logits_ExBxC.shape[-1])
   return entropy_ExB, logp_ExBxC.argmax(-1)
-
-
-def max_prob_host(logits_BxC):
-  """`max_prob` of one exit in numpy: (conf_B, pred_B)."""
-  z_BxC = logits_BxC - logits_BxC.max(-1, keepdims=True)
-  probs_BxC = np.exp(z_BxC) / np.exp(z_BxC).sum(-1, keepdims=True)
-  return probs_BxC.max(-1), probs_BxC.argmax(-1)
-
-
-def normalized_entropy_host(logits_BxC):
-  """`normalized_entropy` of one exit in numpy: (entropy_B, pred_B)."""
-  z_BxC = logits_BxC - logits_BxC.max(-1, keepdims=True)
-  logp_BxC = z_BxC - np.log(np.exp(z_BxC).sum(-1, keepdims=True))
-  return -np.sum(np.exp(logp_BxC) * logp_BxC, axis=-1) / np.log(logits_BxC.shape[-1]), logp_BxC.argmax(-1)
 
 
 def next_run(run_B, prev_pred_B, pred_B):
@@ -88,7 +74,6 @@ class Policy:
   name: str
   higher_passes: bool
   all_exits: object  # logits_ExBxC -> (score_ExB float32, pred_ExB)
-  one_exit_host: object = None  # logits_BxC (numpy float32) -> (score_B, pred_B), where the score is the exit's own
   uses_run: bool = False  # the score needs the earlier exits' predictions (patience)
 
   def scores(self, logits_ExBxC):
@@ -105,14 +90,8 @@ class Policy:
     return score_1xB[0], pred_1xB[0], run_B
 
   def host_exit_score(self, logits_BxC, run_B, prev_pred_B):
-    """`exit_score` in numpy (float32), for host code between a deployed cascade's stages: no JAX dispatch."""
-    logits_BxC = np.asarray(logits_BxC, np.float32)
-    if self.uses_run:
-      pred_B = logits_BxC.argmax(-1)
-      run_B = np.where(pred_B == prev_pred_B, np.asarray(run_B) + 1, 1).astype(np.int32)
-      return run_B.astype(np.float32), pred_B, run_B
-    score_B, pred_B = self.one_exit_host(logits_BxC)
-    return score_B.astype(np.float32), pred_B, run_B
+    """`exit_score` in numpy (float32), as a deployed cascade makes it between stages (`eejax.cascade_runtime`)."""
+    return cascade_runtime.exit_score(self.name, logits_BxC, run_B, prev_pred_B)
 
   def passes(self, score, threshold):
     return score >= threshold if self.higher_passes else score <= threshold
@@ -122,8 +101,8 @@ class Policy:
     return float("inf") if self.higher_passes else float("-inf")
 
 
-MAX_PROB = Policy("max_prob", True, max_prob, max_prob_host)
-ENTROPY = Policy("entropy", False, normalized_entropy, normalized_entropy_host)
+MAX_PROB = Policy("max_prob", True, max_prob)
+ENTROPY = Policy("entropy", False, normalized_entropy)
 PATIENCE = Policy("patience", True, _patience, uses_run=True)
 POLICIES = {p.name: p for p in (MAX_PROB, ENTROPY, PATIENCE)}
 

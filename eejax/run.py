@@ -1,8 +1,8 @@
 """The workdir format, in one place: what a run saves and how any later step loads it.
 
 A workdir holds config.json (the settings that made it), run.json (a
-`RunSpec`: the model's settings, the classes and image shape, and the channel
-statistics the images are normalised with), checkpoints/ (orbax) and, once
+`RunSpec`: the model's settings, the classes (their number and names) and
+image shape, and the channel statistics the images are normalised with), checkpoints/ (orbax) and, once
 evaluated, report.json, logits.npz and thresholds.json. `load_run` rebuilds the
 model from run.json alone, so serving, calibrating or exporting a finished run
 never decodes its training set. A workdir written before run.json held the
@@ -58,12 +58,13 @@ class RunSpec:
   image_shape: tuple
   mean_C: tuple
   std_C: tuple
+  class_names: tuple = ()  # the label of each class index; empty in runs saved before they were recorded
 
   @classmethod
-  def of(cls, model: dict, num_classes: int, image_shape, mean_C, std_C) -> "RunSpec":
+  def of(cls, model: dict, num_classes: int, image_shape, mean_C, std_C, class_names=()) -> "RunSpec":
     return cls(model, int(num_classes), tuple(int(d) for d in image_shape),
                tuple(float(m) for m in np.asarray(mean_C, np.float32)),
-               tuple(float(s) for s in np.asarray(std_C, np.float32)))
+               tuple(float(s) for s in np.asarray(std_C, np.float32)), tuple(str(c) for c in class_names))
 
   def build(self) -> MultiExitNet:
     return make_model(self.model, self.num_classes)
@@ -95,7 +96,8 @@ class Run:
 def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpec:
   """The spec of a new run on `ds`: the channel statistics come from its training images, once."""
   mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
-  return RunSpec.of(model_settings(config.model, ensemble_teachers), ds.num_classes, ds.image_shape, mean_C, std_C)
+  return RunSpec.of(model_settings(config.model, ensemble_teachers), ds.num_classes, ds.image_shape, mean_C, std_C,
+                    ds.class_names)
 
 
 def save_run(workdir: str, config, spec: RunSpec) -> None:
@@ -137,7 +139,8 @@ def load_spec(workdir: str, config=None) -> RunSpec:
   """run.json as a RunSpec; an older one (classes and shape only) is completed once and saved."""
   raw = workdirs.read_json(os.path.join(workdir, "run.json"))
   if "model" in raw and "mean_C" in raw:
-    return RunSpec.of(raw["model"], raw["num_classes"], raw["image_shape"], raw["mean_C"], raw["std_C"])
+    return RunSpec.of(raw["model"], raw["num_classes"], raw["image_shape"], raw["mean_C"], raw["std_C"],
+                      raw.get("class_names", ()))
   config = config or load_config(workdir)
   print(f"{workdir}: run.json has no channel statistics (an older run); computing them once from its training "
         f"images ({config.data.source}) and saving them")
@@ -145,7 +148,7 @@ def load_spec(workdir: str, config=None) -> RunSpec:
   mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
   # Older runs stored no model settings either: scheme=mate was the one that built the ensemble teachers.
   spec = RunSpec.of(model_settings(config.model, config.get("scheme") == "mate"), raw["num_classes"],
-                    raw["image_shape"], mean_C, std_C)
+                    raw["image_shape"], mean_C, std_C, ds.class_names)
   if on_main_process():
     _write_spec(workdir, spec)
   return spec

@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from eejax import policies, workdirs
+from eejax import cascade_runtime, policies, workdirs
 from eejax.errors import UserError
 
 FILE = "thresholds.json"
@@ -48,8 +48,8 @@ def to_json(threshold_ExC) -> list:
 
 
 def from_json(rows, policy) -> np.ndarray:
-  never = policies.get(policy).never
-  return np.asarray([[never if v is None else v for v in row] for row in rows], np.float32)
+  """threshold_ExC; null (no setting passes) becomes the policy's `never`, as a deployed cascade reads it."""
+  return cascade_runtime.thresholds_from_json(rows, policies.get(policy).name)
 
 
 def entry(policy, threshold_ExC, **about) -> dict:

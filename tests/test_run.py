@@ -20,6 +20,14 @@ def test_run_json_holds_the_model_and_the_training_images_statistics(smoke_run):
   np.testing.assert_array_equal(loaded.spec.stats[1], std_C)
   assert loaded.spec.model["arch"] == "resnet8" and loaded.spec.num_classes == 3
   assert loaded.model.num_exits == 3 and loaded.spec.image_shape == (16, 16, 3)
+  assert loaded.spec.class_names == ds.class_names == ("cat", "dog", "ship")
+  path = os.path.join(workdir, "run.json")
+  saved = open(path).read()
+  raw = json.loads(saved)
+  del raw["class_names"]  # a run saved before the names were recorded: loads, without them
+  json.dump(raw, open(path, "w"))
+  assert run.load_run(workdir).spec.class_names == ()
+  open(path, "w").write(saved)
   assert os.path.exists(os.path.join(workdir, "thresholds.json"))
 
 

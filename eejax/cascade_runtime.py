@@ -1,0 +1,194 @@
+"""A deployed early-exit cascade that stands alone: numpy and one runtime, no JAX, no eejax.
+
+`eejax.export` copies this file as DIR/cascade.py beside the stage models of each cascade format it writes
+(`tflite`, `tflite_int8`, `onnx_stages`) and a DIR/cascade_FORMAT.json that names the stages, the exit policy
+and the thresholds fitted for the run; the export verifies the very code that ships. On the device:
+
+    python cascade.py DIR/cascade_tflite_int8.json photo.jpg frames.npy ...   # a line per image
+    >>> from cascade import Cascade
+    >>> logits_BxC, exit_B = Cascade("DIR/cascade_tflite_int8.json")(x_BxHxWx3_uint8)
+
+Stage k maps the uint8 image (k = 0) or the feature map handed on by stage k - 1 to (feature map, logits_BxC of
+exit k). Between stages the policy decides in numpy: image b stops at exit k when its score passes
+threshold_ExC[k, predicted class] (max_prob: the top softmax probability, >=; entropy: H(softmax) / log C, <=;
+patience: how many consecutive exits agree with exit k, >=); the last exit always answers, and only the images
+still in play run the next stage. TFLite needs one of ai-edge-litert, tflite-runtime or tensorflow; ONNX needs
+onnxruntime. Images given by path are read with Pillow as RGB and resized (bilinear) to the model's size.
+Shapes: B images, C classes, E exits.
+"""
+import importlib
+import json
+import os
+import sys
+
+import numpy as np
+
+HIGHER_PASSES = {"max_prob": True, "entropy": False, "patience": True}
+
+
+def max_prob(logits_BxC):
+  """(conf_B, pred_B): the top softmax probability and its class."""
+  z_BxC = logits_BxC - logits_BxC.max(-1, keepdims=True)
+  probs_BxC = np.exp(z_BxC) / np.exp(z_BxC).sum(-1, keepdims=True)
+  return probs_BxC.max(-1), probs_BxC.argmax(-1)
+
+
+def normalized_entropy(logits_BxC):
+  """(entropy_B in [0, 1], pred_B): -sum p log p / log C."""
+  z_BxC = logits_BxC - logits_BxC.max(-1, keepdims=True)
+  logp_BxC = z_BxC - np.log(np.exp(z_BxC).sum(-1, keepdims=True))
+  return -np.sum(np.exp(logp_BxC) * logp_BxC, axis=-1) / np.log(logits_BxC.shape[-1]), logp_BxC.argmax(-1)
+
+
+def exit_score(policy: str, logits_BxC, run_B, prev_pred_B):
+  """(score_B float32, pred_B, run_B) of one exit, given the agreement run and prediction of the exit before."""
+  logits_BxC = np.asarray(logits_BxC, np.float32)
+  if policy == "patience":
+    pred_B = logits_BxC.argmax(-1)
+    run_B = np.where(pred_B == prev_pred_B, np.asarray(run_B) + 1, 1).astype(np.int32)
+    return run_B.astype(np.float32), pred_B, run_B
+  score_B, pred_B = {"max_prob": max_prob, "entropy": normalized_entropy}[policy](logits_BxC)
+  return score_B.astype(np.float32), pred_B, run_B
+
+
+def passes(policy: str, score, threshold):
+  return score >= threshold if HIGHER_PASSES[policy] else score <= threshold
+
+
+def thresholds_from_json(rows, policy: str) -> np.ndarray:
+  """threshold_ExC; null (no setting passes) becomes the threshold that no score passes."""
+  never = np.inf if HIGHER_PASSES[policy] else -np.inf
+  return np.array([[never if v is None else v for v in row] for row in rows], np.float32)
+
+
+def _tflite_interpreter(path: str):
+  for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
+    try:
+      return importlib.import_module(module).Interpreter(model_path=path)
+    except ImportError:
+      pass
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("a TFLite cascade needs a TFLite runtime: pip install ai-edge-litert (or tflite-runtime, or "
+                      "tensorflow)") from None
+  return tf.lite.Interpreter(model_path=path)
+
+
+class TFLiteStage:
+  """One stage as a TFLite model of batch 1: a batch runs image by image."""
+
+  def __init__(self, path: str):
+    self.interpreter = _tflite_interpreter(path)
+    self.interpreter.allocate_tensors()
+    self.input = self.interpreter.get_input_details()[0]["index"]
+    outs = sorted(self.interpreter.get_output_details(), key=lambda d: len(d["shape"]), reverse=True)
+    self.outputs = [d["index"] for d in outs]  # (h, logits): the feature map has more axes
+
+  def __call__(self, h_Bx):
+    results = []
+    for h in h_Bx:
+      self.interpreter.set_tensor(self.input, h[None])
+      self.interpreter.invoke()
+      results.append([self.interpreter.get_tensor(i) for i in self.outputs])
+    return tuple(np.concatenate(parts) for parts in zip(*results))
+
+
+class OnnxStage:
+  """One stage as an ONNX graph with a free batch dimension."""
+
+  def __init__(self, path: str):
+    try:
+      import onnxruntime  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise ImportError("an ONNX cascade needs onnxruntime: pip install onnxruntime") from None
+    self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    self.input = self.session.get_inputs()[0].name
+
+  def __call__(self, h_Bx):
+    h, logits_BxC = self.session.run(None, {self.input: h_Bx})
+    return h, logits_BxC
+
+
+class Cascade:
+  """cascade(x_BxHxWx3 uint8, threshold_ExC=None) -> (logits_BxC of the exit that answered, exit_B 0-based)."""
+
+  def __init__(self, config_path: str = None, *, stages=None, policy: str = "max_prob", threshold_ExC=None):
+    self.image_shape, self.class_names = None, []
+    if config_path is not None:
+      with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+      folder = os.path.dirname(os.path.abspath(config_path))
+      stage = TFLiteStage if config["format"].startswith("tflite") else OnnxStage
+      stages = [stage(os.path.join(folder, name)) for name in config["stages"]]
+      policy = config["policy"]
+      threshold_ExC = thresholds_from_json(config["threshold_ExC"], policy)
+      self.image_shape = tuple(config["image_shape"])
+      self.class_names = list(config.get("class_names") or [])
+    if policy not in HIGHER_PASSES:
+      raise ValueError(f"unknown exit policy {policy!r}; one of {', '.join(HIGHER_PASSES)}")
+    self.stages, self.policy, self.threshold_ExC = stages, policy, threshold_ExC
+
+  def __call__(self, x_BxHxWx3, threshold_ExC=None):
+    threshold_ExC = np.asarray(self.threshold_ExC if threshold_ExC is None else threshold_ExC, np.float32)
+    n = len(x_BxHxWx3)
+    logits_out, exit_B = [None] * n, np.full(n, len(self.stages) - 1)
+    h, active = np.asarray(x_BxHxWx3), np.arange(n)
+    run_B, prev_B = np.zeros(n, np.int32), np.full(n, -1)
+    for k, stage in enumerate(self.stages):
+      h, logits_BxC = stage(h)
+      if k < len(self.stages) - 1:
+        score_B, pred_B, run_B = exit_score(self.policy, logits_BxC, run_B, prev_B)
+        done = np.asarray(passes(self.policy, score_B, threshold_ExC[k][pred_B]))
+      else:
+        done = np.ones(len(active), bool)
+      for i in np.flatnonzero(done):
+        logits_out[active[i]], exit_B[active[i]] = logits_BxC[i], k
+      keep = np.flatnonzero(~done)
+      if keep.size == 0:
+        break
+      h, active, run_B, prev_B = h[keep], active[keep], run_B[keep], pred_B[keep]
+    return np.stack(logits_out), exit_B
+
+
+def read_images(paths, image_shape):
+  """(x_NxHxWx3 uint8, a name per image) from image files (Pillow, RGB, resized bilinear to the model's size)
+  and .npy arrays (HxWx3 or NxHxWx3 uint8)."""
+  images, names = [], []
+  for path in paths:
+    if path.endswith(".npy"):
+      array = np.load(path)
+      batch = array[None] if array.ndim == 3 else array
+      images += list(batch)
+      names += [path] if array.ndim == 3 else [f"{path}[{i}]" for i in range(len(batch))]
+      continue
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(path) as im:
+      rgb = im.convert("RGB")
+      if rgb.size != (image_shape[1], image_shape[0]):
+        rgb = rgb.resize((image_shape[1], image_shape[0]), Image.BILINEAR)
+      images.append(np.asarray(rgb, np.uint8))
+      names.append(path)
+  return np.stack(images).astype(np.uint8), names
+
+
+def main(argv) -> int:
+  if len(argv) < 3:
+    print(f"usage: python {os.path.basename(argv[0])} DIR/cascade_FORMAT.json IMAGE_OR_NPY ...", file=sys.stderr)
+    return 2
+  try:
+    cascade = Cascade(argv[1])
+    x_NxHxWx3, names = read_images(argv[2:], cascade.image_shape)
+  except (OSError, ValueError, KeyError, ImportError) as e:
+    print(f"cascade: error: {e}", file=sys.stderr)
+    return 2
+  logits_NxC, exit_N = cascade(x_NxHxWx3)
+  for name, logits_C, e in zip(names, logits_NxC, exit_N):
+    c = int(np.argmax(logits_C))
+    label = f"class {c} ({cascade.class_names[c]})" if c < len(cascade.class_names) else f"class {c}"
+    print(f"{name}\t{label}\texit {int(e) + 1}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -1,0 +1,97 @@
+"""The standalone cascade driver: its decisions against eejax's policies, and the shipped copy run without JAX."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from eejax import cascade_runtime, export, export_onnx, policies, thresholds
+from test_export import small_model
+
+E, C = 3, 5
+
+
+def test_the_driver_knows_every_policy_and_its_direction():
+  assert cascade_runtime.HIGHER_PASSES == {name: p.higher_passes for name, p in policies.POLICIES.items()}
+
+
+@pytest.mark.parametrize("policy", policies.POLICIES)
+def test_a_cascade_of_made_up_stages_decides_as_the_policy_and_runs_only_images_in_play(policy):
+  rng = np.random.default_rng(0)
+  logits_ExNxC = rng.normal(size=(E, 40, C)).astype(np.float32) * 2
+  logits_ExNxC[:, :8] = logits_ExNxC[:1, :8]  # agreeing exits
+  seen = []
+
+  def stage(k):
+    def run(h_Bx):  # the "feature map" carries each image's index
+      seen.append((k, len(h_Bx)))
+      return h_Bx, logits_ExNxC[k, h_Bx[:, 0]]
+    return run
+  score_ExN, _ = policies.scores(logits_ExNxC, policy)
+  threshold_ExC = (np.full((E, C), 2.0, np.float32) if policy == "patience" else
+                   np.quantile(np.asarray(score_ExN), 0.5, axis=1)[:, None].repeat(C, 1).astype(np.float32))
+  cascade = cascade_runtime.Cascade(stages=[stage(k) for k in range(E)], policy=policy, threshold_ExC=threshold_ExC)
+  logits_NxC, exit_N = cascade(np.arange(40)[:, None])
+  want_exit_N, want_pred_N = (np.asarray(a) for a in policies.decide(logits_ExNxC, threshold_ExC, policy))
+  np.testing.assert_array_equal(exit_N, want_exit_N)
+  np.testing.assert_array_equal(logits_NxC, logits_ExNxC[want_exit_N, np.arange(40)])
+  np.testing.assert_array_equal(logits_NxC.argmax(-1), want_pred_N)
+  assert [n for _, n in seen] == [40] + [int(np.sum(want_exit_N >= k)) for k in range(1, E)][:len(seen) - 1]
+  assert len(set(exit_N.tolist())) > 1
+
+
+def test_thresholds_read_back_as_eejax_reads_them():
+  rows = [[0.5, None], [None, 0.25]]
+  for policy in policies.POLICIES:
+    np.testing.assert_array_equal(cascade_runtime.thresholds_from_json(rows, policy),
+                                  thresholds.from_json(rows, policy))
+
+
+def run_shipped(folder, *args):
+  """DIR/cascade.py as a device runs it: JAX and eejax cannot be imported."""
+  block = ("import runpy, sys; sys.modules.update({m: None for m in ('jax', 'jaxlib', 'eejax', 'flax')}); "
+           "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+  return subprocess.run([sys.executable, "-c", block, os.path.join(folder, "cascade.py"), *args], cwd=folder,
+                        capture_output=True, text=True, check=False, timeout=300)
+
+
+def check_shipped(fmt, tmp_path, **extra):
+  model, variables, mean, std, images, reference = small_model("pool_conv")
+  paths, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path), "max_prob", **extra)
+  score_ExN, _ = policies.scores(reference.transpose(1, 0, 2), "max_prob")
+  threshold_ExC = thresholds.per_exit(np.quantile(np.asarray(score_ExN[:-1]), 0.5, axis=1), E, C, "max_prob")
+  names = ("ant", "bee", "cat", "dog", "eel")
+  config = export.write_driver(str(tmp_path), fmt, paths, policies.get("max_prob"), threshold_ExC, (16, 16, 3), "test",
+                               names)
+  want = [runner(x, threshold_ExC) for x in images]
+  np.save(tmp_path / "images.npy", images[:, 0])
+  r = run_shipped(str(tmp_path), config, "images.npy")
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  assert lines == [f"images.npy[{i}]\tclass {np.argmax(logits)} ({names[np.argmax(logits)]})\texit {int(e) + 1}"
+                   for i, (logits, e) in enumerate(want)]
+  assert len({line.split("\t")[2] for line in lines}) > 1  # the thresholds split the images
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  Image.fromarray(images[3, 0]).save(tmp_path / "three.png")  # an image file answers as its array does
+  Image.fromarray(images[3, 0]).resize((40, 40)).save(tmp_path / "big.png")  # resized to the model's 16x16
+  r = run_shipped(str(tmp_path), config, "three.png", "big.png")
+  assert r.returncode == 0 and r.stdout.splitlines()[0] == lines[3].replace("images.npy[3]", "three.png"), r.stderr
+  assert r.stdout.splitlines()[1].startswith("big.png\tclass ")
+  bad = run_shipped(str(tmp_path), config, "missing.png")
+  assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+  assert bad.stderr.strip().splitlines()[-1].startswith("cascade: error:") and "missing.png" in bad.stderr
+  assert json.load(open(config))["stages"] == [os.path.basename(p) for p in paths]
+
+
+def test_the_shipped_onnx_driver_runs_without_jax_and_answers_as_verified(tmp_path):
+  if export_onnx.available() is not None:
+    pytest.skip(f"ONNX export is not available here: {export_onnx.available()}")
+  check_shipped("onnx_stages", tmp_path)
+
+
+def test_the_shipped_tflite_int8_driver_runs_without_jax_and_answers_as_verified(tmp_path):
+  pytest.importorskip("tensorflow", reason="TFLite export needs the 'tflite' extra (TensorFlow), not installed here")
+  calibration = np.random.default_rng(2).integers(0, 256, (32, 16, 16, 3), dtype=np.uint8)
+  check_shipped("tflite_int8", tmp_path, calibration_NxHxWx3=calibration)
