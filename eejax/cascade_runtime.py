@@ -158,6 +158,9 @@ def read_images(paths, image_shape):
   for path in paths:
     if path.endswith(".npy"):
       array = np.load(path)
+      if array.dtype != np.uint8 or array.ndim not in (3, 4) or array.shape[-3:] != tuple(image_shape):
+        raise ValueError(f"{path} holds {array.dtype} {list(array.shape)}; the model takes uint8 RGB images of "
+                         f"{list(image_shape)} (HxWx3 or NxHxWx3, 0..255)")
       batch = array[None] if array.ndim == 3 else array
       images += list(batch)
       names += [path] if array.ndim == 3 else [f"{path}[{i}]" for i in range(len(batch))]

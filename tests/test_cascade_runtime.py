@@ -79,6 +79,9 @@ def check_shipped(fmt, tmp_path, **extra):
   r = run_shipped(str(tmp_path), config, "three.png", "big.png")
   assert r.returncode == 0 and r.stdout.splitlines()[0] == lines[3].replace("images.npy[3]", "three.png"), r.stderr
   assert r.stdout.splitlines()[1].startswith("big.png\tclass ")
+  np.save(tmp_path / "floats.npy", images[:, 0] / 255.0)  # [0, 1] floats: refused, never cast to zeros
+  refused = run_shipped(str(tmp_path), config, "floats.npy")
+  assert refused.returncode == 2 and "the model takes uint8 RGB images of [16, 16, 3]" in refused.stderr
   bad = run_shipped(str(tmp_path), config, "missing.png")
   assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
   assert bad.stderr.strip().splitlines()[-1].startswith("cascade: error:") and "missing.png" in bad.stderr
