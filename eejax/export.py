@@ -26,6 +26,10 @@ last exit always answers.
              activation ranges calibrated on `--calibration_images` training
              images (the one format that reads the training split).
 
+Each cascade (onnx_stages, tflite, tflite_int8) also leaves DIR/cascade.py and
+DIR/cascade_FORMAT.json: the standalone driver that runs it on a device
+without JAX (`eejax.cascade_runtime`), with the thresholds it was measured at.
+
 Verify forces every exit in turn (thresholds never before it, always at it),
 and reports per exit the max |logits - JAX's logits| over the images, the
 share whose top-1 class is JAX's, whether the expected exit answered, and the
