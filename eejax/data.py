@@ -108,15 +108,22 @@ def from_config(data_cfg) -> Dataset:
 
 def sample_images(data_cfg, n: int, split: str = "test") -> np.ndarray:
   """Up to n uint8 images of one split ("test": the evaluation split, where an export is verified; "train": the
-  images an int8 export calibrates on), reading no other split.
+  images an int8 export calibrates on), reading no other split; see `sample_split`."""
+  return sample_split(data_cfg, n, split)[0]
 
-  A folder source decodes n files spread evenly over the split's sorted folder (so every class shows); a tfds
-  source reads that split.
+
+def sample_split(data_cfg, n: int, split: str = "test", class_names=()):
+  """(images_NxHxWx3 uint8, labels_N or None): up to n images of one split and, where known, their labels.
+
+  A folder source decodes n files spread evenly over the split's sorted folder (so every class shows), each
+  labelled by its class folder's index in `class_names` (the run's); labels are None where the run recorded no
+  names or a folder is not among them. A tfds or built-in source reads that split, labels included.
   """
   kind, _, arg = data_cfg.source.partition(":")
   if kind != "folder":
     dataset = from_config(data_cfg)
-    return (dataset.test if split == "test" else dataset.train).images_NxHxWx3[:n]
+    chosen = dataset.test if split == "test" else dataset.train
+    return chosen.images_NxHxWx3[:n], chosen.labels_N[:n]
   folder = os.path.join(os.path.expanduser(arg), data_cfg.test_split if split == "test" else "train")
   paths = folders.images_under(folder)
   if not paths:
@@ -128,7 +135,10 @@ def sample_images(data_cfg, n: int, split: str = "test") -> np.ndarray:
   count = Count(f"decoding {folder}", len(picks))
   images = np.stack([count.tick(folders.decode(paths[i], data_cfg.image_size)) for i in picks])
   count.close()
-  return images
+  index = {name: c for c, name in enumerate(class_names)}
+  classes = [os.path.relpath(paths[i], folder).split(os.sep)[0] for i in picks]
+  labels = np.array([index[c] for c in classes], np.int32) if all(c in index for c in classes) else None
+  return images, labels
 
 
 def carve_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

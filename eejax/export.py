@@ -141,7 +141,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   policy = policies.get(policy)
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats
-  images = data.sample_images(run.config.data, num_images)
+  images, labels_N = data.sample_split(run.config.data, num_images, "test", run.spec.class_names)
   calibration_NxHxWx3 = None  # read first, so a missing training split fails before any export
   if any(f in CALIBRATED for f in formats) and export_tflite.available() is None:
     calibration_NxHxWx3 = data.sample_images(run.config.data, calibration_images, "train")
@@ -163,7 +163,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   report = {"workdir": workdir, "images": len(images), "policy": policy.name, "thresholds": source,
             "device": jax.devices()[0].device_kind,
             "exit_macs": list(macs.cumulative), "full_macs": macs.full,
-            "plain_network_jax_latency_ms": plain_ms, "formats": {}}
+            "plain_network_jax_latency_ms": plain_ms, "labelled": labels_N is not None, "formats": {}}
   for fmt in formats:
     log(f"{fmt}: exporting ...")
     extra = {"calibration_NxHxWx3": calibration_NxHxWx3} if fmt in CALIBRATED else {}
@@ -181,7 +181,8 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
                   export_verify.calls(model.num_exits, len(images), hasattr(runner, "batch")))
     runner = export_verify.counted(runner, count)
     exits = export_verify.verify(runner, reference_NxExC, images, policy)
-    calibrated = export_verify.policy_latency(runner, images, threshold_ExC, macs.cumulative, reference_NxExC, policy)
+    calibrated = export_verify.policy_latency(runner, images, threshold_ExC, macs.cumulative, reference_NxExC, policy,
+                                              labels_N)
     report["formats"][fmt] = {"status": "ok", "files": paths, "bytes": sum(os.path.getsize(p) for p in paths),
                               "exits": exits, "policy": calibrated}
     if fmt in CASCADES:
@@ -193,7 +194,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
     log(f"{fmt}: " + "; ".join(f"exit {r['exit']}: max |diff| {r['max_abs_diff']:.2e}, "
                                f"{r['latency_ms']:.3f} ms" for r in exits)
         + f"; calibrated: {calibrated['latency_ms']:.3f} ms, {calibrated['predicted_mean_macs'] / 1e6:.2f} M MACs, "
-        f"{100 * calibrated['agrees_with_jax']:.1f}% answered as JAX does")
+        f"{100 * calibrated['agrees_with_jax']:.1f}% answered as JAX does" + accuracy(calibrated))
   workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
   latex.write_markdown(os.path.join(out_dir, "export_report.md"), markdown(report))
   return report
@@ -214,6 +215,13 @@ def write_driver(out_dir: str, fmt: str, paths, policy, threshold_ExC, image_sha
   return path
 
 
+def accuracy(calibrated: dict) -> str:
+  """", accuracy 60.03% (JAX 59.88%)" where the images were labelled, else ""."""
+  if "accuracy" not in calibrated:
+    return ""
+  return f", accuracy {100 * calibrated['accuracy']:.2f}% (JAX {100 * calibrated['jax_accuracy']:.2f}%)"
+
+
 def markdown(report: dict) -> str:
   lines = [f"# Export of `{report['workdir']}`", "",
            f"Batch 1 on {report['device']}, {report['images']} test images; policy `{report['policy']}`, "
@@ -232,7 +240,8 @@ def markdown(report: dict) -> str:
     p = r["policy"]
     shares = " / ".join(f"{100 * s:.0f}" for s in p["exit_share"])
     lines.append(f"| {fmt} | calibrated (exits {shares}%) | {r['bytes'] / 1e6:.3f} MB in {len(r['files'])} file(s) "
-                 f"| exit and class as JAX: {100 * p['agrees_with_jax']:.1f}% | | {p['latency_ms']:.3f} "
+                 f"| exit and class as JAX: {100 * p['agrees_with_jax']:.1f}% | {accuracy(p).lstrip(', ')} "
+                 f"| {p['latency_ms']:.3f} "
                  f"(predicted {p['predicted_mean_macs'] / 1e6:.2f} M MACs) |")
     if "batch64" in r:
       b = r["batch64"]

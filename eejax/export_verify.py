@@ -73,9 +73,10 @@ def batch_latency(runner, images_Nx1xHxWx3, threshold_ExC, batch: int = 64) -> d
           "exits_match_batch_1": bool(np.array_equal(exit_B, singles))}
 
 
-def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E, reference_NxExC, policy="max_prob") -> dict:
-  """Mean batch-1 latency at the calibrated thresholds, the exits taken, the mean MACs they predict, and the
-  share of images answered at JAX's exit with JAX's class."""
+def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E, reference_NxExC, policy="max_prob",
+                   labels_N=None) -> dict:
+  """Mean batch-1 latency at the calibrated thresholds, the exits taken, the mean MACs they predict, the share of
+  images answered at JAX's exit with JAX's class and, given labels, the accuracy of the format and of JAX."""
   runner(images_Nx1xHxWx3[0], threshold_ExC)
   answers = [runner(x, threshold_ExC) for x in images_Nx1xHxWx3]
   exits = np.array([int(np.asarray(e)) for _, e in answers])
@@ -85,4 +86,6 @@ def policy_latency(runner, images_Nx1xHxWx3, threshold_ExC, cost_E, reference_Nx
   return {"latency_ms": latency_ms(lambda x: runner(x, threshold_ExC), images_Nx1xHxWx3),
           "exit_share": (np.bincount(exits, minlength=len(cost_E)) / len(exits)).tolist(),
           "predicted_mean_macs": float(np.mean(np.asarray(cost_E)[exits])),
-          "agrees_with_jax": float(np.mean((exits == want_exit_N) & (classes == want_class_N)))}
+          "agrees_with_jax": float(np.mean((exits == want_exit_N) & (classes == want_class_N))),
+          **({} if labels_N is None else {"accuracy": float(np.mean(classes == labels_N)),
+                                          "jax_accuracy": float(np.mean(want_class_N == labels_N))})}

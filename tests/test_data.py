@@ -173,3 +173,17 @@ def test_sample_images_reads_only_the_split_asked_for(tmp_path):
   np.testing.assert_array_equal(data.sample_images(cfg, 100), written["test"][0])
   with pytest.raises(UserError, match="training split.*tflite_int8"):
     data.sample_images(cfg, 5, "train")
+
+
+def test_sample_split_labels_images_by_the_runs_class_names(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "t")
+  written = make_tree(root, per_class=(4, 3), size=8)
+  cfg = ml_collections.ConfigDict({"source": f"folder:{root}", "test_split": "test", "image_size": 0})
+  images, labels = data.sample_split(cfg, 100, "test", ("cat", "dog", "ship"))
+  np.testing.assert_array_equal(images, written["test"][0])
+  np.testing.assert_array_equal(labels, written["test"][1])
+  _, labels = data.sample_split(cfg, 100, "test", ("ship", "dog", "cat"))  # the run's order, not the folders'
+  np.testing.assert_array_equal(labels, 2 - written["test"][1])
+  assert data.sample_split(cfg, 100, "test", ())[1] is None  # a run that recorded no names
+  assert data.sample_split(cfg, 100, "test", ("cat", "dog"))[1] is None  # a folder the run never knew

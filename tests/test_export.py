@@ -135,6 +135,8 @@ def test_exporting_a_finished_run_never_reads_its_training_images(smoke_master, 
       assert all(e["answered_at_forced_exit"] and e["max_abs_diff"] < 1e-4 and e["top1_agreement"] == 1.0
                  for e in report["formats"][fmt]["exits"])
       assert report["formats"][fmt]["policy"]["agrees_with_jax"] == 1.0
+      calibrated = report["formats"][fmt]["policy"]  # the run named its classes: the test images are labelled
+      assert report["labelled"] and 0 <= calibrated["accuracy"] == calibrated["jax_accuracy"] <= 1
       assert report["formats"][fmt]["bytes"] == sum(os.path.getsize(p) for p in report["formats"][fmt]["files"])
   # Only an int8 export reads training images (to calibrate), and says so where they are gone.
   out = tmp_path / "export_int8"

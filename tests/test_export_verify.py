@@ -52,6 +52,10 @@ def test_calibrated_agreement_is_exit_and_class_as_jax():
   out = export_verify.policy_latency(runner, images, threshold_ExC, cost_E, reference)
   assert out["exit_share"] == [1.0, 0.0, 0.0] and out["predicted_mean_macs"] == 10.0
   assert out["agrees_with_jax"] == 0.5  # four of eight answer another class at the same exit
+  assert "accuracy" not in out
+  labels_N = reference[:, 0].argmax(-1)  # JAX's exit-1 answers as the labels: JAX right on all eight
+  labelled = export_verify.policy_latency(runner, images, threshold_ExC, cost_E, reference, labels_N=labels_N)
+  assert labelled["jax_accuracy"] == 1.0 and labelled["accuracy"] == 0.5  # the four swapped answers are wrong
   threshold_ExC[0] = 1.1  # no probability passes: exit 2 answers, where nothing was swapped
   assert export_verify.policy_latency(runner, images, threshold_ExC, cost_E, reference)["agrees_with_jax"] == 1.0
 
