@@ -52,6 +52,13 @@ def test_predict_is_the_simulated_policy_and_export_verifies(smoke_run):
   want_exit = np.asarray(policies.first_exit(score, pred, t[None]))[0]
   np.testing.assert_array_equal(exit_N, want_exit)
   np.testing.assert_array_equal(pred_N, np.asarray(pred)[want_exit, np.arange(len(want_exit))])
-  report = eejax.export_run(run, str(root / "export"), t, num_images=6)
+  from eejax import export_onnx  # pylint: disable=g-import-not-at-top
+  formats = ("stablehlo",) + (("onnx_stages",) if export_onnx.available() is None else ())
+  report = eejax.export_run(run, str(root / "export"), t, formats=formats, num_images=6)
   assert report["formats"]["stablehlo"]["status"] == "ok"
   assert json.load(open(root / "export" / "export_report.json"))["thresholds"] == "the caller"
+  if "onnx_stages" in formats:  # the shipped driver, at the thresholds it was given, answers as eejax.predict
+    from eejax.cascade_runtime import Cascade  # pylint: disable=g-import-not-at-top
+    logits_NxC, driver_exit_N = Cascade(str(root / "export" / "cascade_onnx_stages.json"))(test.images_NxHxWx3)
+    np.testing.assert_array_equal(driver_exit_N, exit_N)
+    np.testing.assert_array_equal(logits_NxC.argmax(-1), pred_N)
