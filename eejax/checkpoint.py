@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 
 import jax
@@ -54,8 +55,22 @@ def manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   """Saves `state` (a pytree) at `step`, waits until it is on disk, then writes its checksums."""
   folder = os.path.join(str(mngr.directory), str(step))
+  started = set(threading.enumerate())
   with _quiet():
-    _save(mngr, step, state, folder)
+    try:
+      _save(mngr, step, state, folder)
+    except UserError:
+      _wind_down(started)
+      raise
+
+
+def _wind_down(started: set, timeout_s: float = 10.0) -> None:
+  """Waits (at most `timeout_s` in all) for the threads of orbax's that a failed save started: they end, and log
+  the write they were part of, while orbax is still quiet, not after eejax's one line as the process exits."""
+  deadline = time.monotonic() + timeout_s
+  for thread in set(threading.enumerate()) - started:
+    if type(thread).__module__.startswith("orbax."):
+      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _save(mngr, step: int, state, folder: str) -> None:

@@ -1,6 +1,7 @@
 """Checkpoint save/restore, corrupt checkpoints, and the signal guard."""
 import os
 import signal
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,37 @@ def test_a_save_on_a_full_disk_is_one_error_and_leaves_the_last_good_step(tmp_pa
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["5"]  # nothing half-written left
   np.testing.assert_array_equal(checkpoint.restore(checkpoint.manager(str(tmp_path)),
                                                    checkpoint.as_abstract(state, rep))["w"], state["w"])
+
+
+def test_a_failed_saves_own_threads_end_quiet_before_the_error(tmp_path, monkeypatch, capfd):
+  """Orbax's threads of a failed write may still run, and log a traceback, after the write has failed: the error
+  waits for them while orbax's logging is quiet, so nothing follows eejax's one line."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  mngr = checkpoint.manager(str(tmp_path))
+
+  class Straggler(threading.Thread):  # as orbax's _SignalingThread: defined in orbax, logs what went wrong
+    __module__ = "orbax.checkpoint.fake"
+
+    def run(self):
+      time.sleep(0.5)
+      try:
+        raise RuntimeError("cannot schedule new futures after shutdown")
+      except RuntimeError:
+        logging.exception("straggler raised an exception")
+  stragglers = []
+
+  def full(step, args, force):
+    del step, args, force
+    stragglers.append(Straggler())
+    stragglers[-1].start()
+    raise OSError(28, "No space left on device")
+  monkeypatch.setattr(mngr, "save", full)
+  with pytest.raises(UserError, match="No space left on device"):
+    checkpoint.save(mngr, 10, {"w": jnp.arange(8.0)})
+  assert not stragglers[0].is_alive()  # joined before the error left save()
+  time.sleep(0.2)
+  assert "straggler" not in capfd.readouterr().err
 
 
 def test_restore_from_a_folder_without_checkpoints(tmp_path):
