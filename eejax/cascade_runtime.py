@@ -94,15 +94,20 @@ class TFLiteStage:
     return tuple(np.concatenate(parts) for parts in zip(*results))
 
 
+def onnx_session(path: str):
+  """An onnxruntime session of the ONNX file at `path`, on the CPU."""
+  try:
+    import onnxruntime  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError("an ONNX model needs onnxruntime: pip install onnxruntime") from None
+  return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
 class OnnxStage:
   """One stage as an ONNX graph with a free batch dimension."""
 
   def __init__(self, path: str):
-    try:
-      import onnxruntime  # pylint: disable=g-import-not-at-top
-    except ImportError:
-      raise ImportError("an ONNX cascade needs onnxruntime: pip install onnxruntime") from None
-    self.session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    self.session = onnx_session(path)
     self.input = self.session.get_inputs()[0].name
 
   def __call__(self, h_Bx):

@@ -20,12 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import cascade_runtime, inference, input_pipeline, policies, workdirs
-
-
-def _session(path: str):
-  import onnxruntime  # pylint: disable=g-import-not-at-top
-  return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+from eejax import cascade_runtime, export_verify, inference, input_pipeline, policies, workdirs
 
 
 @functools.lru_cache(maxsize=None)
@@ -83,7 +78,7 @@ def export_onnx(model, variables, mean_C, std_C, image_shape, out_dir: str, poli
   variables = jax.device_put(variables, jax.devices()[0])  # one device: a mesh sharding traces to `reshard`
   path = os.path.join(out_dir, "model.onnx")
   _convert(inference.early_exit_fn(model, variables, mean_C, std_C, policy), specs, path)
-  session = _session(path)
+  session = cascade_runtime.onnx_session(path)
   names = [i.name for i in session.get_inputs()]
   return [path], lambda x, t: tuple(session.run(None, {names[0]: np.asarray(x), names[1]: np.asarray(t)}))
 
@@ -106,18 +101,13 @@ def export_onnx_static(model, variables, mean_C, std_C, image_shape, out_dir: st
   all_exits = lambda x: model.apply(variables, input_pipeline.normalize(x, mean_C, std_C))[0]
   path = os.path.join(out_dir, "model_static.onnx")
   _convert_any_batch(all_exits, tuple(image_shape), jnp.uint8, path)
-  session = _session(path)
+  session = cascade_runtime.onnx_session(path)
   name = session.get_inputs()[0].name
 
   def batch(x_BxHxWx3, threshold_ExC):
     logits_ExBxC = np.stack(session.run(None, {name: np.asarray(x_BxHxWx3)}))  # one output per exit, or one stack
     return decide(logits_ExBxC.reshape(-1, *logits_ExBxC.shape[-2:]), threshold_ExC, policy)
-
-  def runner(x_1xHxWx3, threshold_ExC):
-    logits_1xC, exit_1 = batch(x_1xHxWx3, threshold_ExC)
-    return logits_1xC, np.int32(exit_1[0])
-  runner.batch = batch
-  return [path], runner
+  return [path], export_verify.batch_one(batch)
 
 
 def export_onnx_stages(model, variables, mean_C, std_C, image_shape, out_dir: str, policy="max_prob"):
@@ -133,9 +123,4 @@ def export_onnx_stages(model, variables, mean_C, std_C, image_shape, out_dir: st
     h = jax.eval_shape(fn, spec)[0]
     spec = jax.ShapeDtypeStruct(h.shape, h.dtype)
   cascade = cascade_runtime.Cascade(stages=stages, policy=policy.name)  # the driver that ships, in numpy
-
-  def runner(x_1xHxWx3, threshold_ExC):
-    logits_1xC, exit_1 = cascade(x_1xHxWx3, threshold_ExC)
-    return logits_1xC, np.int32(exit_1[0])
-  runner.batch = cascade
-  return paths, runner
+  return paths, export_verify.batch_one(cascade)

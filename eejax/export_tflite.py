@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eejax import cascade_runtime, inference, policies, workdirs
+from eejax import cascade_runtime, export_verify, inference, policies, workdirs
 
 
 def available() -> str | None:
@@ -76,11 +76,7 @@ def _export_cascade(model, variables, mean_C, std_C, image_shape, out_dir, polic
     dtype = tf.float32
 
   cascade = cascade_runtime.Cascade(stages=stages, policy=policies.get(policy).name)  # the code that ships
-
-  def runner(x_1xHxWx3, threshold_ExC):
-    logits_1xC, exit_1 = cascade(x_1xHxWx3, threshold_ExC)
-    return logits_1xC, np.int32(exit_1[0])
-  return paths, runner
+  return paths, export_verify.batch_one(cascade, batched=False)  # batch-1 models: no batch form to time
 
 
 def int8_share(path: str) -> float:

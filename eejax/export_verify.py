@@ -13,6 +13,17 @@ from eejax import policies, thresholds
 from eejax.writers import Count
 
 
+def batch_one(batch, batched: bool = True):
+  """The runner of a batch form `batch(x_BxHxWx3, threshold_ExC) -> (logits_BxC, exit_B)`: it answers one image
+  as (logits_1xC, exit index); with `batched`, `.batch` is the batch form itself (timed at batch 64)."""
+  def runner(x_1xHxWx3, threshold_ExC):
+    logits_1xC, exit_1 = batch(x_1xHxWx3, threshold_ExC)
+    return logits_1xC, np.int32(exit_1[0])
+  if batched:
+    runner.batch = batch
+  return runner
+
+
 def counted(runner, count: Count):
   """`runner` ticking `count` once per call (a batch call counts once): progress while a format is measured."""
   def run(x, t):

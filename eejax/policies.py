@@ -94,16 +94,16 @@ class Policy:
     return cascade_runtime.exit_score(self.name, logits_BxC, run_B, prev_pred_B)
 
   def passes(self, score, threshold):
-    return score >= threshold if self.higher_passes else score <= threshold
+    return cascade_runtime.passes(self.name, score, threshold)
 
   @property
   def never(self) -> float:
     return float("inf") if self.higher_passes else float("-inf")
 
 
-MAX_PROB = Policy("max_prob", True, max_prob)
-ENTROPY = Policy("entropy", False, normalized_entropy)
-PATIENCE = Policy("patience", True, _patience, uses_run=True)
+MAX_PROB = Policy("max_prob", cascade_runtime.HIGHER_PASSES["max_prob"], max_prob)
+ENTROPY = Policy("entropy", cascade_runtime.HIGHER_PASSES["entropy"], normalized_entropy)
+PATIENCE = Policy("patience", cascade_runtime.HIGHER_PASSES["patience"], _patience, uses_run=True)
 POLICIES = {p.name: p for p in (MAX_PROB, ENTROPY, PATIENCE)}
 
 
