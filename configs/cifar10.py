@@ -150,6 +150,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000
+  config.eval.every_epochs = 1.0  # score every exit on the validation split this often during training; 0: never
   config.eval.num_thresholds = 200  # points on the accuracy-against-MACs curve
   config.eval.budgets = (0.25, 0.5, 0.75, 1.0)  # fractions of the full network's MACs
   config.eval.policies = ("max_prob", "entropy", "patience")  # curves on test

@@ -27,7 +27,8 @@ def markdown(report: dict) -> str:
               "| budget (% of full MACs) | accuracy (%) |", "|---:|---:|"]
     for budget, acc in policy["budgets"].items():
       lines.append(f"| {100 * float(budget):.0f} | {_pct(acc)} |")
-  lines += _fitted_lines(report) + certified_lines(report) + _calibration_lines(report) + _real_inference_lines(report)
+  lines += (_fitted_lines(report) + certified_lines(report) + _calibration_lines(report) + _real_inference_lines(report)
+            + history_lines(report))
   if report.get("train_images_per_s"):
     lines += ["", f"Training throughput: {report['train_images_per_s']:,.0f} images/s "
               f"(steady state, compilation excluded), {report.get('train_steps')} steps."]
@@ -74,6 +75,26 @@ def certified_lines(report: dict) -> list[str]:
     lines.append(f"| {r['risk']} | {100 * r['epsilon']:g} | {'yes' if r['certified'] else 'no'} "
                  f"| {100 * r['val_macs_saved'] + 0.0:.1f} | {_pct(r['test_risk'])} | {100 * r['test_macs_saved'] + 0.0:.1f} "
                  f"| {_pct(r['budget_fitted_test_risk'])} | {100 * r['budget_fitted_test_macs_saved'] + 0.0:.1f} |")
+  return lines
+
+
+def history_lines(report: dict) -> list[str]:
+  """The validation split during training (`eejax.history.summary`): is the final exit past its best?"""
+  rows = report.get("history")
+  if not rows:
+    return []
+  every = report["history_every_epochs"]
+  every = "epoch" if every == 1 else f"{every:g} epochs"
+  lines = ["", "## Validation during training", "",
+           f"Every exit on the validation split ({report['splits']['val']} images, inference mode) after about "
+           f"every {every}, {rows[0]['points']} times (training.png). Training accuracy: its mean since the "
+           "validation before the last, on augmented batches in training mode. Everything else in this report uses "
+           "the final weights.", "",
+           "| exit | best validation accuracy (%) | at epoch | final validation accuracy (%) | at epoch "
+           "| final training accuracy (%) |", "|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    lines.append(f"| {r['exit']} | {_pct(r['best_val_accuracy'])} | {r['best_epoch']:.1f} "
+                 f"| {_pct(r['final_val_accuracy'])} | {r['final_epoch']:.1f} | {_pct(r['final_train_accuracy'])} |")
   return lines
 
 

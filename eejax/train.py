@@ -7,6 +7,7 @@ of another run), else from scratch with `config.seed`. The scheme
 the loop never tests its name.
 """
 import functools
+import os
 import signal
 import time
 from typing import Callable
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import checkpoint, collectives, data, evaluate, input_pipeline, run, schemes, sharding, workdirs
+from eejax import checkpoint, collectives, data, evaluate, history, input_pipeline, run, schemes, sharding, workdirs
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, init_state, make_optimizer, make_schedule, scan_chunk
@@ -105,6 +106,20 @@ def _summary(metrics_S) -> dict:
   return out
 
 
+def make_validate(model, mesh, val: data.Split, stats, config, steps_per_epoch: int):
+  """(state, step) -> every exit's accuracy and cross-entropy on the validation split, in inference mode
+  (`eejax.history.validation_metrics`)."""
+  predict_fn = evaluate.make_predict_fn(model, mesh)
+  mean_C, std_C = stats
+
+  def validate(state: TrainState, step: int) -> dict:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits_ExNxC = evaluate.predict(predict_fn, variables, val.images_NxHxWx3, mean_C, std_C,
+                                    config.eval.batch_size, "validating", max(10.0, config.log.every_s))
+    return history.validation_metrics(logits_ExNxC, val.labels_N, step / steps_per_epoch)
+  return validate
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir` (resuming if it holds a checkpoint), then writes the report."""
   scheme = schemes.get(config.scheme)
@@ -159,6 +174,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               crop_pad=config.data.crop_pad, flip=config.data.flip, batch_sharding=batch_sharded,
                               teacher=None if teacher is None else teacher.forward, schedule=schedule)
   chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
+  # The validation split is scored at the first chunk boundary on or after every eval.every_epochs epochs.
+  eval_every = round(config.eval.every_epochs * steps_per_epoch)
+  validate = make_validate(model, mesh, ds.val, spec.stats, config, steps_per_epoch)
 
   step = int(state.step)
   last_saved = step if mngr.latest_step() is not None else None
@@ -170,7 +188,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
     pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
 
-    def pull(pending):
+    def pull(pending):  # the metrics of a chunk that has run, if any, to the writer and the progress line
+      if pending is None:
+        return
       first, metrics = pending
       metrics = sharding.to_host(metrics)
       _check_finite(metrics, first, last_saved)
@@ -186,11 +206,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # The steady-state loop never copies from the host: everything the step reads is on the device.
         with jax.transfer_guard_host_to_device(config.train.transfer_guard):
           state, metrics = chunks[n](state, data_dev, keys, frozen)
-        if pending is not None:
-          pull(pending)
+        pull(pending)
         pending, step = (step, metrics), step + n
         stop_now = collectives.any_process(stop.signum is not None)  # every process stops at the same step
-        crossed_save = step // config.checkpoint.every_steps > (step - n) // config.checkpoint.every_steps
+        crossed = lambda every, step=step, n=n: step // every > (step - n) // every
+        if eval_every and not stop_now and (crossed(eval_every) or step == total_steps):
+          pull(pending)
+          pending = None
+          with progress.paused():  # not training time
+            scores = validate(state, step)
+          writer.write(step, scores)
+          progress.note = f"val {100 * scores[f'val/accuracy_exit{model.num_exits}']:.2f}%"
+        crossed_save = crossed(config.checkpoint.every_steps)
         if stop_now or crossed_save or step == total_steps:
           pull(pending)
           pending = None
@@ -206,12 +233,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     macs = exit_macs(model, ds.image_shape)
     t0 = time.perf_counter()
-    extra = {"train_images_per_s": images_per_s, "train_steps": total_steps}
+    records = history.read(workdir)
+    extra = {"train_images_per_s": images_per_s, "train_steps": total_steps, "history": history.summary(records),
+             "history_every_epochs": config.eval.every_epochs}
     if scheme.report is not None:
       extra.update(scheme.report(state.params))
     report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra,
                                           step=step)
     writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
+    if on_main_process():
+      history.plot(records, os.path.join(workdir, "training.png"),
+                   f"{config.model.name} ({config.scheme}) on {config.data.source}")
   finally:
     progress.close()
     writer.close()

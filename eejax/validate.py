@@ -42,7 +42,8 @@ NUMBERS = (("train.batch_size", lambda v: v >= 1, "a positive number of images")
            ("model.width", lambda v: v > 0, "a positive channel multiplier"),
            ("checkpoint.every_steps", lambda v: v >= 1, "1 or more steps"),
            ("checkpoint.max_to_keep", lambda v: v >= 1, "1 or more (a finished run must keep its checkpoint)"),
-           ("eval.batch_size", lambda v: v >= 1, "a positive number of images"))
+           ("eval.batch_size", lambda v: v >= 1, "a positive number of images"),
+           ("eval.every_epochs", lambda v: v >= 0, "0 (no validation during training) or more epochs"))
 
 
 def check_numbers(config) -> None:

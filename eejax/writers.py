@@ -5,6 +5,7 @@ writer), which eejax must not need, so this module writes TensorBoard event
 files with tensorboardX (protobuf only) and JSONL with the standard library.
 Only process 0 of a multi-process job writes and prints (`on_main_process`).
 """
+import contextlib
 import json
 import os
 import sys
@@ -93,7 +94,9 @@ class Progress:
   """Step, loss, images/s and ETA on one line (rewritten in a terminal, else printed at intervals).
 
   The rate and ETA count from the first `update` on, so compilation of the
-  first chunk is not in the rate.
+  first chunk is not in the rate, nor is time spent inside `paused()` (the
+  validation during training). `note` (say, the latest validation accuracy)
+  ends the line.
   """
 
   def __init__(self, total_steps: int, batch_size: int, every_s: float = 10.0, stream=None):
@@ -101,8 +104,22 @@ class Progress:
     self.stream = stream or sys.stderr
     self.tty = self.stream.isatty()
     self._start = self._start_step = None
-    self._last_print = 0.0
+    self._last_print = self._paused_s = 0.0
     self.active = on_main_process()
+    self.note = ""
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time inside this block counts neither in the rate nor in the ETA."""
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      if self._start is not None:
+        self._paused_s += time.perf_counter() - t0
+
+  def _elapsed(self, now: float) -> float:
+    return now - self._start - self._paused_s
 
   def update(self, step: int, loss: float, force: bool = False) -> None:
     now = time.perf_counter()
@@ -112,17 +129,17 @@ class Progress:
       return
     self._last_print = now
     done = step - self._start_step
-    rate = done / (now - self._start) if done else 0.0
+    rate = done / self._elapsed(now) if done else 0.0
     eta = (self.total - step) / rate if rate else float("nan")
     line = (f"step {step}/{self.total} ({100 * step / self.total:.0f}%) loss {loss:.4f} "
-            f"{rate * self.batch_size:,.0f} img/s ETA {hms(eta) if rate else '?'}")
+            f"{rate * self.batch_size:,.0f} img/s ETA {hms(eta) if rate else '?'}{' ' + self.note if self.note else ''}")
     self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
     self.stream.flush()
 
   def images_per_second(self, step: int) -> float:
     if self._start is None or step == self._start_step:
       return float("nan")
-    return (step - self._start_step) * self.batch_size / (time.perf_counter() - self._start)
+    return (step - self._start_step) * self.batch_size / self._elapsed(time.perf_counter())
 
   def close(self) -> None:
     """Ends the rewritten line in a terminal; a second call does nothing."""

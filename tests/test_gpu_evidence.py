@@ -41,7 +41,8 @@ def test_the_main_job_takes_the_multi_exit_variant_best_on_validation(tmp_path):
     logits[-1, val_right:, :] = 0
     logits[-1, np.arange(val_right, 50), (val_labels[val_right:] + 1) % 10] = 10  # the rest wrong
     np.savez(workdir / "logits.npz", val_logits=logits, val_labels=val_labels)
-    (workdir / "report.json").write_text(json.dumps({"exits": [{"accuracy": 0.5}] * num_exits}))
+    history = [{"best_val_accuracy": 0.9, "best_epoch": 12.5}] if name == "linear" else []
+    (workdir / "report.json").write_text(json.dumps({"exits": [{"accuracy": 0.5}] * num_exits, "history": history}))
 
   ablation("single", 50, 1)  # best of all, but not a multi-exit variant: never chosen
   ablation("linear", 30, 4)
@@ -50,7 +51,8 @@ def test_the_main_job_takes_the_multi_exit_variant_best_on_validation(tmp_path):
   assert gpu_evidence.final_exit_val_accuracy(str(tmp_path / "ablate_detached")) == 41 / 50
   assert gpu_evidence.main_variant(str(tmp_path), cpu=False) == ["--config.model.exit_grad_scale=0.0"]
   table = (tmp_path / "ablation.md").read_text()
-  assert "| single | --config.model.exit_after=8 | 50.00 | 100.00 |" in table
+  assert "| single | --config.model.exit_after=8 | 50.00 | 100.00 | n/a |" in table
+  assert "| linear | (none) | 50.00 / 50.00 / 50.00 / 50.00 | 60.00 | 90.00 at epoch 12.5 |" in table
   assert "The main job takes `detached`" in table
 
 

@@ -46,6 +46,8 @@ def test_quickstart_runs_top_to_bottom_on_cpu(tmp_path):
   assert "backend: cpu" in text and "test images: accuracy" in text and "thresholds" in text
   report = json.load(open(os.path.join(workdir, "report.json")))
   assert report["exits"] and os.path.exists(os.path.join(workdir, "curve.png"))
+  images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+  assert images >= 2 and os.path.exists(os.path.join(workdir, "training.png"))  # the curve and the training history
   exported = json.load(open(os.path.join(workdir, "export", "export_report.json")))
   assert exported["formats"]["stablehlo"]["status"] == "ok"
   assert all(e["answered_at_forced_exit"] and e["max_abs_diff"] < 1e-3 for e in exported["formats"]["stablehlo"]["exits"])

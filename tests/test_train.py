@@ -59,6 +59,25 @@ def test_train_writes_the_report_and_learns(tiny_tree, tmp_path):
   assert json.loads(lines[-1])["test/accuracy_exit3"] == result["exits"][-1]["accuracy"]
   assert json.loads(lines[0])["train/learning_rate"] > 0
   assert config.train.transfer_guard == "disallow"  # the loop above ran with host-to-device copies disallowed
+  # Validation during training: at the first chunk boundary (2 steps) on or after each epoch (5 steps), and at
+  # the end; the last scores are the final weights', the same as the report's validation logits.
+  val = [json.loads(l) for l in lines if '"val/epoch"' in l]
+  assert [v["step"] for v in val] == [6, 10, 16, 20, 26, 30, 36, 40, 46, 50, 56, 60]
+  assert [v["val/epoch"] for v in val][:2] == [6 / 5, 2.0]
+  for e in range(3):
+    assert val[-1][f"val/accuracy_exit{e + 1}"] == np.mean(np.argmax(logits["val_logits"][e], -1) == logits["val_labels"])
+  assert [r["exit"] for r in saved["history"]] == [1, 2, 3] and saved["history"][2]["points"] == 12
+  assert "## Validation during training" in open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
+  assert os.path.exists(os.path.join(workdir, "training.png")) and os.path.exists(os.path.join(workdir, "training.pdf"))
+
+
+def test_validation_during_training_can_be_turned_off(tiny_tree, tmp_path):
+  workdir = str(tmp_path / "w")
+  result = train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c"), **{"eval.every_epochs": 0.0}),
+                                    workdir)
+  assert result["history"] == [] and not os.path.exists(os.path.join(workdir, "training.png"))
+  assert "val/" not in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8").read()
+  assert "Validation during training" not in open(os.path.join(workdir, "report.md"), encoding="utf-8").read()
 
 
 def test_the_transfer_guard_catches_a_host_copy_in_the_loop(tiny_tree, tmp_path, monkeypatch):

@@ -92,3 +92,19 @@ def test_a_count_by_batches_is_silent_for_short_work_and_counts_every_image(tmp_
       "evaluating the test split: 32 of 100", "evaluating the test split: 64 of 100",
       "evaluating the test split: 96 of 100", "evaluating the test split: 100 of 100",
       "evaluating the test split: 100"]
+
+
+def test_progress_leaves_paused_time_out_of_the_rate_and_ends_with_its_note(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr("eejax.writers.time.perf_counter", lambda: now[0])
+  out = io.StringIO()
+  progress = Progress(total_steps=40, batch_size=8, every_s=0.0, stream=out)
+  progress.update(0, 1.0)  # the rate counts from here
+  now[0] += 1.0
+  with progress.paused():  # validation: 4 s that are not training
+    now[0] += 4.0
+  now[0] += 1.0
+  progress.note = "val 50.00%"
+  progress.update(10, 0.5)
+  assert progress.images_per_second(10) == 10 * 8 / 2.0
+  assert out.getvalue().splitlines()[-1] == "step 10/40 (25%) loss 0.5000 40 img/s ETA 0m06s val 50.00%"

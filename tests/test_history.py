@@ -1,0 +1,75 @@
+"""A run's history: validation scores against optax, metrics.jsonl read back, per-epoch means, summary, figure."""
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eejax import history
+
+
+def test_validation_metrics_match_optax_and_count_correct_answers():
+  rng = np.random.default_rng(0)
+  logits_ExNxC = rng.normal(size=(3, 50, 7)).astype(np.float32) * 4
+  labels_N = rng.integers(0, 7, 50)
+  out = history.validation_metrics(logits_ExNxC, labels_N, epoch=2.5)
+  assert out["val/epoch"] == 2.5 and len(out) == 1 + 2 * 3
+  for e in range(3):
+    want_ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(logits_ExNxC[e]), jnp.asarray(labels_N))
+    np.testing.assert_allclose(out[f"val/ce_exit{e + 1}"], float(want_ce.mean()), rtol=1e-5)
+    correct = sum(int(np.argmax(logits_ExNxC[e, n]) == labels_N[n]) for n in range(50))
+    assert out[f"val/accuracy_exit{e + 1}"] == correct / 50
+
+
+def write(workdir, lines):
+  with open(os.path.join(workdir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.write("".join(lines))
+
+
+def test_read_leaves_out_a_cut_line_and_series_keeps_the_value_written_last(tmp_path):
+  assert history.read(str(tmp_path)) == []
+  write(str(tmp_path), [json.dumps({"step": 2, "train/loss": 3.0}) + "\n",
+                        json.dumps({"step": 4, "train/loss": 2.0}) + "\n",
+                        json.dumps({"step": 4, "train/loss": 1.5}) + "\n",  # a resumed run wrote step 4 again
+                        json.dumps({"step": 3, "train/loss": 2.5}) + "\n",
+                        '{"step": 6, "train/lo'])  # the process died mid-line
+  records = history.read(str(tmp_path))
+  assert len(records) == 4
+  steps, values = history.series(records, "train/loss")
+  assert steps.tolist() == [2, 3, 4] and values.tolist() == [3.0, 2.5, 1.5]
+
+
+def records_of(val_points, train_points):
+  """val_points: [(step, epoch, [acc per exit])]; train_points: [(step, [acc per exit])]."""
+  records = [{"step": s, **{f"train/accuracy_exit{e + 1}": a for e, a in enumerate(accs)}} for s, accs in train_points]
+  for s, epoch, accs in val_points:
+    records.append({"step": s, "val/epoch": epoch, **{f"val/accuracy_exit{e + 1}": a for e, a in enumerate(accs)}})
+  return records
+
+
+def test_interval_means_weigh_each_chunk_by_its_steps():
+  # Chunks of 2, 2 and 6 steps ending at 2, 4, 10; validation at 4 and 10.
+  records = records_of([], [(2, [0.1]), (4, [0.3]), (10, [0.5])])
+  means = history.interval_means(records, "train/accuracy_exit1", [4, 10, 12])
+  np.testing.assert_allclose(means[:2], [(2 * 0.1 + 2 * 0.3) / 4, 0.5])
+  assert np.isnan(means[2])  # no chunk ended in (10, 12]
+
+
+def test_summary_finds_the_best_epoch_and_the_last():
+  records = records_of([(5, 1.0, [0.4, 0.5]), (10, 2.0, [0.6, 0.7]), (15, 3.0, [0.5, 0.75])],
+                       [(5, [0.45, 0.5]), (10, [0.7, 0.8]), (15, [0.9, 0.95])])
+  rows = history.summary(records)
+  assert [r["exit"] for r in rows] == [1, 2]
+  assert (rows[0]["best_val_accuracy"], rows[0]["best_epoch"], rows[0]["final_val_accuracy"]) == (0.6, 2.0, 0.5)
+  assert (rows[1]["best_val_accuracy"], rows[1]["best_epoch"], rows[1]["final_epoch"]) == (0.75, 3.0, 3.0)
+  assert rows[0]["final_train_accuracy"] == 0.9 and rows[0]["points"] == 3
+  assert history.summary(records_of([], [(5, [0.1])])) == []
+
+
+def test_plot_draws_png_and_pdf_only_for_a_run_that_validated(tmp_path):
+  path = str(tmp_path / "training.png")
+  assert not history.plot(records_of([], [(5, [0.1])]), path) and not os.path.exists(path)
+  records = records_of([(5, 1.0, [0.4]), (10, 2.0, [0.6])], [(5, [0.45]), (10, [0.7])])
+  assert history.plot(records, path, "title")
+  assert os.path.getsize(path) > 1000 and os.path.getsize(str(tmp_path / "training.pdf")) > 1000
