@@ -1,8 +1,9 @@
-"""The peer: eejax's multi-exit ResNet and joint training step, written idiomatically in PyTorch.
+"""The peer: eejax's multi-exit ResNets and MobileNet and the joint training step, written idiomatically in PyTorch.
 
 Only the benchmarks import this (`pip install -e '.[bench]'` brings torch); the
 package never does. Same function as `eejax.models.MultiExitNet` with linear
-heads: 3x3 stem, basic or bottleneck blocks with projection shortcuts, an exit
+heads: 3x3 stem, basic or bottleneck blocks with projection shortcuts (or
+MobileNet's depthwise-separable blocks), an exit
 (global average pool + linear) after each stage. Strided 3x3 convolutions pad
 like XLA's SAME (0 before, 1 after on even sizes) so that both compute the same
 function; `load_flax` copies eejax's parameters in to check that they do.
@@ -16,10 +17,10 @@ from torch import nn
 class Conv(nn.Module):
   """k x k convolution without bias, SAME padding as XLA computes it."""
 
-  def __init__(self, c_in, c_out, k, stride=1):
+  def __init__(self, c_in, c_out, k, stride=1, groups=1):
     super().__init__()
     self.stride, self.k = stride, k
-    self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2 if stride == 1 else 0, bias=False)
+    self.conv = nn.Conv2d(c_in, c_out, k, stride, padding=k // 2 if stride == 1 else 0, groups=groups, bias=False)
 
   def forward(self, x):
     if self.stride > 1 and self.k > 1:
@@ -64,17 +65,30 @@ class Bottleneck(nn.Module):
     return F.relu(h + (x if self.proj is None else self.proj(x)))
 
 
+class Separable(nn.Module):
+  """MobileNet's depthwise-separable block: 3x3 depthwise (the stride), BN, ReLU, 1x1 pointwise, BN, ReLU."""
+  expansion = 1
+
+  def __init__(self, c_in, c, stride):
+    super().__init__()
+    self.conv1, self.bn1 = Conv(c_in, c_in, 3, stride, groups=c_in), bn(c_in)
+    self.conv2, self.bn2 = Conv(c_in, c, 1), bn(c)
+
+  def forward(self, x):
+    return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
 class MultiExitResNet(nn.Module):
   """Exits after every stage (or only the last, single_exit=True); forward returns logits E x B x C."""
 
   def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False,
-               head_dropout=0.0, exit_grad_scale=1.0):
+               head_dropout=0.0, exit_grad_scale=1.0, stem_width=0):
     super().__init__()
     self.head_dropout, self.exit_grad_scale = head_dropout, exit_grad_scale
     widths = [max(1, round(w * width)) for w in stage_widths]
-    self.stem, self.stem_bn = Conv(3, widths[0], 3), bn(widths[0])
+    c_in = max(1, round(stem_width * width)) if stem_width else widths[0]
+    self.stem, self.stem_bn = Conv(3, c_in, 3), bn(c_in)
     self.stages, self.heads = nn.ModuleList(), nn.ModuleList()
-    c_in = widths[0]
     for s, (n, w) in enumerate(zip(stage_sizes, widths)):
       blocks = []
       for i in range(n):
@@ -99,11 +113,12 @@ class MultiExitResNet(nn.Module):
 def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, exit_grad_scale=1.0,
           zero_init_residual=False):
   """The peer of eejax's `arch`; `zero_init_residual` starts each block's last BatchNorm scale at 0, as eejax does."""
-  from eejax.models.resnet import ARCHS, BottleneckBlock  # pylint: disable=g-import-not-at-top
-  spec = ARCHS[arch]
-  block = Bottleneck if spec.block is BottleneckBlock else Basic
+  from eejax.models import mobilenet, resnet  # pylint: disable=g-import-not-at-top
+  spec = resnet.ARCHS[arch]
+  block = {resnet.BasicBlock: Basic, resnet.BottleneckBlock: Bottleneck,
+           mobilenet.DepthwiseSeparableBlock: Separable}[spec.block]
   model = MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
-                          exit_grad_scale)
+                          exit_grad_scale, spec.stem_width)
   if zero_init_residual:
     for m in model.modules():
       if isinstance(m, (Basic, Bottleneck)):

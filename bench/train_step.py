@@ -151,7 +151,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--models", default="resnet18,resnet56")
-  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0, help="ResNet-18 width multiplier")
+  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0, help="width multiplier of ResNet-18/34/50 and MobileNet")
   parser.add_argument("--batch", type=int, default=32 if on_cpu else 512)
   parser.add_argument("--steps", type=int, default=12 if on_cpu else 20)
   parser.add_argument("--steps-per-call", type=int, default=1 if on_cpu else 10,
@@ -171,7 +171,7 @@ def main():
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()} x{jax.device_count()}), host "
         f"{platform.machine()}; jax {jax.__version__}, {peer_line}; {time.strftime('%Y-%m-%d')}")
   for arch in args.models.split(","):
-    width = args.width if arch in ("resnet18", "resnet34", "resnet50") else 1.0
+    width = args.width if arch in ("resnet18", "resnet34", "resnet50", "mobilenet") else 1.0
     if torch is not None:
       ours, theirs = same_function(arch, width)
       print(f"{arch} x{width}: same function check, joint loss eejax {ours:.6f} torch {theirs:.6f} "

@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = False  # True: join the multi-process job JAX finds in the environment (SLURM, MPI, TPU pods)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "resnet18"  # resnet8/20/56/110 (thin) or resnet18/34/50
+  config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50, or mobilenet (v1, SDN's CIFAR one)
   config.model.width = 1.0  # channel multiplier
   config.model.exit_after = config_dict.placeholder(tuple)  # 1-based block numbers; None: after each stage
   config.model.head = "linear"  # linear | pool_conv | erde, for every exit but the last (always linear)

@@ -155,6 +155,13 @@ def evidence_steps(args):
                  *(["--config.model.name=resnet20"] if cpu else [])]
   yield "bts_grid", [py, "launch/bts_grid.py", "--config", "configs/cifar10.py:bts", f"--workdir={work}/bts_grid",
                      *bts_common, *(["--config.bts.epochs=5"] if not cpu else [])]
+  # Last: MobileNet's training step against the same model in PyTorch (depthwise convolutions; XLA:CPU runs
+  # them at 0.16x PyTorch).
+  mobile = (["--width", "0.25", "--batch", "32", "--steps", "2", "--steps-per-call", "1", "--torch-compile", "off"]
+            if cpu else ["--batch", "512", "--steps", "50", "--steps-per-call", "10"])
+  yield "train_step_mobilenet", [py, "bench/train_step.py", "--models", "mobilenet", *mobile,
+                                 "--json", os.path.join(args.root, "train_step_mobilenet.out.json")]
+  yield "depthwise", [py, "bench/depthwise.py", *(["--batch", "8", "--repeats", "2"] if cpu else ["--batch", "512"])]
 
 
 def write_summary(root, names):

@@ -70,9 +70,21 @@ def test_input_pipeline_and_step_breakdown_print_shares_of_the_step_they_measure
     ("threshold_search.py", ["--logits", "/no/such/logits.npz"], "/no/such/logits.npz is missing"),
     ("train_step.py", ["--models", "resnet99", "--steps", "1"], "unknown model 'resnet99'"),
     ("erde_step.py", ["--teacher", "resnet99"], "unknown model 'resnet99'"),
+    ("depthwise.py", ["--channels", "0"], "must be 1 or more"),
 ])
 def test_a_mistake_is_one_line_and_status_2(script, args, words):
   r = bench(script, *args)
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert r.returncode == 2, r.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith(f"bench/{script}: error: ") and words in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("arch, width", [("mobilenet", 0.25), ("resnet8", 0.5)])
+def test_the_pytorch_peer_computes_the_same_function(arch, width):
+  # What bench/train_step.py checks before timing the two: eejax's weights copied into the peer give the same
+  # training-mode joint loss (BatchNorm on the batch, every exit), MobileNet's depthwise convolutions included.
+  pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import train_step  # pylint: disable=g-import-not-at-top
+  ours, theirs = train_step.same_function(arch, width)
+  assert ours == pytest.approx(theirs, rel=1e-5) and ours > 1.0

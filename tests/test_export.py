@@ -20,9 +20,11 @@ def require_onnx():
 
 
 @functools.lru_cache(maxsize=None)
-def small_model(head="pool_conv"):
-  """A 3-exit ResNet-8 at quarter width with random weights, its inputs and the JAX logits (reference)."""
-  model = MultiExitNet("resnet8", 5, width=0.25, head=head, head_width=8)
+def small_model(head="pool_conv", arch="resnet8"):
+  """A 3-exit ResNet-8 (or MobileNet: depthwise convolutions) at quarter width with random weights, its inputs and
+  the JAX logits (reference)."""
+  model = MultiExitNet(arch, 5, width=0.25, head=head, head_width=8,
+                       exit_after=(1, 3) if arch == "mobilenet" else None)
   images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
   variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape), variables)
@@ -31,8 +33,8 @@ def small_model(head="pool_conv"):
   return model, variables, mean, std, images[:, None], reference
 
 
-def check_format(fmt, tmp_path, head="pool_conv", policy="max_prob"):
-  model, variables, mean, std, images, reference = small_model(head)
+def check_format(fmt, tmp_path, head="pool_conv", policy="max_prob", arch="resnet8"):
+  model, variables, mean, std, images, reference = small_model(head, arch)
   _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path), policy)
   rows = export_verify.verify(runner, reference, images, policy)
   assert [r["exit"] for r in rows] == [1, 2, 3]
@@ -74,6 +76,15 @@ def test_onnx_export_of_variables_on_a_mesh(tmp_path):
   import onnx  # pylint: disable=g-import-not-at-top
   graph = onnx.load(str(tmp_path / "model.onnx")).graph
   assert sum(node.op_type == "If" for node in graph.node) >= 1  # the exit decision is a real conditional
+
+
+@pytest.mark.parametrize("fmt", ["stablehlo", "onnx", "tflite"])
+def test_mobilenet_depthwise_convolutions_export(tmp_path, fmt):
+  if fmt == "onnx":
+    require_onnx()
+  if fmt == "tflite":
+    pytest.importorskip("tensorflow", reason="TFLite export needs the 'tflite' extra (TensorFlow), not installed here")
+  check_format(fmt, tmp_path, "linear", arch="mobilenet")
 
 
 def test_tflite_cascade_verifies_every_exit(tmp_path):

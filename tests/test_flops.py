@@ -13,14 +13,16 @@ import pytest
 
 from eejax.flops import exit_macs
 from eejax.models.heads import Conv1dHead
+from eejax.models.mobilenet import DepthwiseSeparableBlock
 from eejax.models import ARCHS, MultiExitNet
 from eejax.models.resnet import conv_macs
 
 # Measured excess of XLA over analytic (jax 0.10.2, CPU): 0.4-0.6% for ResNet-18/34, 1.3-1.6% for
 # ResNet-50, 2.0-2.7% for ResNet-8/20, 3.5-9.2% for ResNet-56/110 (16 channels: element-wise work is
-# a larger share of each layer, and deeper nets have more of it per MAC).
+# a larger share of each layer, and deeper nets have more of it per MAC); MobileNet 9.1% at exit 1 falling to
+# 1.9% at the last (a depthwise convolution does 9 MACs per output, so its BatchNorm and ReLU weigh more).
 TOLERANCE = {"resnet18": 0.01, "resnet34": 0.01, "resnet50": 0.02, "resnet8": 0.03, "resnet20": 0.03,
-             "resnet56": 0.06, "resnet110": 0.10}
+             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10}
 
 
 def test_resnet8_by_hand():
@@ -34,6 +36,27 @@ def test_resnet8_by_hand():
   assert m.head == (160, 320, 640)
   assert m.cumulative == (m.backbone[0] + 160, m.backbone[1] + 480, m.backbone[2] + 1120)
   assert m.full == m.backbone[2] + 640
+
+
+def test_depthwise_separable_block_by_hand():
+  # 3x3 depthwise on 32 channels at stride 2 (16x16 out), then 1x1 from 32 to 64 channels.
+  macs, hwc = DepthwiseSeparableBlock.macs((32, 32, 32), 64, 2)
+  assert (macs, hwc) == (16 * 16 * 9 * 32 + 16 * 16 * 32 * 64, (16, 16, 64))
+  m = exit_macs(MultiExitNet("mobilenet", 10, exit_after=(1,)), (32, 32, 3))
+  stem, block1 = 32 * 32 * 9 * 3 * 32, 32 * 32 * 9 * 32 + 32 * 32 * 32 * 64
+  assert m.backbone[0] == stem + block1 and m.head[0] == 64 * 10
+
+
+def test_mobilenet_whole_by_hand():
+  # SDN's CIFAR MobileNet written out: 3x3 stem to 32 channels, then (channels, stride) per block, each a 3x3
+  # depthwise and a 1x1 pointwise convolution, then the classifier on 1024 channels.
+  total, hw, c = 32 * 32 * 9 * 3 * 32, 32, 32
+  for out, stride in [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), (512, 1), (512, 1), (512, 1),
+                      (512, 1), (512, 1), (1024, 2), (1024, 1)]:
+    hw //= stride
+    total += hw * hw * 9 * c + hw * hw * c * out
+    c = out
+  assert exit_macs(MultiExitNet("mobilenet", 10), (32, 32, 3)).full == total + 1024 * 10 == 46_354_432
 
 
 def test_resnet18_matches_the_usual_figure():

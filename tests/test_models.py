@@ -7,7 +7,7 @@ import pytest
 
 from eejax.errors import UserError
 from eejax.models import ARCHS, HEADS, MultiExitNet
-from eejax.models.resnet import exit_points
+from eejax.models.resnet import block_plan, exit_points
 
 
 def n_params(tree):
@@ -29,10 +29,11 @@ def test_shapes_all_exits(arch, head):
   assert aux["features"][-1].shape[1] == 32 // 2 ** (num_exits - 1)
 
 
-@pytest.mark.parametrize("arch,expected", [("resnet18", 11_173_962), ("resnet50", 23_520_842)])
+@pytest.mark.parametrize("arch,expected", [("resnet18", 11_173_962), ("resnet50", 23_520_842),
+                                           ("mobilenet", 3_217_226)])
 def test_parameter_count_matches_published_single_exit(arch, expected):
-  # The widely used PyTorch CIFAR ResNet-18/50 (3x3 stem, projection shortcuts, 10 classes)
-  # has 11,173,962 / 23,520,842 parameters. Ours adds one dense layer per early exit.
+  # The widely used PyTorch CIFAR ResNet-18/50 (3x3 stem, projection shortcuts, 10 classes) and MobileNet (v1, as
+  # in SDN) have 11,173,962 / 23,520,842 / 3,217,226 parameters. Ours adds one dense layer per early exit.
   model = MultiExitNet(arch, 10)
   variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
   expansion = ARCHS[arch].block.expansion
@@ -119,3 +120,23 @@ def test_exit_grad_scale_scales_what_early_exits_send_into_the_backbone(scale):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   # The final exit is never scaled: its gradient into the backbone is the joint one.
   np.testing.assert_allclose(stem(grads(scaled, -1)), stem(grads(joint, -1)), rtol=1e-6)
+
+
+def test_mobilenet_by_hand():
+  # SDN's CIFAR MobileNet: 32-channel stem, then (channels, stride) per block, no shortcut, 2x2 at the end.
+  plan = [(64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2), *[(512, 1)] * 5, (1024, 2), (1024, 1)]
+  assert block_plan(ARCHS["mobilenet"], 1.0) == plan and ARCHS["mobilenet"].stem_width == 32
+  assert exit_points(ARCHS["mobilenet"], None) == (1, 3, 5, 11, 13)
+  model = MultiExitNet("mobilenet", 10, width=0.25)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  block = variables["params"]["blocks_1"]  # 16 -> 32 channels at width 0.25, stride 2
+  assert block["Conv_0"]["kernel"].shape == (3, 3, 1, 16) and block["Conv_1"]["kernel"].shape == (1, 1, 16, 32)
+  # Every BatchNorm scale starts at 1: with no shortcut, a zero scale would cut the signal.
+  scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"])
+            if path[-1].key == "scale"]
+  assert scales and all(np.all(s == 1) for s in scales)
+  logits, aux = model.apply(variables, x)
+  assert logits.shape == (5, 2, 10) and [f.shape[1:] for f in aux["features"]] == [
+      (32, 32, 16), (16, 16, 32), (8, 8, 64), (4, 4, 128), (2, 2, 256)]
+  assert np.all(np.std(np.asarray(logits[-1]), axis=-1) > 0)  # the signal reaches the final exit

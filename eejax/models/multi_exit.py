@@ -26,7 +26,7 @@ def scale_gradient(x, scale: float):
 
 
 class MultiExitNet(nn.Module):
-  """A CIFAR-style ResNet with classifier heads part-way through.
+  """A CIFAR-style ResNet (or MobileNet) with classifier heads part-way through.
 
   Attributes:
     arch: a name in `eejax.models.resnet.ARCHS`.

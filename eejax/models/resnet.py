@@ -1,8 +1,9 @@
-"""CIFAR-style multi-exit ResNets as pure-functional Flax (linen) modules.
+"""CIFAR-style ResNets as pure-functional Flax (linen) modules, and `ARCHS`, every backbone by name.
 
 All backbones use a 3x3 stride-1 stem (no max-pool), so 32x32 inputs keep full
-resolution in the first stage, and projection shortcuts (1x1 conv + BN) where
-the shape changes. Each block class has a static `macs(hwc, features, strides, count_padding)`
+resolution in the first stage; the ResNets use projection shortcuts (1x1 conv
++ BN) where the shape changes, and MobileNet's blocks are in
+`eejax.models.mobilenet`. Each block class has a static `macs(hwc, features, strides, count_padding)`
 giving (MACs for one image, output hwc); see `eejax.flops`.
 """
 import dataclasses
@@ -14,27 +15,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from eejax.errors import UserError, unknown_name
-
-
-def conv_macs(hw, c_in, c_out, k, strides=1, count_padding=True):
-  """(MACs, output size) of a k x k SAME convolution on an hw x hw x c_in map.
-
-  count_padding=True counts every kernel tap, as papers do (H_out W_out k^2
-  C_in C_out); False counts only taps that land inside the input, as XLA's
-  cost analysis does.
-  """
-  hw_out = -(-hw // strides)
-  if count_padding:
-    taps = hw_out * k
-  else:
-    pad_lo = max((hw_out - 1) * strides + k - hw, 0) // 2
-    taps = sum(0 <= o * strides + t - pad_lo < hw for o in range(hw_out) for t in range(k))
-  return taps * taps * c_in * c_out, hw_out
-
-
-def _norm(train, dtype, **kw):
-  # Statistics are computed in float32 by flax whatever `dtype` is.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, **kw)
+from eejax.models.layers import batch_norm, conv_macs
+from eejax.models.mobilenet import DepthwiseSeparableBlock
 
 
 class BasicBlock(nn.Module):
@@ -48,13 +30,13 @@ class BasicBlock(nn.Module):
   def __call__(self, x_BxHxWxC, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
     h = conv(self.features, (3, 3), self.strides)(x_BxHxWxC)
-    h = nn.relu(_norm(train, self.dtype)(h))
+    h = nn.relu(batch_norm(train, self.dtype)(h))
     h = conv(self.features, (3, 3))(h)
-    h = _norm(train, self.dtype, scale_init=nn.initializers.zeros)(h)
+    h = batch_norm(train, self.dtype, scale_init=nn.initializers.zeros)(h)
     shortcut = x_BxHxWxC
     if shortcut.shape != h.shape:
       shortcut = conv(self.features, (1, 1), self.strides)(x_BxHxWxC)
-      shortcut = _norm(train, self.dtype)(shortcut)
+      shortcut = batch_norm(train, self.dtype)(shortcut)
     return nn.relu(h + shortcut)
 
   @staticmethod
@@ -78,14 +60,14 @@ class BottleneckBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxHxWxC, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype)
-    h = nn.relu(_norm(train, self.dtype)(conv(self.features, (1, 1))(x_BxHxWxC)))
-    h = nn.relu(_norm(train, self.dtype)(conv(self.features, (3, 3), self.strides)(h)))
+    h = nn.relu(batch_norm(train, self.dtype)(conv(self.features, (1, 1))(x_BxHxWxC)))
+    h = nn.relu(batch_norm(train, self.dtype)(conv(self.features, (3, 3), self.strides)(h)))
     h = conv(self.features * 4, (1, 1))(h)
-    h = _norm(train, self.dtype, scale_init=nn.initializers.zeros)(h)
+    h = batch_norm(train, self.dtype, scale_init=nn.initializers.zeros)(h)
     shortcut = x_BxHxWxC
     if shortcut.shape != h.shape:
       shortcut = conv(self.features * 4, (1, 1), self.strides)(x_BxHxWxC)
-      shortcut = _norm(train, self.dtype)(shortcut)
+      shortcut = batch_norm(train, self.dtype)(shortcut)
     return nn.relu(h + shortcut)
 
   @staticmethod
@@ -105,10 +87,11 @@ class Arch:
   block: type
   stage_sizes: Sequence[int]
   stage_widths: Sequence[int]
+  stem: int = 0  # the stem's channels; 0: the first stage's
 
   @property
   def stem_width(self):
-    return self.stage_widths[0]
+    return self.stem or self.stage_widths[0]
 
 
 ARCHS = {
@@ -121,6 +104,8 @@ ARCHS = {
     "resnet18": Arch(BasicBlock, (2, 2, 2, 2), (64, 128, 256, 512)),
     "resnet34": Arch(BasicBlock, (3, 4, 6, 3), (64, 128, 256, 512)),
     "resnet50": Arch(BottleneckBlock, (3, 4, 6, 3), (64, 128, 256, 512)),
+    # The CIFAR MobileNet (v1) of SDN: a stage ends before each stride 2 (eejax.models.mobilenet).
+    "mobilenet": Arch(DepthwiseSeparableBlock, (1, 2, 2, 6, 2), (64, 128, 256, 512, 1024), stem=32),
 }
 
 
