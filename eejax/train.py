@@ -175,7 +175,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               teacher=None if teacher is None else teacher.forward, schedule=schedule)
   chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
   # The validation split is scored at the first chunk boundary on or after every eval.every_epochs epochs.
-  eval_every = round(config.eval.every_epochs * steps_per_epoch)
+  eval_every = max(1, round(config.eval.every_epochs * steps_per_epoch)) if config.eval.every_epochs else 0
   validate = make_validate(model, mesh, ds.val, spec.stats, config, steps_per_epoch)
 
   step = int(state.step)
