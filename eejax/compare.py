@@ -12,8 +12,10 @@ deviation over the group's runs. Every group after the first is compared with
 the first on the final exit: the difference of the means with its 95%
 confidence interval (Welch's t), so a gain within the seeds' spread reads as
 such. Writes DIR/compare.md, compare.json and compare.png (the fitted
-settings' test accuracy against MACs, with error bars, and each exit), and
-prints the table. Nothing is trained or evaluated again.
+settings' test accuracy against MACs, with error bars, and each exit), where
+the runs validated during training compare_training.png (the final exit's
+validation accuracy against epochs, mean ± std per group), and prints the
+table. Nothing is trained or evaluated again.
 """
 import glob
 import json
@@ -31,7 +33,7 @@ if __name__ == "__main__":  # Ctrl-C while the imports below load: one line, not
 import numpy as np
 from scipy import stats  # comes with jax
 
-from eejax import latex, workdirs
+from eejax import history, latex, workdirs
 from eejax.errors import UserError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -124,9 +126,29 @@ def compare(groups: list[tuple[str, list[str]]], policy: str = "max_prob") -> di
                 "runs": [{"workdir": r["workdir"], "seed": r["seed"], **row} for r, row in zip(runs, rows)],
                 "summary": {c: summary(row.get(c) for row in rows) for c in columns},
                 "final": [row["final exit"] for row in rows]})
+    out[-1]["val_curve"] = val_curve(found, len(first["exits"]))
   for group in out[1:]:
     group["final_vs_first"] = welch(group["final"], out[0]["final"])
   return {"policy": policy, "groups": out}
+
+
+def val_curve(workdirs_found, num_exits: int) -> dict | None:
+  """The final exit's validation accuracy during training (`eejax.history`), mean and sample std over the runs at
+  every step all of them validated; None unless every run validated during training."""
+  curves = []
+  for workdir in workdirs_found:
+    records = history.read(workdir)
+    steps_K, acc_K = history.series(records, f"val/accuracy_exit{num_exits}")
+    if not len(steps_K):
+      return None
+    epoch_of = dict(zip(*(a.tolist() for a in history.series(records, "val/epoch"))))
+    curves.append({int(s): (epoch_of[int(s)], float(a)) for s, a in zip(steps_K, acc_K)})
+  common = sorted(set.intersection(*(set(c) for c in curves)))
+  if not common:
+    return None
+  acc_RxK = np.array([[c[s][1] for s in common] for c in curves])
+  return {"epochs": [curves[0][s][0] for s in common], "mean": acc_RxK.mean(0).tolist(),
+          "std": acc_RxK.std(0, ddof=1).tolist() if len(curves) > 1 else None, "runs": len(curves)}
 
 
 def _cell(s: dict, scale: float = 100.0) -> str:
@@ -155,6 +177,9 @@ def markdown(result: dict, command: str = "") -> str:
       verdict = "within the seeds' spread" if w["low"] <= 0 <= w["high"] else ("better" if w["low"] > 0 else "worse")
       lines.append(f"- {g['label']}: {100 * w['difference']:+.2f} points [{100 * w['low']:+.2f}, "
                    f"{100 * w['high']:+.2f}]: {verdict}")
+  if any(g.get("val_curve") for g in groups):
+    lines += ["", "`compare_training.png`: the final exit's validation accuracy during training, mean ± standard "
+              "deviation over each group's runs."]
   return "\n".join(lines) + "\n"
 
 
@@ -188,13 +213,38 @@ def plot(result: dict, path: str) -> None:
   report.save_figure(fig, path)
 
 
+def plot_training(result: dict, path: str) -> bool:
+  """The final exit's validation accuracy against epochs, one line per group (a band: ± the std over its runs);
+  False, drawing nothing, when no group validated during training."""
+  groups = [g for g in result["groups"] if g.get("val_curve")]
+  if not groups:
+    return False
+  from eejax import report  # pylint: disable=g-import-not-at-top  # matplotlib only where a figure is drawn
+  fig, ax = report.plt.subplots(figsize=(6, 4), dpi=120)
+  for g in groups:
+    curve = g["val_curve"]
+    epochs, mean = np.array(curve["epochs"]), 100 * np.array(curve["mean"])
+    line, = ax.plot(epochs, mean, ".-", ms=3, lw=1.2, label=f"{g['label']} ({curve['runs']} runs)")
+    if curve["std"] is not None:
+      std = 100 * np.array(curve["std"])
+      ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+  ax.set_xlabel("epoch")
+  ax.set_ylabel("final exit, validation accuracy (%)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="lower right")
+  report.save_figure(fig, path)
+  return True
+
+
 def write(result: dict, out_dir: str, command: str = "") -> str:
-  """compare.md (its tables also as compare.tex), compare.json and compare.png in out_dir; returns the markdown."""
+  """compare.md (its tables also as compare.tex), compare.json, compare.png and, where the runs validated during
+  training, compare_training.png in out_dir; returns the markdown."""
   os.makedirs(out_dir, exist_ok=True)
   text = markdown(result, command)
   latex.write_markdown(os.path.join(out_dir, "compare.md"), text)
   workdirs.write_json(os.path.join(out_dir, "compare.json"), {"command": command, **result})
   plot(result, os.path.join(out_dir, "compare.png"))
+  plot_training(result, os.path.join(out_dir, "compare_training.png"))
   return text
 
 

@@ -87,6 +87,31 @@ def test_mistakes_are_user_errors(tmp_path):
     compare.compare([compare.expand(str(tmp_path / "bad"))])
 
 
+def write_history(folder, steps, accuracies, epochs_per_step=0.2):
+  """metrics.jsonl with training lines and the final (second) exit's validation accuracy at `steps`."""
+  with open(os.path.join(folder, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    for step, acc in zip(steps, accuracies):
+      f.write(json.dumps({"step": step, "train/loss": 1.0}) + "\n")
+      f.write(json.dumps({"step": step, "val/epoch": step * epochs_per_step, "val/accuracy_exit1": 0.1,
+                          "val/accuracy_exit2": acc}) + "\n")
+
+
+def test_validation_curves_pool_over_the_steps_every_run_validated(tmp_path):
+  for seed, accs in enumerate([[0.5, 0.6, 0.7], [0.4, 0.7, 0.8, 0.9]]):  # the second run validated once more
+    fake_run(str(tmp_path / "a" / f"s{seed}"), seed, 0.8)
+    write_history(str(tmp_path / "a" / f"s{seed}"), [5, 10, 15, 20][:len(accs)], accs)
+  fake_run(str(tmp_path / "b" / "s0"), 0, 0.8)  # a run from before validation during training: no curve
+  result = compare.compare([compare.expand(f"a={tmp_path}/a/s*"), compare.expand(f"b={tmp_path}/b/s*")])
+  curve = result["groups"][0]["val_curve"]
+  assert curve["epochs"] == [1.0, 2.0, 3.0] and curve["runs"] == 2
+  np.testing.assert_allclose(curve["mean"], [0.45, 0.65, 0.75])
+  np.testing.assert_allclose(curve["std"], [np.std([0.5, 0.4], ddof=1)] * 3)
+  assert result["groups"][1]["val_curve"] is None
+  compare.write(result, str(tmp_path / "out"))
+  assert (tmp_path / "out" / "compare_training.png").exists() and (tmp_path / "out" / "compare_training.pdf").exists()
+  assert "compare_training.png" in (tmp_path / "out" / "compare.md").read_text()
+
+
 def test_the_command_writes_the_table_and_the_figure_or_one_line(tmp_path):
   for seed in range(2):
     fake_run(str(tmp_path / "r" / f"s{seed}"), seed, 0.8 + seed / 100)
