@@ -51,6 +51,9 @@ confidence-sorted predictions whose precision clears the bar); `bts.cpm=absolute
 reading (the lowest threshold whose precision is at least the backbone's minus the margin). A class with
 no valid threshold never exits at that branch.
 
+Other backbones by name: --config.model.name=resnet20 (or 8/56/110, 34/50), or mobilenet (SDN's CIFAR
+MobileNet, v1), e.g. with --config.model.width=0.5 at ResNet-8's MACs (README.md, "MobileNet at ResNet-8's cost").
+
 Every leaf can be overridden, e.g. `--config.train.epochs=10`.
 """
 import ml_collections
