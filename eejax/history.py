@@ -15,12 +15,12 @@ import numpy as np
 
 def validation_metrics(logits_ExNxC, labels_N, epoch: float) -> dict:
   """{'val/accuracy_exitK', 'val/ce_exitK' for every exit, 'val/epoch'}: float64 numpy, independent of JAX."""
-  logits = np.asarray(logits_ExNxC, np.float64)
-  shifted = logits - logits.max(-1, keepdims=True)
-  logp_ExNxC = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  logits_ExNxC = np.asarray(logits_ExNxC, np.float64)
+  shifted_ExNxC = logits_ExNxC - logits_ExNxC.max(-1, keepdims=True)
+  logp_ExNxC = shifted_ExNxC - np.log(np.exp(shifted_ExNxC).sum(-1, keepdims=True))
   labels_N = np.asarray(labels_N)
   ce_E = -np.take_along_axis(logp_ExNxC, labels_N[None, :, None], -1)[..., 0].mean(-1)
-  acc_E = (logits.argmax(-1) == labels_N[None]).mean(-1)
+  acc_E = (logits_ExNxC.argmax(-1) == labels_N[None]).mean(-1)
   out = {"val/epoch": float(epoch)}
   for e, (acc, ce) in enumerate(zip(acc_E, ce_E)):
     out[f"val/accuracy_exit{e + 1}"], out[f"val/ce_exit{e + 1}"] = float(acc), float(ce)
