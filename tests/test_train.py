@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, read_events, run_main, smoke_args
 from configs import cifar10
-from eejax import run, state, train
+from eejax import history, run, state, train
 from eejax.errors import UserError
 
 
@@ -97,6 +97,10 @@ def test_restart_resumes_and_nan_stops_with_the_step(tiny_tree, tmp_path):
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
   assert steps[-1] == 3 * (88 // 16) and any(a.shape and not np.array_equal(a, b)
                                                   for a, b in zip(first, params_of(workdir)))
+  # The history runs on across the two jobs: validated after epochs 1.2 and 2 (the first job's end), then 3.
+  rows = history.summary(history.read(workdir))
+  assert [r["points"] for r in rows] == [3, 3, 3] and rows[0]["final_epoch"] == 3.0
+  assert history.series(history.read(workdir), "val/epoch")[1].tolist() == [6 / 5, 2.0, 3.0]
   # Step 1's loss comes from the initial parameters; its NaN update makes step 2's loss the first NaN.
   nan = smoke_config(tiny_tree, str(tmp_path / "c"), **{"train.learning_rate": float("nan"), "train.steps_per_call": 1})
   with pytest.raises(UserError, match=r"loss became nan at step 2; .*no checkpoint yet.*learning_rate"):
