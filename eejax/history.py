@@ -6,6 +6,12 @@ After training, `summary` gives each exit's best and final validation accuracy
 (is the final exit still improving, or past its best?) and `plot` draws
 `training.png`: per exit, the training accuracy over each epoch (augmented,
 dashed) against the validation accuracy at its end (solid).
+
+  python -m eejax.history --workdir W [--out DIR]
+
+prints that table for a run, finished or still training, and draws its
+training.png (into DIR, by default the workdir): how a run is going, without
+TensorBoard.
 """
 import json
 import os
@@ -104,3 +110,40 @@ def plot(records, path: str, title: str = "") -> bool:
   ax.legend(fontsize=7, loc="lower right", ncol=2)
   report.save_figure(fig, path)
   return True
+
+
+def show(workdir: str, out: str | None = None) -> str:
+  """The validation table of `workdir` so far, as Markdown; draws OUT/training.png (OUT: the workdir)."""
+  from eejax import report  # pylint: disable=g-import-not-at-top
+  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(workdir):
+    raise UserError(f"{workdir!r} is not a folder: give --workdir of a run")
+  records = read(workdir)
+  rows = summary(records)
+  if not rows:
+    raise UserError(f"{workdir}/metrics.jsonl holds no validation during training yet: a run scores the validation "
+                    "split every eval.every_epochs epochs (1 by default); wait for the first, or train with "
+                    "eval.every_epochs > 0")
+  out = out or workdir
+  os.makedirs(out, exist_ok=True)
+  plot(records, os.path.join(out, "training.png"), workdir)
+  return "\n".join(report.history_table(rows) + ["", f"Figure: {os.path.join(out, 'training.png')}"])
+
+
+def main(argv) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from eejax import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f"unexpected arguments {' '.join(argv[1:])}; give --workdir W [--out DIR]", "eejax.history")
+  f = flags.FLAGS
+  if not f.workdir:
+    cli.fail("give --workdir of a run, finished or still training", "eejax.history")
+  print(cli.guarded(lambda: show(f.workdir, f.out), "eejax.history"))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from eejax import cli  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "A run's workdir, finished or still training.")
+  flags.DEFINE_string("out", None, "Folder for training.png and training.pdf (default: the workdir).")
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, "eejax.history"))

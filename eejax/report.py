@@ -89,8 +89,13 @@ def history_lines(report: dict) -> list[str]:
            f"Every exit on the validation split ({report['splits']['val']} images, inference mode) after about "
            f"every {every}, {rows[0]['points']} times (training.png). Training accuracy: its mean since the "
            "validation before the last, on augmented batches in training mode. Everything else in this report uses "
-           "the final weights.", "",
-           "| exit | best validation accuracy (%) | at epoch | final validation accuracy (%) | at epoch "
+           "the final weights.", ""]
+  return lines + history_table(rows)
+
+
+def history_table(rows) -> list[str]:
+  """`eejax.history.summary`'s rows as a Markdown table."""
+  lines = ["| exit | best validation accuracy (%) | at epoch | final validation accuracy (%) | at epoch "
            "| final training accuracy (%) |", "|---:|---:|---:|---:|---:|---:|"]
   for r in rows:
     lines.append(f"| {r['exit']} | {_pct(r['best_val_accuracy'])} | {r['best_epoch']:.1f} "

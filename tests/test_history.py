@@ -1,12 +1,18 @@
-"""A run's history: validation scores against optax, metrics.jsonl read back, per-epoch means, summary, figure."""
+"""A run's history: validation scores against optax, metrics.jsonl read back, per-epoch means, summary, figure,
+and `python -m eejax.history`."""
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from conftest import REPO
 from eejax import history
+from eejax.errors import UserError
 
 
 def test_validation_metrics_match_optax_and_count_correct_answers():
@@ -73,3 +79,18 @@ def test_plot_draws_png_and_pdf_only_for_a_run_that_validated(tmp_path):
   records = records_of([(5, 1.0, [0.4]), (10, 2.0, [0.6])], [(5, [0.45]), (10, [0.7])])
   assert history.plot(records, path, "title")
   assert os.path.getsize(path) > 1000 and os.path.getsize(str(tmp_path / "training.pdf")) > 1000
+
+
+def test_show_tells_how_a_run_is_going_and_a_mistake_is_one_line(tmp_path):
+  records = records_of([(5, 1.0, [0.4]), (10, 2.0, [0.6])], [(5, [0.45]), (10, [0.7])])
+  write(str(tmp_path), [json.dumps(r) + "\n" for r in records] + ['{"step": 12, "train/acc'])  # still writing
+  text = history.show(str(tmp_path), str(tmp_path / "out"))
+  assert "| 1 | 60.00 | 2.0 | 60.00 | 2.0 | 70.00 |" in text and (tmp_path / "out" / "training.png").exists()
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(UserError, match="no validation during training yet"):
+    history.show(str(empty))
+  r = subprocess.run([sys.executable, "-m", "eejax.history", f"--workdir={tmp_path / 'none'}"], cwd=REPO,
+                     capture_output=True, text=True, check=False)
+  assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+      f"eejax.history: error: '{tmp_path / 'none'}' is not a folder: give --workdir of a run"]
