@@ -141,7 +141,7 @@ def val_curve(workdirs_found, num_exits: int) -> dict | None:
     steps_K, acc_K = history.series(records, f"val/accuracy_exit{num_exits}")
     if not len(steps_K):
       return None
-    epoch_of = dict(zip(*(a.tolist() for a in history.series(records, "val/epoch"))))
+    epoch_of = history.epochs(records)
     curves.append({int(s): (epoch_of[int(s)], float(a)) for s, a in zip(steps_K, acc_K)})
   common = sorted(set.intersection(*(set(c) for c in curves)))
   if not common:

@@ -200,18 +200,23 @@ def timed_rate(fn, n: int, repeats: int = 1):
 
 
 def evaluate_and_report(model, variables, ds: Dataset, macs: ExitMacs, config, workdir: str, mesh, stats,
-                        method: str | None = None, extra: dict | None = None, step: int | None = None) -> dict:
+                        method: str | None = None, extra: dict | None = None, step: int | None = None,
+                        predict_fn=None, val_logits=None) -> dict:
   """Computes every exit's val and test logits once, then the report; writes the files.
 
   stats: the run's (mean_C, std_C), `eejax.run.RunSpec.stats`. Besides the report, thresholds.json gets every
   per-exit setting fitted on validation (one per fitted policy and budget). `step`, the checkpoint step of
   `variables`, is written into every file, so that a later reader never pairs them with another step's weights.
+  `predict_fn` (`make_predict_fn`'s, already compiled) and `val_logits` (of these very `variables`, from the
+  validation at the end of training) spare a compilation and a pass over the validation split.
   """
   mean_C, std_C = stats
-  predict_fn = make_predict_fn(model, mesh)
-  logits = {name: predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size,
-                          f"evaluating the {name} split", config.log.every_s)
-            for name, split in (("val", ds.val), ("test", ds.test))}
+  predict_fn = predict_fn or make_predict_fn(model, mesh)
+  logits = {} if val_logits is None else {"val": val_logits}
+  for name, split in (("val", ds.val), ("test", ds.test)):
+    if name not in logits:
+      logits[name] = predict(predict_fn, variables, split.images_NxHxWx3, mean_C, std_C, config.eval.batch_size,
+                             f"evaluating the {name} split", config.log.every_s)
   acc_E = exit_accuracy(logits["test"], ds.test.labels_N)
   val, test = (logits["val"], ds.val.labels_N), (logits["test"], ds.test.labels_N)
   fitted = {p: fitted_report(val, test, macs, p, config.eval.budgets) for p in config.eval.fit_policies}

@@ -71,6 +71,11 @@ def interval_means(records, name: str, at_steps_K) -> np.ndarray:
   return np.array(out, dtype=np.float64)
 
 
+def epochs(records) -> dict:
+  """{step: epoch} of every validation during training."""
+  return dict(zip(*(a.tolist() for a in series(records, "val/epoch"))))
+
+
 def num_exits(records) -> int:
   return sum(1 for name in {k for r in records for k in r} if name.startswith("val/accuracy_exit"))
 
@@ -78,7 +83,7 @@ def num_exits(records) -> int:
 def summary(records) -> list[dict]:
   """Per exit: the best validation accuracy and its epoch, the last one, and the last training accuracy; [] when
   the run never validated during training."""
-  epoch_of = dict(zip(*(a.tolist() for a in series(records, "val/epoch"))))  # step -> epoch
+  epoch_of = epochs(records)
   rows = []
   for e in range(1, num_exits(records) + 1):
     steps_K, acc_K = series(records, f"val/accuracy_exit{e}")

@@ -106,17 +106,16 @@ def _summary(metrics_S) -> dict:
   return out
 
 
-def make_validate(model, mesh, val: data.Split, stats, config, steps_per_epoch: int):
-  """(state, step) -> every exit's accuracy and cross-entropy on the validation split, in inference mode
-  (`eejax.history.validation_metrics`)."""
-  predict_fn = evaluate.make_predict_fn(model, mesh)
+def make_validate(predict_fn, val: data.Split, stats, config, steps_per_epoch: int):
+  """(state, step) -> (every exit's accuracy and cross-entropy on the validation split, in inference mode
+  (`eejax.history.validation_metrics`), and the logits_ExNxC they came from)."""
   mean_C, std_C = stats
 
-  def validate(state: TrainState, step: int) -> dict:
+  def validate(state: TrainState, step: int):
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     logits_ExNxC = evaluate.predict(predict_fn, variables, val.images_NxHxWx3, mean_C, std_C,
                                     config.eval.batch_size, "validating", max(10.0, config.log.every_s))
-    return history.validation_metrics(logits_ExNxC, val.labels_N, step / steps_per_epoch)
+    return history.validation_metrics(logits_ExNxC, val.labels_N, step / steps_per_epoch), logits_ExNxC
   return validate
 
 
@@ -176,7 +175,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
   # The validation split is scored at the first chunk boundary on or after every eval.every_epochs epochs.
   eval_every = max(1, round(config.eval.every_epochs * steps_per_epoch)) if config.eval.every_epochs else 0
-  validate = make_validate(model, mesh, ds.val, spec.stats, config, steps_per_epoch)
+  predict_fn = evaluate.make_predict_fn(model, mesh)  # one compilation for validation and the final evaluation
+  validate = make_validate(predict_fn, ds.val, spec.stats, config, steps_per_epoch)
+  final_val_logits = None  # the last validation's, when it scored the final weights: the report reuses them
 
   step = int(state.step)
   last_saved = step if mngr.latest_step() is not None else None
@@ -214,7 +215,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
           pull(pending)
           pending = None
           with progress.paused():  # not training time
-            scores = validate(state, step)
+            scores, val_logits = validate(state, step)
+          final_val_logits = val_logits if step == total_steps else None
           writer.write(step, scores)
           progress.note = f"val {100 * scores[f'val/accuracy_exit{model.num_exits}']:.2f}%"
         crossed_save = crossed(config.checkpoint.every_steps)
@@ -239,7 +241,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if scheme.report is not None:
       extra.update(scheme.report(state.params))
     report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra,
-                                          step=step)
+                                          step=step, predict_fn=predict_fn, val_logits=final_val_logits)
     writer.write(step, {f"test/accuracy_exit{e['exit']}": e["accuracy"] for e in report["exits"]})
     if on_main_process():
       history.plot(records, os.path.join(workdir, "training.png"),

@@ -155,8 +155,8 @@ def evidence_steps(args):
                  *(["--config.model.name=resnet20"] if cpu else [])]
   yield "bts_grid", [py, "launch/bts_grid.py", "--config", "configs/cifar10.py:bts", f"--workdir={work}/bts_grid",
                      *bts_common, *(["--config.bts.epochs=5"] if not cpu else [])]
-  # Last: MobileNet's training step against the same model in PyTorch (depthwise convolutions; XLA:CPU runs
-  # them at 0.16x PyTorch).
+  # Last: MobileNet's training step against the same model in PyTorch, and its depthwise layer alone (on the
+  # 2-core CPU: 0.22x PyTorch's step, 0.02x its depthwise layer; BENCHMARKS.md).
   mobile = (["--width", "0.25", "--batch", "32", "--steps", "2", "--steps-per-call", "1", "--torch-compile", "off"]
             if cpu else ["--batch", "512", "--steps", "50", "--steps-per-call", "10"])
   yield "train_step_mobilenet", [py, "bench/train_step.py", "--models", "mobilenet", *mobile,
