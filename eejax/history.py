@@ -76,6 +76,15 @@ def epochs(records) -> dict:
   return dict(zip(*(a.tolist() for a in series(records, "val/epoch"))))
 
 
+def missed(records, step: int, every: int, total_steps: int) -> bool:
+  """Whether a run resuming at `step` lacks the validation of its last interval: the loop validates at the first
+  chunk boundary on or after every multiple of `every` steps and at `total_steps`, but not when a stop lands
+  there. The records of steps after `step` (trained before a crash, to be trained again) do not count."""
+  steps_K = series(records, "val/epoch")[0]
+  due = step if step == total_steps else step // every * every
+  return due > 0 and not np.any((steps_K >= due) & (steps_K <= step))
+
+
 def num_exits(records) -> int:
   return sum(1 for name in {k for r in records for k in r} if name.startswith("val/accuracy_exit"))
 

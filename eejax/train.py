@@ -197,9 +197,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
       _check_finite(metrics, first, last_saved)
       end = first + len(metrics["loss"])
       writer.write(end, _summary(metrics))
-      progress.update(end, float(metrics["loss"][-1]))
+      progress.update(end, float(metrics["loss"][-1]), force=end == total_steps and not eval_every)  # else refreshed
+
+    def validate_now(state, step):  # scores to the writer and the progress line; the logits at the end, else None
+      with progress.paused():  # not training time
+        scores, val_logits = validate(state, step)
+      writer.write(step, scores)
+      progress.note = f"val {100 * scores[f'val/accuracy_exit{model.num_exits}']:.2f}%"
+      progress.refresh()
+      return val_logits if step == total_steps else None
 
     with checkpoint.StopSignal() as stop:
+      # A stop that landed on a validation boundary saved without validating: the resumed run does it first.
+      if eval_every and collectives.any_process(
+          on_main_process() and history.missed(history.read(workdir), step, eval_every, total_steps)):
+        final_val_logits = validate_now(state, step)
       while step < total_steps:
         n = min(per_call, total_steps - step)
         if n not in chunks:
@@ -214,11 +226,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if eval_every and not stop_now and (crossed(eval_every) or step == total_steps):
           pull(pending)
           pending = None
-          with progress.paused():  # not training time
-            scores, val_logits = validate(state, step)
-          final_val_logits = val_logits if step == total_steps else None
-          writer.write(step, scores)
-          progress.note = f"val {100 * scores[f'val/accuracy_exit{model.num_exits}']:.2f}%"
+          final_val_logits = validate_now(state, step)
         crossed_save = crossed(config.checkpoint.every_steps)
         if stop_now or crossed_save or step == total_steps:
           pull(pending)

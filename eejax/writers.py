@@ -107,6 +107,7 @@ class Progress:
     self._last_print = self._paused_s = 0.0
     self.active = on_main_process()
     self.note = ""
+    self._last = None  # (step, loss) of the last update
 
   @contextlib.contextmanager
   def paused(self):
@@ -125,6 +126,7 @@ class Progress:
     now = time.perf_counter()
     if self._start is None:
       self._start, self._start_step = now, step
+    self._last = step, loss
     if not self.active or (not force and not self.tty and now - self._last_print < self.every_s):
       return
     self._last_print = now
@@ -135,6 +137,11 @@ class Progress:
             f"{rate * self.batch_size:,.0f} img/s ETA {hms(eta) if rate else '?'}{' ' + self.note if self.note else ''}")
     self.stream.write(("\r" + line + "\033[K") if self.tty else line + "\n")
     self.stream.flush()
+
+  def refresh(self) -> None:
+    """The last update's line again, printed now, with the current note (a new validation accuracy)."""
+    if self._last is not None:
+      self.update(*self._last, force=True)
 
   def images_per_second(self, step: int) -> float:
     if self._start is None or step == self._start_step:

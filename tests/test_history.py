@@ -62,6 +62,21 @@ def test_interval_means_weigh_each_chunk_by_its_steps():
   assert np.isnan(means[2])  # no chunk ended in (10, 12]
 
 
+def test_missed_finds_the_validation_a_stop_at_its_boundary_skipped():
+  # Epochs of 5 steps, 2-step chunks: the loop validates at 6, 10, 16, 20 (and at the end, 20).
+  val = lambda *steps: [{"step": s, "val/epoch": s / 5} for s in steps] + [{"step": 8, "train/loss": 1.0}]
+  assert not history.missed([], 0, 5, 20)  # a fresh run
+  assert not history.missed([], 4, 5, 20)  # stopped before the first interval ended
+  assert history.missed([], 6, 5, 20)  # stopped at the first boundary: nothing written
+  assert not history.missed(val(6), 6, 5, 20) and not history.missed(val(6), 8, 5, 20)
+  assert history.missed(val(6), 10, 5, 20)  # stopped at step 10, the second boundary
+  assert not history.missed(val(6, 10), 12, 5, 20)
+  assert history.missed(val(6, 10, 16), 20, 5, 20)  # stopped at the last step: the final validation is due
+  assert not history.missed(val(6, 10, 16, 20), 20, 5, 20)
+  # Records from past the checkpoint (a crash after step 16's validation, resumed from 12) do not count.
+  assert not history.missed(val(6, 10, 16), 12, 5, 20) and history.missed(val(16), 12, 5, 20)
+
+
 def test_summary_finds_the_best_epoch_and_the_last():
   records = records_of([(5, 1.0, [0.4, 0.5]), (10, 2.0, [0.6, 0.7]), (15, 3.0, [0.5, 0.75])],
                        [(5, [0.45, 0.5]), (10, [0.7, 0.8]), (15, [0.9, 0.95])])

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, read_events, run_main, smoke_args
 from configs import cifar10
-from eejax import history, run, state, train
+from eejax import checkpoint, history, run, state, train
 from eejax.errors import UserError
 
 
@@ -109,6 +109,37 @@ def test_restart_resumes_and_nan_stops_with_the_step(tiny_tree, tmp_path):
   assert [json.loads(l)["step"] for l in open(tmp_path / "nan" / "metrics.jsonl", encoding="utf-8")] == [1]
   assert [(step, tag) for step, tag, _ in read_events(tmp_path / "nan" / "tb") if tag == "train/loss"] == [
       (1, "train/loss")]
+
+
+def test_a_stop_at_a_validation_boundary_validates_first_on_resume(tiny_tree, tmp_path, monkeypatch):
+  # The stop saves at once; the resumed run scores step 6's weights before training on, so its history is the
+  # uninterrupted run's: validated at 6 (the first 2-step chunk boundary after epoch 1) and 10.
+  real, calls = train.make_train_chunk, []
+
+  def stopping(*args):
+    chunk = real(*args)
+
+    def call(*inputs):
+      out = chunk(*inputs)
+      calls.append(1)
+      if len(calls) == 3:  # a SIGTERM during the chunk that ends at step 6
+        os.kill(os.getpid(), signal.SIGTERM)
+      return out
+    return call
+
+  monkeypatch.setattr(train, "make_train_chunk", stopping)
+  config, workdir = smoke_config(tiny_tree, str(tmp_path / "c")), str(tmp_path / "w")
+  with pytest.raises(checkpoint.Stopped, match="stopped by SIGTERM at step 6"):
+    train.train_and_evaluate(config, workdir)
+  assert history.series(history.read(workdir), "val/epoch")[0].tolist() == []
+  monkeypatch.undo()
+  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, str(tmp_path / "ref"))
+  got, want = history.read(workdir), history.read(str(tmp_path / "ref"))
+  assert history.series(got, "val/epoch")[0].tolist() == [6, 10]
+  for e in (1, 2, 3):
+    np.testing.assert_array_equal(history.series(got, f"val/accuracy_exit{e}")[1],
+                                  history.series(want, f"val/accuracy_exit{e}")[1])
 
 
 def test_init_from_checks_the_model(tiny_tree, tmp_path):

@@ -108,3 +108,6 @@ def test_progress_leaves_paused_time_out_of_the_rate_and_ends_with_its_note(monk
   progress.update(10, 0.5)
   assert progress.images_per_second(10) == 10 * 8 / 2.0
   assert out.getvalue().splitlines()[-1] == "step 10/40 (25%) loss 0.5000 40 img/s ETA 0m06s val 50.00%"
+  progress.note, progress.every_s = "val 60.00%", 1e9  # a new validation: the same line again, at once, with it
+  progress.refresh()
+  assert out.getvalue().splitlines()[-1] == "step 10/40 (25%) loss 0.5000 40 img/s ETA 0m06s val 60.00%"
