@@ -1,9 +1,10 @@
-"""The peer: eejax's multi-exit ResNets and MobileNet and the joint training step, written idiomatically in PyTorch.
+"""The peer: eejax's multi-exit ResNets, MobileNet and VGG and the joint training step, written idiomatically in PyTorch.
 
 Only the benchmarks import this (`pip install -e '.[bench]'` brings torch); the
 package never does. Same function as `eejax.models.MultiExitNet` with linear
 heads: 3x3 stem, basic or bottleneck blocks with projection shortcuts (or
-MobileNet's depthwise-separable blocks), an exit
+MobileNet's depthwise-separable blocks, or VGG's convolutions with a max-pool
+ending each stage and its three-layer classifier), an exit
 (global average pool + linear) after each stage. Strided 3x3 convolutions pad
 like XLA's SAME (0 before, 1 after on even sizes) so that both compute the same
 function; `load_flax` copies eejax's parameters in to check that they do.
@@ -78,13 +79,33 @@ class Separable(nn.Module):
     return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
 
 
+class Vgg(nn.Module):
+  """VGG's block: 3x3 convolution, BN, ReLU; stride 2 means a 2x2 max-pool after it (a stage's end)."""
+  expansion = 1
+
+  def __init__(self, c_in, c, stride):
+    super().__init__()
+    self.conv1, self.bn1, self.pool = Conv(c_in, c, 3), bn(c), stride == 2
+
+  def forward(self, x):
+    h = F.relu(self.bn1(self.conv1(x)))
+    return F.max_pool2d(h, 2) if self.pool else h
+
+
+def mlp(c_in, width, num_classes, dropout):
+  """VGG's classifier: two hidden dense layers (ReLU, dropout after each), then the output layer."""
+  return nn.Sequential(nn.Linear(c_in, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.ReLU(),
+                       nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+
 class MultiExitResNet(nn.Module):
   """Exits after every stage (or only the last, single_exit=True); forward returns logits E x B x C."""
 
   def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False,
-               head_dropout=0.0, exit_grad_scale=1.0, stem_width=0):
+               head_dropout=0.0, exit_grad_scale=1.0, stem_width=0, pool_last=False, final_mlp=None):
+    """pool_last: a stage's last block halves the size (VGG); final_mlp: (width, dropout) of VGG's classifier."""
     super().__init__()
-    self.head_dropout, self.exit_grad_scale = head_dropout, exit_grad_scale
+    self.head_dropout, self.exit_grad_scale, self.final_mlp = head_dropout, exit_grad_scale, final_mlp
     widths = [max(1, round(w * width)) for w in stage_widths]
     c_in = max(1, round(stem_width * width)) if stem_width else widths[0]
     self.stem, self.stem_bn = Conv(3, c_in, 3), bn(c_in)
@@ -92,33 +113,39 @@ class MultiExitResNet(nn.Module):
     for s, (n, w) in enumerate(zip(stage_sizes, widths)):
       blocks = []
       for i in range(n):
-        blocks.append(block(c_in, w, 2 if (s > 0 and i == 0) else 1))
+        blocks.append(block(c_in, w, 2 if (i == n - 1 if pool_last else s > 0 and i == 0) else 1))
         c_in = w * block.expansion
       self.stages.append(nn.Sequential(*blocks))
       last = s == len(stage_sizes) - 1
-      self.heads.append(nn.Linear(c_in, num_classes) if (last or not single_exit) else None)
+      head = mlp(c_in, round(final_mlp[0] * width), num_classes, final_mlp[1]) if last and final_mlp else (
+          nn.Linear(c_in, num_classes))
+      self.heads.append(head if (last or not single_exit) else None)
 
   def forward(self, x):
     h, out = F.relu(self.stem_bn(self.stem(x))), []
     for s, (stage, head) in enumerate(zip(self.stages, self.heads)):
       h = stage(h)
       if head is not None:
-        to_head = h
-        if s < len(self.stages) - 1 and self.exit_grad_scale != 1.0:  # the early exit's gradient, scaled
+        last, to_head = s == len(self.stages) - 1, h
+        if not last and self.exit_grad_scale != 1.0:  # the early exit's gradient, scaled
           to_head = h.detach() + self.exit_grad_scale * (h - h.detach())
-        out.append(head(F.dropout(to_head.mean((2, 3)), self.head_dropout, self.training)))
+        pooled = to_head.mean((2, 3))
+        out.append(head(pooled if last and self.final_mlp else F.dropout(pooled, self.head_dropout, self.training)))
     return torch.stack(out)
 
 
 def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, exit_grad_scale=1.0,
           zero_init_residual=False):
   """The peer of eejax's `arch`; `zero_init_residual` starts each block's last BatchNorm scale at 0, as eejax does."""
-  from eejax.models import mobilenet, resnet  # pylint: disable=g-import-not-at-top
+  from eejax.models import mobilenet, resnet, vgg  # pylint: disable=g-import-not-at-top
   spec = resnet.ARCHS[arch]
   block = {resnet.BasicBlock: Basic, resnet.BottleneckBlock: Bottleneck,
-           mobilenet.DepthwiseSeparableBlock: Separable}[spec.block]
+           mobilenet.DepthwiseSeparableBlock: Separable, vgg.ConvBlock: Vgg}[spec.block]
+  final_mlp = None
+  if spec.final_head == "mlp":
+    final_mlp = (spec.final_width, head_dropout if spec.final_dropout is None else spec.final_dropout)
   model = MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
-                          exit_grad_scale, spec.stem_width)
+                          exit_grad_scale, spec.stem_width, spec.pool_last, final_mlp)
   if zero_init_residual:
     for m in model.modules():
       if isinstance(m, (Basic, Bottleneck)):
@@ -147,7 +174,7 @@ def load_flax(model, variables):
   variances = [a for p, a in leaves(variables["batch_stats"], "s") if p[-1] == "var"]
   t_convs = [m.conv for m in model.modules() if isinstance(m, Conv)]
   t_bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-  t_heads = [h for h in model.heads if h is not None]
+  t_dense = [m for h in model.heads if h is not None for m in h.modules() if isinstance(m, nn.Linear)]
   assert len(convs) == len(t_convs) and len(scales) == len(t_bns) == len(means), (len(convs), len(t_convs))
   with torch.no_grad():
     for src, dst in zip(convs, t_convs):
@@ -157,7 +184,8 @@ def load_flax(model, variables):
         getattr(dst, name).copy_(torch.from_numpy(value.copy()))
     kernels = [a for p, a in dense if p[-1] == "kernel"]
     dense_b = [a for p, a in dense if p[-1] == "bias"]
-    for k, b, dst in zip(kernels, dense_b, t_heads):
+    assert len(kernels) == len(t_dense), (len(kernels), len(t_dense))
+    for k, b, dst in zip(kernels, dense_b, t_dense):
       dst.weight.copy_(torch.from_numpy(k.T.copy()))
       dst.bias.copy_(torch.from_numpy(b.copy()))
 

@@ -51,8 +51,10 @@ confidence-sorted predictions whose precision clears the bar); `bts.cpm=absolute
 reading (the lowest threshold whose precision is at least the backbone's minus the margin). A class with
 no valid threshold never exits at that branch.
 
-Other backbones by name: --config.model.name=resnet20 (or 8/56/110, 34/50), or mobilenet (SDN's CIFAR
-MobileNet, v1), e.g. with --config.model.width=0.5 at ResNet-8's MACs (README.md, "MobileNet at ResNet-8's cost").
+Other backbones by name: --config.model.name=resnet20 (or 8/56/110, 34/50), mobilenet (SDN's CIFAR
+MobileNet, v1), e.g. with --config.model.width=0.5 at ResNet-8's MACs (README.md, "MobileNet at ResNet-8's cost"),
+or vgg16 (SDN's CIFAR VGG-16 with BatchNorm; --config.model.exit_after=1,3,5,6,8,9 places SDN's six internal
+classifiers; README.md, "VGG-16").
 
 Every leaf can be overridden, e.g. `--config.train.epochs=10`.
 """
@@ -74,10 +76,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = False  # True: join the multi-process job JAX finds in the environment (SLURM, MPI, TPU pods)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50, or mobilenet (v1, SDN's CIFAR one)
+  config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50, mobilenet (v1) or vgg16 (SDN's CIFAR ones)
   config.model.width = 1.0  # channel multiplier
   config.model.exit_after = config_dict.placeholder(tuple)  # 1-based block numbers; None: after each stage
-  config.model.head = "linear"  # linear | pool_conv | erde, for every exit but the last (always linear)
+  config.model.head = "linear"  # linear | pool_conv | erde | mlp, for every exit but the last (the backbone's own)
   config.model.head_width = 128  # channels of heads with a hidden layer
   config.model.head_dropout = 0.0  # dropout before each head's dense layer
   config.model.exit_grad_scale = 1.0  # share of each early exit's gradient that reaches the backbone; 0: none

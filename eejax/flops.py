@@ -9,7 +9,7 @@ to exit k plus every head 1..k, since each was tried on the way.
 """
 import dataclasses
 
-from eejax.models.heads import HEADS, LinearHead
+from eejax.models.heads import HEADS, final_head
 from eejax.models.multi_exit import MultiExitNet
 from eejax.models.resnet import block_plan, conv_macs, exit_points, get_arch
 
@@ -43,8 +43,10 @@ def exit_macs(model: MultiExitNet, image_hwc: tuple[int, int, int], count_paddin
   backbone, head = [], []
   for k, point in enumerate(points):
     total_k, hwc_k = backbone_after_block[point - 1]
-    head_cls = LinearHead if k == len(points) - 1 else HEADS[model.head]
+    head_cls, head_width = HEADS[model.head], model.head_width
+    if k == len(points) - 1:
+      head_cls, head_width, _ = final_head(arch, model.width, model.head_dropout)
     backbone.append(total_k)
-    head.append(head_cls.macs(hwc_k, model.num_classes, model.head_width, count_padding))
+    head.append(head_cls.macs(hwc_k, model.num_classes, head_width, count_padding))
   cumulative = [b + sum(head[:k + 1]) for k, b in enumerate(backbone)]
   return ExitMacs(tuple(backbone), tuple(head), tuple(cumulative), backbone[-1] + head[-1])

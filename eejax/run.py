@@ -21,6 +21,7 @@ import optax
 from eejax import checkpoint, data, input_pipeline, sharding, state, workdirs
 from eejax.errors import UserError
 from eejax.models import MultiExitNet
+from eejax.models import resnet
 from eejax.models.multi_exit import DTYPES
 from eejax.writers import on_main_process
 
@@ -95,6 +96,7 @@ class Run:
 
 def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpec:
   """The spec of a new run on `ds`: the channel statistics come from its training images, once."""
+  resnet.check_image_size(config.model.name, ds.image_shape[0])
   mean_C, std_C = input_pipeline.channel_stats(ds.train.images_NxHxWx3)
   return RunSpec.of(model_settings(config.model, ensemble_teachers), ds.num_classes, ds.image_shape, mean_C, std_C,
                     ds.class_names)

@@ -6,12 +6,14 @@ listing the valid ones, never a KeyError from deep inside a run.
 from eejax import cpm, data, policies, risk, schemes, state
 from eejax.errors import UserError, unknown_name
 from eejax.models import DTYPES, HEADS
-from eejax.models.resnet import get_arch
+from eejax.models.resnet import check_image_size, get_arch
 
 
 def check_config(config) -> None:
   data.check_source(config.data.source)
   get_arch(config.model.name)
+  if config.data.image_size is not None:
+    check_image_size(config.model.name, config.data.image_size)
   if config.model.head not in HEADS:
     raise unknown_name("model.head", config.model.head, HEADS)
   if config.model.dtype not in DTYPES:

@@ -162,6 +162,9 @@ def evidence_steps(args):
   yield "train_step_mobilenet", [py, "bench/train_step.py", "--models", "mobilenet", *mobile,
                                  "--json", os.path.join(args.root, "train_step_mobilenet.out.json")]
   yield "depthwise", [py, "bench/depthwise.py", *(["--batch", "8", "--repeats", "2"] if cpu else ["--batch", "512"])]
+  # And VGG-16 (SDN's CIFAR one): plain 3x3 convolutions and max-pools, against the same model in PyTorch.
+  yield "train_step_vgg16", [py, "bench/train_step.py", "--models", "vgg16", *mobile,
+                             "--json", os.path.join(args.root, "train_step_vgg16.out.json")]
 
 
 def write_summary(root, names):

@@ -79,10 +79,11 @@ def test_a_mistake_is_one_line_and_status_2(script, args, words):
   assert len(lines) == 1 and lines[0].startswith(f"bench/{script}: error: ") and words in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("arch, width", [("mobilenet", 0.25), ("resnet8", 0.5)])
+@pytest.mark.parametrize("arch, width", [("mobilenet", 0.25), ("resnet8", 0.5), ("vgg16", 0.125)])
 def test_the_pytorch_peer_computes_the_same_function(arch, width):
   # What bench/train_step.py checks before timing the two: eejax's weights copied into the peer give the same
-  # training-mode joint loss (BatchNorm on the batch, every exit), MobileNet's depthwise convolutions included.
+  # training-mode joint loss (BatchNorm on the batch, every exit), MobileNet's depthwise convolutions and VGG's
+  # max-pools and three-layer classifier included.
   pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
   sys.path.insert(0, os.path.join(REPO, "bench"))
   import train_step  # pylint: disable=g-import-not-at-top

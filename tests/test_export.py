@@ -21,12 +21,13 @@ def require_onnx():
 
 @functools.lru_cache(maxsize=None)
 def small_model(head="pool_conv", arch="resnet8"):
-  """A 3-exit ResNet-8 (or MobileNet: depthwise convolutions) at quarter width with random weights, its inputs and
-  the JAX logits (reference)."""
+  """A 3-exit ResNet-8 (or MobileNet: depthwise convolutions; VGG-16: max-pools and a three-layer classifier, on
+  32x32 images) at quarter width with random weights, its inputs and the JAX logits (reference)."""
   model = MultiExitNet(arch, 5, width=0.25, head=head, head_width=8,
-                       exit_after=(1, 3) if arch == "mobilenet" else None)
-  images = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+                       exit_after={"mobilenet": (1, 3), "vgg16": (3, 9)}.get(arch))
+  hw = 32 if arch == "vgg16" else 16
+  images = np.random.default_rng(0).integers(0, 256, (6, hw, hw, 3), dtype=np.uint8)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, hw, hw, 3)))
   variables = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(1), v.shape), variables)
   mean, std = np.full(3, 0.47, np.float32), np.full(3, 0.25, np.float32)
   reference = np.asarray(model.apply(variables, (images / 255.0 - mean) / std)[0]).transpose(1, 0, 2)
@@ -35,7 +36,7 @@ def small_model(head="pool_conv", arch="resnet8"):
 
 def check_format(fmt, tmp_path, head="pool_conv", policy="max_prob", arch="resnet8"):
   model, variables, mean, std, images, reference = small_model(head, arch)
-  _, runner = export.EXPORTERS[fmt](model, variables, mean, std, (16, 16, 3), str(tmp_path), policy)
+  _, runner = export.EXPORTERS[fmt](model, variables, mean, std, images.shape[2:], str(tmp_path), policy)
   rows = export_verify.verify(runner, reference, images, policy)
   assert [r["exit"] for r in rows] == [1, 2, 3]
   for r in rows:
@@ -79,12 +80,14 @@ def test_onnx_export_of_variables_on_a_mesh(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", "onnx", "tflite"])
-def test_mobilenet_depthwise_convolutions_export(tmp_path, fmt):
+@pytest.mark.parametrize("arch", ["mobilenet", "vgg16"])
+def test_mobilenet_and_vgg_export(tmp_path, fmt, arch):
+  # MobileNet's depthwise convolutions; VGG's max-pools and its three dense layers in the last stage.
   if fmt == "onnx":
     require_onnx()
   if fmt == "tflite":
     pytest.importorskip("tensorflow", reason="TFLite export needs the 'tflite' extra (TensorFlow), not installed here")
-  check_format(fmt, tmp_path, "linear", arch="mobilenet")
+  check_format(fmt, tmp_path, "linear", arch=arch)
 
 
 def test_tflite_cascade_verifies_every_exit(tmp_path):

@@ -76,6 +76,8 @@ SETTINGS = [
     (["--config.checkpoint.max_to_keep=0"], "checkpoint.max_to_keep=0 must be"),
     (["--config.model.exit_after=()"], "model.exit_after=() has no exit"),
     (["--config.model.name=resnet7"], "unknown"),
+    (["--config.model.name=vgg16"], "model.name=vgg16 halves the image 5 times with max-pools, so it needs images of "
+                                    "at least 32x32 pixels, and these are 16x16; set data.image_size=32"),
     (["--config.train.epochs=abc"], "--config.train.epochs=abc"),
     (["--config.nope=1"], "bad --config override"),
     (["--config.data.source=folder:/no/such/tree"], "not found or incomplete"),

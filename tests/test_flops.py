@@ -20,9 +20,10 @@ from eejax.models.resnet import conv_macs
 # Measured excess of XLA over analytic (jax 0.10.2, CPU): 0.4-0.6% for ResNet-18/34, 1.3-1.6% for
 # ResNet-50, 2.0-2.7% for ResNet-8/20, 3.5-9.2% for ResNet-56/110 (16 channels: element-wise work is
 # a larger share of each layer, and deeper nets have more of it per MAC); MobileNet 9.1% at exit 1 falling to
-# 1.9% at the last (a depthwise convolution does 9 MACs per output, so its BatchNorm and ReLU weigh more).
+# 1.9% at the last (a depthwise convolution does 9 MACs per output, so its BatchNorm and ReLU weigh more);
+# VGG-16 0.8% at exit 1 falling to 0.25% (max-pools and BatchNorm next to 64-512-channel convolutions).
 TOLERANCE = {"resnet18": 0.01, "resnet34": 0.01, "resnet50": 0.02, "resnet8": 0.03, "resnet20": 0.03,
-             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10}
+             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10, "vgg16": 0.01}
 
 
 def test_resnet8_by_hand():
@@ -59,6 +60,19 @@ def test_mobilenet_whole_by_hand():
   assert exit_macs(MultiExitNet("mobilenet", 10), (32, 32, 3)).full == total + 1024 * 10 == 46_354_432
 
 
+def test_vgg16_whole_by_hand():
+  # SDN's CIFAR VGG-16: 13 3x3 convolutions at full resolution within a stage, a 2x2 max-pool after convolutions
+  # 2, 4, 7, 10 and 13 (not counted), then dense 512 -> 512 -> 512 -> 10 on the 1x1 map.
+  total, hw, c = 0, 32, 3
+  for out, pool in [(64, 1), (64, 2), (128, 1), (128, 2), (256, 1), (256, 1), (256, 2), (512, 1), (512, 1),
+                    (512, 2), (512, 1), (512, 1), (512, 2)]:
+    total += hw * hw * 9 * c * out
+    hw, c = hw // pool, out
+  m = exit_macs(MultiExitNet("vgg16", 10), (32, 32, 3))
+  assert m.full == total + 512 * 512 + 512 * 512 + 512 * 10 == 313_725_952
+  assert m.head[:4] == (640, 1280, 2560, 5120)  # linear early exits on the pooled maps' 64 ... 512 channels
+
+
 def test_resnet18_matches_the_usual_figure():
   # CIFAR ResNet-18 is usually quoted at 0.56 G MACs (e.g. 556.65 M by thop, which counts the same layers).
   m = exit_macs(MultiExitNet("resnet18", 10), (32, 32, 3))
@@ -82,7 +96,7 @@ def _xla_flops(fn, *args):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_analytic_equals_xla_within_tolerance(arch):
   head = {"resnet20": "pool_conv", "resnet50": "pool_conv", "resnet56": "erde", "resnet34": "erde",
-          "resnet18": "conv1d", "resnet110": "conv1d"}.get(arch, "linear")
+          "resnet18": "conv1d", "resnet110": "conv1d", "vgg16": "mlp"}.get(arch, "linear")
   model = MultiExitNet(arch, 10, head=head, head_width=32)
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)

@@ -1,5 +1,6 @@
 """Multi-exit ResNets: shapes, parameter counts against published figures, errors."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from eejax.errors import UserError
 from eejax.models import ARCHS, HEADS, MultiExitNet
 from eejax.models.resnet import block_plan, exit_points
+from eejax.models.vgg import ConvBlock, max_pool_2x2
 
 
 def n_params(tree):
@@ -26,7 +28,7 @@ def test_shapes_all_exits(arch, head):
   assert logits.shape == (num_exits, 2, 7)
   assert logits.dtype == jnp.float32
   assert len(aux["features"]) == num_exits
-  assert aux["features"][-1].shape[1] == 32 // 2 ** (num_exits - 1)
+  assert aux["features"][-1].shape[1] == 32 // 2 ** (num_exits - (0 if ARCHS[arch].pool_last else 1))
 
 
 @pytest.mark.parametrize("arch,expected", [("resnet18", 11_173_962), ("resnet50", 23_520_842),
@@ -96,8 +98,8 @@ def test_unknown_names_list_the_valid_ones():
   x = jnp.zeros((1, 32, 32, 3))
   with pytest.raises(UserError, match=r"unknown model 'resnet19'; valid: .*resnet18.*resnet20"):
     MultiExitNet("resnet19", 10).init(jax.random.key(0), x)
-  with pytest.raises(UserError, match=r"unknown head 'mlp'; valid: conv1d, erde, linear, pool_conv"):
-    MultiExitNet("resnet8", 10, head="mlp").init(jax.random.key(0), x)
+  with pytest.raises(UserError, match=r"unknown head 'mpl'; valid: conv1d, erde, linear, mlp, pool_conv"):
+    MultiExitNet("resnet8", 10, head="mpl").init(jax.random.key(0), x)
 
 
 @pytest.mark.parametrize("scale", [0.0, 0.25])
@@ -140,3 +142,43 @@ def test_mobilenet_by_hand():
   assert logits.shape == (5, 2, 10) and [f.shape[1:] for f in aux["features"]] == [
       (32, 32, 16), (16, 16, 32), (8, 8, 64), (4, 4, 128), (2, 2, 256)]
   assert np.all(np.std(np.asarray(logits[-1]), axis=-1) > 0)  # the signal reaches the final exit
+
+
+def test_vgg16_by_hand():
+  # SDN's CIFAR VGG-16 (BatchNorm): the stem is its first 64-channel convolution; every stage ends in a 2x2
+  # max-pool, so an exit after a stage sees the pooled map and the final one a 1x1x512 map.
+  plan = [(64, 2), (128, 1), (128, 2), *[(256, 1)] * 2, (256, 2), *[(512, 1)] * 2, (512, 2), *[(512, 1)] * 2, (512, 2)]
+  assert block_plan(ARCHS["vgg16"], 1.0) == plan and ARCHS["vgg16"].stem_width == 64
+  assert exit_points(ARCHS["vgg16"], None) == (1, 3, 6, 9, 12)
+  # Single exit: 13 convolutions without bias, their BatchNorm's scale and shift, and dense 512, 512, 10.
+  c = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+  want = sum(9 * a * b for a, b in zip(c, c[1:])) + 2 * sum(c[1:]) + 512 * 513 * 2 + 513 * 10
+  variables = jax.eval_shape(MultiExitNet("vgg16", 10, exit_after=(12,)).init, jax.random.key(0),
+                             jnp.zeros((1, 32, 32, 3)))
+  assert n_params(variables["params"]) == want == 15_249_354
+  model = MultiExitNet("vgg16", 10, width=0.125)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, variables["params"]["heads_4"]) == {  # the classifier, scaled like the stages
+      "Dense_0": {"kernel": (64, 64), "bias": (64,)}, "Dense_1": {"kernel": (64, 64), "bias": (64,)},
+      "Dense_2": {"kernel": (64, 10), "bias": (10,)}}
+  scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables["params"]) if path[-1].key == "scale"]
+  assert len(scales) == 13 and all(np.all(s == 1) for s in scales)  # no shortcut: none starts at zero
+  logits, aux = model.apply(variables, x)
+  assert logits.shape == (5, 2, 10) and [f.shape[1:] for f in aux["features"]] == [
+      (16, 16, 8), (8, 8, 16), (4, 4, 32), (2, 2, 64), (1, 1, 64)]
+  # A stage's max-pool: exit 1's map is the 2x2 maximum of its convolution's output.
+  stem = model.apply(variables, x, method=lambda m, x: m.stem(x))
+  unpooled = ConvBlock(8, strides=1)  # the same parameters, without the pool
+  conv = unpooled.apply({c: variables[c]["blocks_0"] for c in ("params", "batch_stats")}, stem)
+  np.testing.assert_allclose(aux["features"][0], np.asarray(conv).reshape(2, 16, 2, 16, 2, 8).max((2, 4)), rtol=1e-6)
+  # The classifier's dropout (0.5) acts in training only: two training passes differ, inference is deterministic.
+  train = lambda key: model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0][0][-1]
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+
+
+@pytest.mark.parametrize("hw", [8, 7])
+def test_vgg_max_pool_equals_flax_max_pool(hw):
+  # Written as pairwise maxima so that every export format runs it; odd sizes drop the last row and column.
+  x = jax.random.normal(jax.random.key(0), (2, hw, hw + 2, 3))
+  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))

@@ -29,3 +29,15 @@ def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
 def test_every_preset_passes():
   for preset in (None, "cpu", "smoke", *cifar10.PRESETS):
     validate.check_config(cifar10.get_config(preset))
+
+
+def test_images_too_small_for_a_models_max_pools_are_one_line():
+  config = cifar10.get_config("smoke")
+  config.model.name, config.data.image_size = "vgg16", 24  # five 2x2 max-pools: 24 -> 12, 6, 3, 1, 0
+  with pytest.raises(UserError, match=r"^model.name=vgg16 halves the image 5 times .* at least 32x32 pixels, and "
+                                      r"these are 24x24; set data.image_size=32 \(or more\), or choose another"):
+    validate.check_config(config)
+  config.data.image_size = 32
+  validate.check_config(config)
+  config.model.name, config.data.image_size = "resnet18", 4  # strided convolutions never reach zero
+  validate.check_config(config)

@@ -40,6 +40,27 @@ class LinearHead(nn.Module):
     return hwc[2] * num_classes
 
 
+class MlpHead(nn.Module):
+  """Global average pool, two hidden dense layers of `width` (each followed by ReLU and dropout), then the
+  classifier: VGG's three dense layers (SDN's CIFAR VGG-16 ends with it, width 512, dropout 0.5)."""
+  num_classes: int
+  width: int = 512
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    h = global_avg_pool(h_BxHxWxC)
+    for _ in range(2):
+      h = nn.Dropout(self.dropout, deterministic=not train)(nn.relu(nn.Dense(self.width, dtype=self.dtype)(h)))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=512, count_padding=True):
+    del count_padding
+    return hwc[2] * width + width * width + width * num_classes
+
+
 def _pool_size(hw: int, target: int) -> int:
   """Window of the average pool that brings an hw x hw map down to at most target x target."""
   return max(1, hw // target)
@@ -130,4 +151,11 @@ class Conv1dHead(nn.Module):
     return conv + out * width * num_classes
 
 
-HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead, "conv1d": Conv1dHead}
+HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead, "conv1d": Conv1dHead, "mlp": MlpHead}
+
+
+def final_head(arch, width: float, head_dropout: float) -> tuple[type, int, float]:
+  """(class, width, dropout) of a backbone's final classifier: its `final_head` (width scaled like its stages),
+  with its own dropout where it names one, else `head_dropout`."""
+  dropout = head_dropout if arch.final_dropout is None else arch.final_dropout
+  return HEADS[arch.final_head], max(1, round(arch.final_width * width)), dropout

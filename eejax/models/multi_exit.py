@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from eejax.errors import unknown_name
-from eejax.models.heads import HEADS, LinearHead
+from eejax.models.heads import HEADS, final_head
 from eejax.models.resnet import block_plan, exit_points, get_arch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # model.dtype: the compute dtype
@@ -26,7 +26,7 @@ def scale_gradient(x, scale: float):
 
 
 class MultiExitNet(nn.Module):
-  """A CIFAR-style ResNet (or MobileNet) with classifier heads part-way through.
+  """A CIFAR-style ResNet (or MobileNet, or VGG) with classifier heads part-way through.
 
   Attributes:
     arch: a name in `eejax.models.resnet.ARCHS`.
@@ -34,7 +34,7 @@ class MultiExitNet(nn.Module):
     width: channel multiplier applied to every stage.
     exit_after: 1-based block numbers after which an exit sits (None: after
       each stage). The last block always carries the final classifier.
-    head: a name in `HEADS`, for every exit but the last, which is `linear`.
+    head: a name in `HEADS`, for every exit but the last, which is the backbone's own (`linear`; VGG's `mlp`).
     head_width: channels of heads that have a hidden layer.
     head_dropout: dropout rate before every head's dense layer (training only).
     exit_grad_scale: how much of its gradient each early exit sends back into
@@ -66,9 +66,10 @@ class MultiExitNet(nn.Module):
     self.stem_conv = nn.Conv(stem_width, (3, 3), use_bias=False, dtype=self.dtype)
     self.stem_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
     self.blocks = [arch.block(f, s, dtype=self.dtype) for f, s in block_plan(arch, self.width)]
-    head_cls = [HEADS[self.head]] * (len(self.points) - 1) + [LinearHead]
-    self.heads = [cls(self.num_classes, width=self.head_width, dropout=self.head_dropout, dtype=self.dtype)
-                  for cls in head_cls]
+    final_cls, final_width, final_dropout = final_head(arch, self.width, self.head_dropout)
+    self.heads = [HEADS[self.head](self.num_classes, width=self.head_width, dropout=self.head_dropout,
+                                   dtype=self.dtype) for _ in self.points[:-1]] + [
+                      final_cls(self.num_classes, width=final_width, dropout=final_dropout, dtype=self.dtype)]
     if self.ensemble_teachers:
       num = len(self.points)
       self.ensemble_logits = self.param("ensemble_logits",

@@ -2,8 +2,8 @@
 
 All backbones use a 3x3 stride-1 stem (no max-pool), so 32x32 inputs keep full
 resolution in the first stage; the ResNets use projection shortcuts (1x1 conv
-+ BN) where the shape changes, and MobileNet's blocks are in
-`eejax.models.mobilenet`. Each block class has a static `macs(hwc, features, strides, count_padding)`
++ BN) where the shape changes, and MobileNet's and VGG's blocks are in
+`eejax.models.mobilenet` and `eejax.models.vgg`. Each block class has a static `macs(hwc, features, strides, count_padding)`
 giving (MACs for one image, output hwc); see `eejax.flops`.
 """
 import dataclasses
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from eejax.errors import UserError, unknown_name
 from eejax.models.layers import batch_norm, conv_macs
 from eejax.models.mobilenet import DepthwiseSeparableBlock
+from eejax.models.vgg import ConvBlock
 
 
 class BasicBlock(nn.Module):
@@ -88,6 +89,10 @@ class Arch:
   stage_sizes: Sequence[int]
   stage_widths: Sequence[int]
   stem: int = 0  # the stem's channels; 0: the first stage's
+  pool_last: bool = False  # the last block of every stage halves the size (VGG), not the first of the next
+  final_head: str = "linear"  # the final exit's head, a name in eejax.models.heads.HEADS
+  final_width: int = 0  # its hidden width (before model.width), where it has one
+  final_dropout: float | None = None  # its dropout; None: model.head_dropout
 
   @property
   def stem_width(self):
@@ -106,6 +111,10 @@ ARCHS = {
     "resnet50": Arch(BottleneckBlock, (3, 4, 6, 3), (64, 128, 256, 512)),
     # The CIFAR MobileNet (v1) of SDN: a stage ends before each stride 2 (eejax.models.mobilenet).
     "mobilenet": Arch(DepthwiseSeparableBlock, (1, 2, 2, 6, 2), (64, 128, 256, 512, 1024), stem=32),
+    # The CIFAR VGG-16 (BatchNorm) of SDN: the stem is its first convolution, a stage ends in a max-pool, and two
+    # dense layers of 512 with dropout 0.5 come before the classifier (eejax.models.vgg).
+    "vgg16": Arch(ConvBlock, (1, 2, 3, 3, 3), (64, 128, 256, 512, 512), pool_last=True, final_head="mlp",
+                  final_width=512, final_dropout=0.5),
 }
 
 
@@ -115,12 +124,23 @@ def get_arch(name: str) -> Arch:
   return ARCHS[name]
 
 
+def check_image_size(name: str, hw: int) -> None:
+  """A one-line error where `name`'s max-pools (VGG) would bring hw x hw images down to nothing."""
+  arch = get_arch(name)
+  halvings = sum(strides == 2 for _, strides in block_plan(arch, 1.0))
+  if arch.pool_last and hw < 2 ** halvings:
+    raise UserError(f"model.name={name} halves the image {halvings} times with max-pools, so it needs images of at "
+                    f"least {2 ** halvings}x{2 ** halvings} pixels, and these are {hw}x{hw}; set "
+                    f"data.image_size={2 ** halvings} (or more), or choose another model")
+
+
 def block_plan(arch: Arch, width: float):
   """[(features, strides)] for every block, in order."""
   plan = []
   for stage, (n, w) in enumerate(zip(arch.stage_sizes, arch.stage_widths)):
     for i in range(n):
-      plan.append((max(1, round(w * width)), 2 if (stage > 0 and i == 0) else 1))
+      halves = i == n - 1 if arch.pool_last else (stage > 0 and i == 0)
+      plan.append((max(1, round(w * width)), 2 if halves else 1))
   return plan
 
 
