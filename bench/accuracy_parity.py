@@ -13,9 +13,10 @@ partial batch, the weighted sum of every exit's label-smoothed cross-entropy,
 SGD with Nesterov momentum and coupled weight decay on kernels only, and a
 per-step linear warm-up from 0 then cosine to 0 (or the step schedule). What
 differs by design: PyTorch's own initialisation (eejax: flax's lecun-normal
-and a zero-initialised last BatchNorm scale in each block, which
-`--peer-zero-init` gives the peer too), its own random order and
-augmentation, and BatchNorm's running variance (unbiased in PyTorch). So the
+kernels, which `--peer-flax-init` gives the peer too, and a zero-initialised
+last BatchNorm scale in each block, which `--peer-zero-init` does), its own
+random order and augmentation, and BatchNorm's running variance (unbiased in
+PyTorch). So the
 two runs should differ by seed noise only; `--peer-seeds 0,1,2` shows how
 large that is at the chosen scale.
 
@@ -92,7 +93,7 @@ def to_input(x_BxHxWx3, mean_C, std_C):
   return x.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
-def peer_model(config, num_classes: int, zero_init_residual: bool = False):
+def peer_model(config, num_classes: int, zero_init_residual: bool = False, flax_init: bool = False):
   """The PyTorch model of the config, or a UserError naming what the peer does not have."""
   m = config.model
   arch = ARCHS[m.name]
@@ -106,17 +107,18 @@ def peer_model(config, num_classes: int, zero_init_residual: bool = False):
     raise UserError(f"the peer trains the joint scheme only; not scheme={config.scheme!r}")
   return torch_peer.build(m.name, m.width, single_exit=after is not None, num_classes=num_classes,
                           head_dropout=m.head_dropout, exit_grad_scale=m.exit_grad_scale,
-                          zero_init_residual=zero_init_residual)
+                          zero_init_residual=zero_init_residual, flax_init=flax_init)
 
 
 def train_peer(config, ds, mean_C, std_C, seed: int, device: str, zero_init_residual: bool = False,
-               log_every_s: float = 30.0):
+               log_every_s: float = 30.0, flax_init: bool = False):
   """(test accuracy per exit, training images/s) of the peer trained with `config`'s recipe on `ds`."""
   torch.manual_seed(seed)
   torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for these fixed shapes (CUDA only)
   generator = torch.Generator(device).manual_seed(seed)  # on the device: no host copy, no sync, per step
   t = config.train
-  model = peer_model(config, ds.num_classes, zero_init_residual).to(device).to(memory_format=torch.channels_last)
+  model = peer_model(config, ds.num_classes, zero_init_residual, flax_init).to(device).to(
+      memory_format=torch.channels_last)
   decay = [p for p in model.parameters() if p.ndim > 1]
   rest = [p for p in model.parameters() if p.ndim <= 1]
   opt = torch.optim.SGD([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -193,6 +195,8 @@ def main():
   parser.add_argument("--peer-seeds", default="0", help="comma-separated seeds of the PyTorch runs")
   parser.add_argument("--peer-zero-init", action="store_true",
                       help="start each block's last BatchNorm scale at 0 in the peer too, as eejax does")
+  parser.add_argument("--peer-flax-init", action="store_true",
+                      help="draw the peer's kernels as flax does (truncated normal, variance 1/fan_in; biases 0)")
   parser.add_argument("--json", help="write both runs' figures to this file")
   args, rest = parser.parse_known_args()
   args.workdir = os.path.abspath(args.workdir)
@@ -216,13 +220,15 @@ def main():
   ours_E = [e["accuracy"] for e in report["exits"]]
   runs = []
   for seed in [int(s) for s in args.peer_seeds.split(",")]:
-    accuracy_E, rate = train_peer(config, ds, spec["mean_C"], spec["std_C"], seed, device, args.peer_zero_init)
+    accuracy_E, rate = train_peer(config, ds, spec["mean_C"], spec["std_C"], seed, device, args.peer_zero_init,
+                                  flax_init=args.peer_flax_init)
     runs.append({"seed": seed, "test_accuracy": accuracy_E, "train_images_per_s": rate})
   peer_E = np.mean([r["test_accuracy"] for r in runs], axis=0)
   spread_E = np.ptp([r["test_accuracy"] for r in runs], axis=0)
-  print(f"eejax: seed {config.seed}, {source}; {report.get('train_images_per_s', float('nan')):,.0f} training img/s")
+  print(f"eejax: seed {config.seed}, {config.train.get('init', 'flax')}'s kernel initialisation, {source}; "
+        f"{report.get('train_images_per_s', float('nan')):,.0f} training img/s")
   print(f"PyTorch: seed(s) {args.peer_seeds}, {'zero' if args.peer_zero_init else 'default'} initial last "
-        "BatchNorm scale in each block; " + ", ".join(f"{r['train_images_per_s']:,.0f}" for r in runs)
+        f"BatchNorm scale in each block, {'flax' if args.peer_flax_init else 'PyTorch'}'s kernel initialisation; " + ", ".join(f"{r['train_images_per_s']:,.0f}" for r in runs)
         + " training img/s")
   print("exit | eejax test % | PyTorch test % (mean; range over seeds) | eejax - PyTorch")
   for e, (ours, peer, spread) in enumerate(zip(ours_E, peer_E, spread_E)):

@@ -20,7 +20,7 @@ ROOT = os.path.dirname(HERE)
 def commands(workdir):
   yield ["bench/train_step.py"]
   yield ["bench/train_step.py", "--models", "mobilenet"]
-  yield ["bench/train_step.py", "--models", "vgg16"]
+  yield ["bench/train_step.py", "--models", "vgg16,wrn32_4"]
   yield ["bench/depthwise.py"]
   yield ["bench/input_pipeline.py"]
   yield ["bench/threshold_search.py"]

@@ -1,10 +1,11 @@
-"""The peer: eejax's multi-exit ResNets, MobileNet and VGG and the joint training step, written idiomatically in PyTorch.
+"""The peer: eejax's multi-exit ResNets, MobileNet, VGG and Wide ResNet and the joint training step, written idiomatically in PyTorch.
 
 Only the benchmarks import this (`pip install -e '.[bench]'` brings torch); the
 package never does. Same function as `eejax.models.MultiExitNet` with linear
 heads: 3x3 stem, basic or bottleneck blocks with projection shortcuts (or
-MobileNet's depthwise-separable blocks, or VGG's convolutions with a max-pool
-ending each stage and its three-layer classifier), an exit
+MobileNet's depthwise-separable blocks, VGG's convolutions with a max-pool
+ending each stage and its three-layer classifier, or the Wide ResNet's
+pre-activation blocks), an exit
 (global average pool + linear) after each stage. Strided 3x3 convolutions pad
 like XLA's SAME (0 before, 1 after on even sizes) so that both compute the same
 function; `load_flax` copies eejax's parameters in to check that they do.
@@ -92,6 +93,23 @@ class Vgg(nn.Module):
     return F.max_pool2d(h, 2) if self.pool else h
 
 
+class Wide(nn.Module):
+  """The Wide ResNet's pre-activation block: BN, ReLU, 3x3 conv, dropout, BN, ReLU, 3x3 conv (the stride), plus the
+  input (through a 1x1 convolution where the shape changes)."""
+  expansion = 1
+
+  def __init__(self, c_in, c, stride, dropout=0.0):
+    super().__init__()
+    self.bn1, self.conv1, self.drop = bn(c_in), Conv(c_in, c, 3), nn.Dropout(dropout)
+    self.bn2, self.conv2 = bn(c), Conv(c, c, 3, stride)
+    self.proj = None if (stride == 1 and c_in == c) else Conv(c_in, c, 1, stride)
+
+  def forward(self, x):
+    h = self.drop(self.conv1(F.relu(self.bn1(x))))
+    h = self.conv2(F.relu(self.bn2(h)))
+    return h + (x if self.proj is None else self.proj(x))
+
+
 def mlp(c_in, width, num_classes, dropout):
   """VGG's classifier: two hidden dense layers (ReLU, dropout after each), then the output layer."""
   return nn.Sequential(nn.Linear(c_in, width), nn.ReLU(), nn.Dropout(dropout), nn.Linear(width, width), nn.ReLU(),
@@ -102,55 +120,80 @@ class MultiExitResNet(nn.Module):
   """Exits after every stage (or only the last, single_exit=True); forward returns logits E x B x C."""
 
   def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False,
-               head_dropout=0.0, exit_grad_scale=1.0, stem_width=0, pool_last=False, final_mlp=None):
-    """pool_last: a stage's last block halves the size (VGG); final_mlp: (width, dropout) of VGG's classifier."""
+               head_dropout=0.0, exit_grad_scale=1.0, stem_width=0, pool_last=False, final_mlp=None,
+               preact=False, block_dropout=0.0):
+    """pool_last: a stage's last block halves the size (VGG); final_mlp: (width, dropout) of VGG's classifier;
+    preact: no BatchNorm after the stem, BN and ReLU before the final classifier (the Wide ResNet); block_dropout:
+    dropout inside each block (the Wide ResNet's)."""
     super().__init__()
     self.head_dropout, self.exit_grad_scale, self.final_mlp = head_dropout, exit_grad_scale, final_mlp
     widths = [max(1, round(w * width)) for w in stage_widths]
     c_in = max(1, round(stem_width * width)) if stem_width else widths[0]
-    self.stem, self.stem_bn = Conv(3, c_in, 3), bn(c_in)
+    self.stem, self.stem_bn = Conv(3, c_in, 3), None if preact else bn(c_in)
     self.stages, self.heads = nn.ModuleList(), nn.ModuleList()
     for s, (n, w) in enumerate(zip(stage_sizes, widths)):
       blocks = []
       for i in range(n):
-        blocks.append(block(c_in, w, 2 if (i == n - 1 if pool_last else s > 0 and i == 0) else 1))
+        stride = 2 if (i == n - 1 if pool_last else s > 0 and i == 0) else 1
+        blocks.append(block(c_in, w, stride, **({"dropout": block_dropout} if block_dropout else {})))
         c_in = w * block.expansion
       self.stages.append(nn.Sequential(*blocks))
       last = s == len(stage_sizes) - 1
       head = mlp(c_in, round(final_mlp[0] * width), num_classes, final_mlp[1]) if last and final_mlp else (
           nn.Linear(c_in, num_classes))
       self.heads.append(head if (last or not single_exit) else None)
+    self.final_bn = bn(c_in) if preact else None  # registered after the blocks: load_flax copies in this order
 
   def forward(self, x):
-    h, out = F.relu(self.stem_bn(self.stem(x))), []
+    h, out = self.stem(x), []
+    h = h if self.stem_bn is None else F.relu(self.stem_bn(h))
     for s, (stage, head) in enumerate(zip(self.stages, self.heads)):
       h = stage(h)
       if head is not None:
         last, to_head = s == len(self.stages) - 1, h
         if not last and self.exit_grad_scale != 1.0:  # the early exit's gradient, scaled
           to_head = h.detach() + self.exit_grad_scale * (h - h.detach())
+        if last and self.final_bn is not None:
+          to_head = F.relu(self.final_bn(h))
         pooled = to_head.mean((2, 3))
         out.append(head(pooled if last and self.final_mlp else F.dropout(pooled, self.head_dropout, self.training)))
     return torch.stack(out)
 
 
 def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, exit_grad_scale=1.0,
-          zero_init_residual=False):
-  """The peer of eejax's `arch`; `zero_init_residual` starts each block's last BatchNorm scale at 0, as eejax does."""
-  from eejax.models import mobilenet, resnet, vgg  # pylint: disable=g-import-not-at-top
+          zero_init_residual=False, flax_init=False):
+  """The peer of eejax's `arch`; `zero_init_residual` starts each block's last BatchNorm scale at 0 and `flax_init`
+  draws the kernels as flax does (`init_like_flax`), as eejax does."""
+  from eejax.models import mobilenet, resnet, vgg, wide  # pylint: disable=g-import-not-at-top
   spec = resnet.ARCHS[arch]
   block = {resnet.BasicBlock: Basic, resnet.BottleneckBlock: Bottleneck,
-           mobilenet.DepthwiseSeparableBlock: Separable, vgg.ConvBlock: Vgg}[spec.block]
+           mobilenet.DepthwiseSeparableBlock: Separable, vgg.ConvBlock: Vgg,
+           wide.WideBlock: Wide}[spec.block]
   final_mlp = None
   if spec.final_head == "mlp":
     final_mlp = (spec.final_width, head_dropout if spec.final_dropout is None else spec.final_dropout)
   model = MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
-                          exit_grad_scale, spec.stem_width, spec.pool_last, final_mlp)
+                          exit_grad_scale, spec.stem_width, spec.pool_last, final_mlp, spec.final_head == "preact",
+                          spec.block_dropout)
   if zero_init_residual:
     for m in model.modules():
       if isinstance(m, (Basic, Bottleneck)):
         nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+  if flax_init:
+    init_like_flax(model)
   return model
+
+
+def init_like_flax(model):
+  """Every convolution and dense kernel drawn as flax's default (lecun_normal: a normal of variance 1/fan_in,
+  truncated at two standard deviations), every bias 0, where PyTorch draws uniform kernels of variance
+  1/(3 fan_in) and uniform biases: the distribution eejax starts from."""
+  for m in model.modules():
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+      std = m.weight[0].numel() ** -0.5 / 0.87962566103423978  # the truncated normal's own std is 0.8796 of this
+      nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+      if m.bias is not None:
+        nn.init.zeros_(m.bias)
 
 
 def load_flax(model, variables):

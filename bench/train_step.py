@@ -30,7 +30,7 @@ except ImportError:
   torch = None
 from configs import cifar10
 from eejax import cli, flops, sharding, train
-from eejax.models.resnet import ARCHS
+from eejax.models.resnet import ARCHS, get_arch
 from eejax.run import build_model
 from eejax.state import init_state, make_optimizer, make_schedule
 
@@ -130,9 +130,10 @@ def torch_step(arch, width, batch, dtype, steps, compile_mode):
 
 def same_function(arch, width, batch=8):
   """Joint training-mode loss of the same weights and batch in both frameworks: (eejax, torch). A backbone's own
-  classifier dropout (VGG's) is off in both for the check: the two frameworks' masks cannot match."""
+  dropout (VGG's classifier, the Wide ResNet's blocks) is off in both for the check: their masks cannot match."""
   spec = ARCHS[arch]
-  ARCHS[arch] = dataclasses.replace(spec, final_dropout=0.0 if spec.final_dropout is not None else None)
+  ARCHS[arch] = dataclasses.replace(spec, final_dropout=0.0 if spec.final_dropout is not None else None,
+                                    block_dropout=0.0)
   try:
     return _same_function(arch, width, batch)
   finally:
@@ -162,7 +163,7 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--models", default="resnet18,resnet56")
-  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0, help="width multiplier of the wide models (ResNet-18/34/50, MobileNet, VGG-16)")
+  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0, help="width multiplier of the wide models (ResNet-18/34/50, MobileNet, VGG-16, WRN-32-4)")
   parser.add_argument("--batch", type=int, default=32 if on_cpu else 512)
   parser.add_argument("--steps", type=int, default=12 if on_cpu else 20)
   parser.add_argument("--steps-per-call", type=int, default=1 if on_cpu else 10,
@@ -182,7 +183,7 @@ def main():
   print(f"hardware: {jax.devices()[0].device_kind} ({jax.default_backend()} x{jax.device_count()}), host "
         f"{platform.machine()}; jax {jax.__version__}, {peer_line}; {time.strftime('%Y-%m-%d')}")
   for arch in args.models.split(","):
-    width = args.width if ARCHS[arch].stem_width > 16 else 1.0  # the thin ResNets (16 channels) stay whole
+    width = args.width if get_arch(arch).stage_widths[0] > 16 else 1.0  # the thin ResNets (16 channels) stay whole
     if torch is not None:
       ours, theirs = same_function(arch, width)
       print(f"{arch} x{width}: same function check, joint loss eejax {ours:.6f} torch {theirs:.6f} "

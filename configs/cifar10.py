@@ -53,8 +53,9 @@ no valid threshold never exits at that branch.
 
 Other backbones by name: --config.model.name=resnet20 (or 8/56/110, 34/50), mobilenet (SDN's CIFAR
 MobileNet, v1), e.g. with --config.model.width=0.5 at ResNet-8's MACs (README.md, "MobileNet at ResNet-8's cost"),
-or vgg16 (SDN's CIFAR VGG-16 with BatchNorm; --config.model.exit_after=1,3,5,6,8,9 places SDN's six internal
-classifiers; README.md, "VGG-16").
+vgg16 (SDN's CIFAR VGG-16 with BatchNorm; --config.model.exit_after=1,3,5,6,8,9 places SDN's six internal
+classifiers; README.md, "VGG-16"), or wrn32_4 (SDN's WideResNet-32-4, pre-activation, dropout 0.3 in each
+block; SDN's six: --config.model.exit_after=3,5,7,9,11,13).
 
 Every leaf can be overridden, e.g. `--config.train.epochs=10`.
 """
@@ -76,10 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.distributed = False  # True: join the multi-process job JAX finds in the environment (SLURM, MPI, TPU pods)
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50, mobilenet (v1) or vgg16 (SDN's CIFAR ones)
+  config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50; SDN's CIFAR mobilenet (v1), vgg16, wrn32_4
   config.model.width = 1.0  # channel multiplier
   config.model.exit_after = config_dict.placeholder(tuple)  # 1-based block numbers; None: after each stage
-  config.model.head = "linear"  # linear | pool_conv | erde | mlp, for every exit but the last (the backbone's own)
+  config.model.head = "linear"  # linear | pool_conv | erde | mlp | preact, every exit but the last (the backbone's own)
   config.model.head_width = 128  # channels of heads with a hidden layer
   config.model.head_dropout = 0.0  # dropout before each head's dense layer
   config.model.exit_grad_scale = 1.0  # share of each early exit's gradient that reaches the backbone; 0: none
@@ -110,6 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.momentum = 0.9  # Nesterov
   config.train.nesterov = True
   config.train.weight_decay = 5e-4  # on conv and dense kernels only
+  config.train.init = "flax"  # first kernels: flax (lecun-normal, zero biases) | pytorch (PyTorch's default draw)
   config.train.label_smoothing = 0.0
   config.train.grad_clip = 0.0  # > 0: gradients scaled to at most this global norm; 0: off
   config.train.exit_weights = config_dict.placeholder(tuple)  # per-exit loss weights; None: all 1

@@ -4,9 +4,11 @@ Shared by the training loop (`eejax.train`), the run format (`eejax.run`, which
 restores a checkpoint into this state) and BTS-EE's branch stages
 (`eejax.boosted`).
 """
+import math
 from typing import Any
 
 import flax
+import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -54,9 +56,29 @@ def make_optimizer(train_cfg, schedule) -> optax.GradientTransformation:
       optax.sgd(schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov))
 
 
-def init_state(model, tx, key, image_shape) -> TrainState:
+INITS = ("flax", "pytorch")  # train.init: how the kernels are first drawn
+
+
+def pytorch_init(params, key):
+  """`params` with every convolution and dense kernel, and the bias beside it, drawn again as PyTorch draws them
+  by default: uniform within +-1/sqrt(fan_in) (kaiming_uniform with a=sqrt(5): variance 1/(3 fan_in), where flax's
+  lecun_normal has 1/fan_in and biases start at 0), fan_in being the kernel's size less its output channels.
+  BatchNorm's scale and shift, and every other parameter, are kept."""
+  flat = flax.traverse_util.flatten_dict(params)
+  for i, path in enumerate(sorted(flat)):
+    kernel = flat.get(path[:-1] + ("kernel",))
+    if path[-1] in ("kernel", "bias") and kernel is not None and kernel.ndim > 1:
+      bound = math.prod(kernel.shape[:-1]) ** -0.5
+      flat[path] = jax.random.uniform(jax.random.fold_in(key, i), flat[path].shape, flat[path].dtype, -bound, bound)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def init_state(model, tx, key, image_shape, init: str = "flax") -> TrainState:
+  """Step 0: `model`'s initial variables (its kernels as `init` names: flax's own draw, or PyTorch's)."""
   variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32))
   params = variables["params"]
+  if init == "pytorch":
+    params = pytorch_init(params, jax.random.fold_in(key, 1))
   return TrainState(jnp.zeros((), jnp.int32), params, variables.get("batch_stats", {}), tx.init(params))
 
 

@@ -146,7 +146,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run.save_run(workdir, config, spec)
 
   init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
-  init_fn = jax.jit(functools.partial(init_state, model, tx), static_argnums=1, out_shardings=replicated)
+  init_fn = jax.jit(functools.partial(init_state, model, tx, init=config.train.init), static_argnums=1,
+                    out_shardings=replicated)
   abstract = checkpoint.as_abstract(jax.eval_shape(init_fn, init_key, ds.image_shape), replicated)
   mngr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
   state = checkpoint.restore(mngr, abstract, set_aside=True)

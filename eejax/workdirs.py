@@ -118,7 +118,8 @@ def fingerprint(images_NxHxWx3: np.ndarray, labels_N: np.ndarray) -> str:
 
 
 def identity(config, model_settings: dict, num_classes: int, train_fingerprint: str) -> dict:
-  return {"scheme": config.scheme, "seed": int(config.seed), "model": model_settings, "num_classes": int(num_classes),
+  return {"scheme": config.scheme, "seed": int(config.seed), "init": config.train.init, "model": model_settings,
+          "num_classes": int(num_classes),
           "data": {k: config.data[k] for k in DATA_KEYS}, "data_fingerprint": train_fingerprint,
           "data_source": config.data.source}
 

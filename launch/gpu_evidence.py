@@ -49,8 +49,10 @@ def ablations(cpu):
           "pool_conv": ["--config.model.head=pool_conv"],
           "weighted": [f"--config.train.exit_weights={weights}"],
           "scaled": ["--config.model.exit_grad_scale=0.25"],
-          "detached": ["--config.model.exit_grad_scale=0.0"]}
-MULTI_EXIT_VARIANTS = ("linear", "pool_conv", "weighted", "scaled", "detached")  # the main job takes the best of these on validation
+          "detached": ["--config.model.exit_grad_scale=0.0"],
+          "init_pytorch": ["--config.train.init=pytorch"]}  # PyTorch's first kernels, not flax's (README, VGG-16)
+# The main job takes the best of these on validation.
+MULTI_EXIT_VARIANTS = ("linear", "pool_conv", "weighted", "scaled", "detached", "init_pytorch")
 
 
 def final_exit_val_accuracy(workdir):
@@ -97,6 +99,14 @@ def parity_workdir(work):
   return os.path.join(work, "main" if head == "linear" else "ablate_linear")
 
 
+def peer_init(workdir):
+  """accuracy_parity.py's flags that start the peer where eejax started `workdir`'s run: its zero BatchNorm scales,
+  and flax's kernel draw unless the run drew PyTorch's."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    init = json.load(f)["train"].get("init", "flax")
+  return ["--peer-zero-init", *(["--peer-flax-init"] if init == "flax" else [])]
+
+
 def evidence_steps(args):
   py, data = sys.executable, f"folder:{args.data}"
   work = os.path.join(args.root, "work")
@@ -112,9 +122,9 @@ def evidence_steps(args):
   yield "main", lambda: [py, "-m", "eejax.main", "--config", "configs/cifar10.py", f"--workdir={main_wd}",
                          f"--config.data.source={data}", *size, *main_variant(work, cpu),
                          f"--config.train.epochs={1 if cpu else args.main_epochs}"]
-  parity = lambda workdir, name: [py, "bench/accuracy_parity.py", "--workdir", workdir, "--peer-zero-init",
+  parity = lambda workdir, name: [py, "bench/accuracy_parity.py", "--workdir", workdir, *peer_init(workdir),
                                   "--json", os.path.join(args.root, f"{name}.out.json")]
-  yield "parity_single", parity(os.path.join(work, "ablate_single"), "parity_single")
+  yield "parity_single", lambda: parity(os.path.join(work, "ablate_single"), "parity_single")
   yield "parity_main", lambda: parity(parity_workdir(work), "parity_main")
   # Then the speed benchmarks, early exit and export on the main job's run, and the papers' tables.
   bench = (["--models", "resnet20", "--batch", "32", "--steps", "2", "--steps-per-call", "1",
@@ -162,9 +172,9 @@ def evidence_steps(args):
   yield "train_step_mobilenet", [py, "bench/train_step.py", "--models", "mobilenet", *mobile,
                                  "--json", os.path.join(args.root, "train_step_mobilenet.out.json")]
   yield "depthwise", [py, "bench/depthwise.py", *(["--batch", "8", "--repeats", "2"] if cpu else ["--batch", "512"])]
-  # And VGG-16 (SDN's CIFAR one): plain 3x3 convolutions and max-pools, against the same model in PyTorch.
-  yield "train_step_vgg16", [py, "bench/train_step.py", "--models", "vgg16", *mobile,
-                             "--json", os.path.join(args.root, "train_step_vgg16.out.json")]
+  # And SDN's other two backbones, VGG-16 and WideResNet-32-4, against the same models in PyTorch.
+  yield "train_step_sdn", [py, "bench/train_step.py", "--models", "vgg16,wrn32_4", *mobile,
+                           "--json", os.path.join(args.root, "train_step_sdn.out.json")]
 
 
 def write_summary(root, names):

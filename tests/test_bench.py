@@ -79,13 +79,43 @@ def test_a_mistake_is_one_line_and_status_2(script, args, words):
   assert len(lines) == 1 and lines[0].startswith(f"bench/{script}: error: ") and words in lines[0], r.stderr
 
 
-@pytest.mark.parametrize("arch, width", [("mobilenet", 0.25), ("resnet8", 0.5), ("vgg16", 0.125)])
+@pytest.mark.parametrize("arch, width", [("mobilenet", 0.25), ("resnet8", 0.5), ("vgg16", 0.125), ("wrn32_4", 0.25)])
 def test_the_pytorch_peer_computes_the_same_function(arch, width):
   # What bench/train_step.py checks before timing the two: eejax's weights copied into the peer give the same
-  # training-mode joint loss (BatchNorm on the batch, every exit), MobileNet's depthwise convolutions and VGG's
-  # max-pools and three-layer classifier included.
+  # training-mode joint loss (BatchNorm on the batch, every exit), MobileNet's depthwise convolutions, VGG's
+  # max-pools and three-layer classifier, and the Wide ResNet's pre-activation blocks included.
   pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
   sys.path.insert(0, os.path.join(REPO, "bench"))
   import train_step  # pylint: disable=g-import-not-at-top
   ours, theirs = train_step.same_function(arch, width)
   assert ours == pytest.approx(theirs, rel=1e-5) and ours > 1.0
+
+
+def test_the_peer_can_start_from_flaxs_kernel_distribution():
+  # bench/accuracy_parity.py --peer-flax-init: every kernel of the peer drawn as flax draws eejax's (lecun_normal),
+  # every bias 0; compared with flax's own initializer on the same shapes.
+  torch = pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import linen as nn  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  peer = torch_peer.build("vgg16", 0.5, flax_init=True)
+  layers = [m for m in peer.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+  assert len(layers) == 13 + 5 + 2  # convolutions, exits, the classifier's two hidden layers
+  for m in layers:
+    w = m.weight.detach().numpy()
+    if w.ndim == 4:  # OIHW -> HWIO, flax's layout: fan_in is everything but the output channels
+      w = w.transpose(2, 3, 1, 0)
+    else:
+      w = w.T
+    want = np.asarray(nn.initializers.lecun_normal()(jax.random.key(0), w.shape))
+    if w.size >= 2000:
+      assert np.std(w) == pytest.approx(np.std(want), rel=0.1), w.shape
+    bound = 2 / np.sqrt(np.prod(w.shape[:-1])) / 0.87962566103423978
+    assert np.abs(w).max() <= bound * (1 + 1e-6) and np.abs(want).max() <= bound * (1 + 1e-6)
+    assert m.bias is None or not m.bias.detach().numpy().any()
+  default = [m.weight.detach().numpy().std() for m in torch_peer.build("vgg16", 0.5).modules()
+             if isinstance(m, torch.nn.Conv2d)]
+  flax_std = [m.weight.detach().numpy().std() for m in layers if m.weight.ndim == 4]
+  assert np.median(np.array(flax_std) / np.array(default)) > 1.5  # PyTorch's own draw is sqrt(3) times narrower

@@ -22,9 +22,9 @@ def require_onnx():
 @functools.lru_cache(maxsize=None)
 def small_model(head="pool_conv", arch="resnet8"):
   """A 3-exit ResNet-8 (or MobileNet: depthwise convolutions; VGG-16: max-pools and a three-layer classifier, on
-  32x32 images) at quarter width with random weights, its inputs and the JAX logits (reference)."""
+  32x32 images; WRN-32-4) at quarter width with random weights, its inputs and the JAX logits (reference)."""
   model = MultiExitNet(arch, 5, width=0.25, head=head, head_width=8,
-                       exit_after={"mobilenet": (1, 3), "vgg16": (3, 9)}.get(arch))
+                       exit_after={"mobilenet": (1, 3), "vgg16": (3, 9), "wrn32_4": (5, 10)}.get(arch))
   hw = 32 if arch == "vgg16" else 16
   images = np.random.default_rng(0).integers(0, 256, (6, hw, hw, 3), dtype=np.uint8)
   variables = model.init(jax.random.key(0), jnp.zeros((1, hw, hw, 3)))
@@ -80,9 +80,10 @@ def test_onnx_export_of_variables_on_a_mesh(tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["stablehlo", "onnx", "tflite"])
-@pytest.mark.parametrize("arch", ["mobilenet", "vgg16"])
-def test_mobilenet_and_vgg_export(tmp_path, fmt, arch):
-  # MobileNet's depthwise convolutions; VGG's max-pools and its three dense layers in the last stage.
+@pytest.mark.parametrize("arch", ["mobilenet", "vgg16", "wrn32_4"])
+def test_mobilenet_vgg_and_wide_resnet_export(tmp_path, fmt, arch):
+  # MobileNet's depthwise convolutions; VGG's max-pools and its three dense layers in the last stage; the Wide
+  # ResNet's pre-activation blocks (dropout left out at inference) and the BatchNorm of its final classifier.
   if fmt == "onnx":
     require_onnx()
   if fmt == "tflite":

@@ -194,6 +194,7 @@ def test_another_model_or_dataset_is_refused_and_the_finished_run_stays_whole(fi
   params_before = params(workdir)
   for extra, words in ((["--config.model.width=0.5"], "model.width: 0.25 there, 0.5 here"),
                        (["--config.model.head=pool_conv"], 'model.head: "linear" there, "pool_conv" here'),
+                       (["--config.train.init=pytorch"], 'init: "flax" there, "pytorch" here'),
                        (["--config.data.source=folder:" + other_tree], "data_fingerprint")):
     args = smoke_args(tree, workdir, "", NO_INFERENCE, *extra)
     check_clean(run_main(args), 2, words)

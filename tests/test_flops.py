@@ -21,9 +21,11 @@ from eejax.models.resnet import conv_macs
 # ResNet-50, 2.0-2.7% for ResNet-8/20, 3.5-9.2% for ResNet-56/110 (16 channels: element-wise work is
 # a larger share of each layer, and deeper nets have more of it per MAC); MobileNet 9.1% at exit 1 falling to
 # 1.9% at the last (a depthwise convolution does 9 MACs per output, so its BatchNorm and ReLU weigh more);
-# VGG-16 0.8% at exit 1 falling to 0.25% (max-pools and BatchNorm next to 64-512-channel convolutions).
+# VGG-16 0.8% at exit 1 falling to 0.25% (max-pools and BatchNorm next to 64-512-channel convolutions); WRN-32-4
+# 0.4% falling to 0.3%.
 TOLERANCE = {"resnet18": 0.01, "resnet34": 0.01, "resnet50": 0.02, "resnet8": 0.03, "resnet20": 0.03,
-             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10, "vgg16": 0.01}
+             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10, "vgg16": 0.01,
+             "wrn32_4": 0.01}
 
 
 def test_resnet8_by_hand():
@@ -73,6 +75,17 @@ def test_vgg16_whole_by_hand():
   assert m.head[:4] == (640, 1280, 2560, 5120)  # linear early exits on the pooled maps' 64 ... 512 channels
 
 
+def test_wrn32_4_whole_by_hand():
+  # SDN's WideResNet-32-4: 3x3 stem to 16 channels, then per block two 3x3 convolutions (the stride on the second)
+  # and a 1x1 shortcut convolution where the channels change; the classifier on 256 channels.
+  total, hw, c = 32 * 32 * 9 * 3 * 16, 32, 16
+  for out, stride in [(64, 1)] * 5 + [(128, 2)] + [(128, 1)] * 4 + [(256, 2)] + [(256, 1)] * 4:
+    total += hw * hw * 9 * c * out  # the first convolution, at the input's size
+    total += (hw // stride) ** 2 * 9 * out * out + ((hw // stride) ** 2 * c * out if c != out else 0)
+    hw, c = hw // stride, out
+  assert exit_macs(MultiExitNet("wrn32_4", 10), (32, 32, 3)).full == total + 256 * 10 == 1_185_335_808
+
+
 def test_resnet18_matches_the_usual_figure():
   # CIFAR ResNet-18 is usually quoted at 0.56 G MACs (e.g. 556.65 M by thop, which counts the same layers).
   m = exit_macs(MultiExitNet("resnet18", 10), (32, 32, 3))
@@ -96,7 +109,7 @@ def _xla_flops(fn, *args):
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_analytic_equals_xla_within_tolerance(arch):
   head = {"resnet20": "pool_conv", "resnet50": "pool_conv", "resnet56": "erde", "resnet34": "erde",
-          "resnet18": "conv1d", "resnet110": "conv1d", "vgg16": "mlp"}.get(arch, "linear")
+          "resnet18": "conv1d", "resnet110": "conv1d", "vgg16": "mlp", "wrn32_4": "pool_conv"}.get(arch, "linear")
   model = MultiExitNet(arch, 10, head=head, head_width=32)
   x = jnp.zeros((1, 32, 32, 3))
   variables = jax.eval_shape(model.init, jax.random.key(0), x)

@@ -66,11 +66,21 @@ def test_the_peer_trains_the_main_job_again_unless_it_lacks_the_heads(tmp_path):
   assert gpu_evidence.parity_workdir(str(tmp_path)) == str(tmp_path / "ablate_linear")
 
 
+def test_the_peer_starts_where_eejax_started_the_run(tmp_path):
+  write = lambda train: (tmp_path / "config.json").write_text(json.dumps({"train": train}))
+  write({"init": "flax"})
+  assert gpu_evidence.peer_init(str(tmp_path)) == ["--peer-zero-init", "--peer-flax-init"]
+  write({"init": "pytorch"})
+  assert gpu_evidence.peer_init(str(tmp_path)) == ["--peer-zero-init"]
+  write({})  # a run from before train.init drew flax's
+  assert gpu_evidence.peer_init(str(tmp_path)) == ["--peer-zero-init", "--peer-flax-init"]
+
+
 def test_the_accuracy_steps_come_first_and_every_name_is_unique():
   import argparse  # pylint: disable=g-import-not-at-top
   args = argparse.Namespace(root="/r", data="/d", scale="gpu", main_epochs=120, short_epochs=30, ablation_epochs=20,
                             erde_grad_clip=2.0)
   names = [name for name, _ in gpu_evidence.evidence_steps(args)]
-  assert names[:9] == [f"ablate_{a}" for a in gpu_evidence.ablations(cpu=False)] + ["main", "parity_single",
-                                                                                      "parity_main"]
+  first = [f"ablate_{a}" for a in gpu_evidence.ablations(cpu=False)] + ["main", "parity_single", "parity_main"]
+  assert names[:len(first)] == first and "ablate_init_pytorch" in first
   assert len(set(names)) == len(names) and "train_step" in names and "bts_grid" in names

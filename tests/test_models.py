@@ -10,6 +10,7 @@ from eejax.errors import UserError
 from eejax.models import ARCHS, HEADS, MultiExitNet
 from eejax.models.resnet import block_plan, exit_points
 from eejax.models.vgg import ConvBlock, max_pool_2x2
+from eejax.models.wide import WideBlock
 
 
 def n_params(tree):
@@ -98,7 +99,7 @@ def test_unknown_names_list_the_valid_ones():
   x = jnp.zeros((1, 32, 32, 3))
   with pytest.raises(UserError, match=r"unknown model 'resnet19'; valid: .*resnet18.*resnet20"):
     MultiExitNet("resnet19", 10).init(jax.random.key(0), x)
-  with pytest.raises(UserError, match=r"unknown head 'mpl'; valid: conv1d, erde, linear, mlp, pool_conv"):
+  with pytest.raises(UserError, match=r"unknown head 'mpl'; valid: conv1d, erde, linear, mlp, pool_conv, preact"):
     MultiExitNet("resnet8", 10, head="mpl").init(jax.random.key(0), x)
 
 
@@ -182,3 +183,37 @@ def test_vgg_max_pool_equals_flax_max_pool(hw):
   # Written as pairwise maxima so that every export format runs it; odd sizes drop the last row and column.
   x = jax.random.normal(jax.random.key(0), (2, hw, hw + 2, 3))
   np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+
+
+def test_wrn32_4_by_hand():
+  # SDN's WideResNet-32-4: a 16-channel stem with no BatchNorm, 3 stages of 5 pre-activation blocks (64, 128, 256
+  # channels, the stride on a block's second convolution), BatchNorm and ReLU before the pooled classifier.
+  assert block_plan(ARCHS["wrn32_4"], 1.0) == [(64, 1)] * 5 + [(128, 2)] + [(128, 1)] * 4 + [(256, 2)] + [(256, 1)] * 4
+  assert exit_points(ARCHS["wrn32_4"], None) == (5, 10, 15)
+  # Single exit: convolutions without bias; two BatchNorms (scale and shift) a block, one before the classifier.
+  c_in = [16] + [64] * 5 + [128] * 5 + [256] * 4
+  c_out = [64] * 5 + [128] * 5 + [256] * 5
+  blocks = sum(2 * a + 9 * a * b + 2 * b + 9 * b * b + (a * b if a != b else 0) for a, b in zip(c_in, c_out))
+  want = 9 * 3 * 16 + blocks + 2 * 256 + 256 * 10 + 10
+  variables = jax.eval_shape(MultiExitNet("wrn32_4", 10, exit_after=(15,)).init, jax.random.key(0),
+                             jnp.zeros((1, 32, 32, 3)))
+  assert n_params(variables["params"]) == want == 7_399_130 and "stem_norm" not in variables["params"]
+  model = MultiExitNet("wrn32_4", 10, width=0.25)
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  # An identity block with its second convolution zeroed passes its input through unchanged (the shortcut).
+  params = jax.tree.map(lambda a: a, variables["params"])
+  params["blocks_1"]["Conv_1"]["kernel"] = jnp.zeros_like(params["blocks_1"]["Conv_1"]["kernel"])
+  h = jax.random.normal(jax.random.key(2), (2, 32, 32, 16))
+  block = {"params": params["blocks_1"], "batch_stats": variables["batch_stats"]["blocks_1"]}
+  np.testing.assert_array_equal(WideBlock(16).apply(block, h), h)
+  assert params["blocks_5"]["Conv_2"]["kernel"].shape == (1, 1, 16, 32)  # the 1x1 shortcut where the stage halves
+  logits, aux = model.apply(variables, x)
+  assert logits.shape == (3, 2, 10) and [f.shape[1:] for f in aux["features"]] == [
+      (32, 32, 16), (16, 16, 32), (8, 8, 64)]
+  # The early exits see the raw block output; the final one BatchNorm and ReLU of it first.
+  assert "BatchNorm_0" in variables["params"]["heads_2"] and list(variables["params"]["heads_0"]) == ["Dense_0"]
+  # Dropout (0.3) between a block's convolutions acts in training only.
+  train = lambda key: model.apply(variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])[0][0][0]
+  assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
+  np.testing.assert_array_equal(model.apply(variables, x)[0], logits)

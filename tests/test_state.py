@@ -48,3 +48,32 @@ def test_scan_chunk_of_one_step_has_no_loop_and_a_leading_axis():
   assert float(c) == 3.0 and m["c"].shape == (1,)
   c, m = state.scan_chunk(step, 3, unroll=1)(np.float32(1.0), np.float32(2.0))
   assert float(c) == 7.0 and m["c"].tolist() == [1.0, 3.0, 5.0]
+
+
+def test_pytorch_init_draws_kernels_and_their_biases_as_pytorch_and_keeps_the_rest():
+  # PyTorch's default Conv2d/Linear draw: uniform within +-1/sqrt(fan_in) for the weight and the bias beside it,
+  # fan_in = in_channels / groups x kernel area; BatchNorm starts at scale 1 (0 where eejax zero-inits), shift 0.
+  from eejax.models import MultiExitNet  # pylint: disable=g-import-not-at-top
+  model = MultiExitNet("mobilenet", 10, width=0.5, head="pool_conv", head_width=16)
+  tx = state.make_optimizer(cifar10.get_config("smoke").train, lambda step: 0.1)
+  flax_state = state.init_state(model, tx, jax.random.key(0), (32, 32, 3))
+  torch_state = state.init_state(model, tx, jax.random.key(0), (32, 32, 3), init="pytorch")
+  seen = set()
+  for (path, ours), (_, before) in zip(jax.tree_util.tree_leaves_with_path(torch_state.params),
+                                       jax.tree_util.tree_leaves_with_path(flax_state.params)):
+    names = [p.key for p in path]
+    ours, before = np.asarray(ours), np.asarray(before)
+    if names[-2].startswith(("Conv", "Dense", "stem_conv")):
+      kernel = np.asarray(flax_state.params[names[0]][names[1]]["kernel"] if len(names) == 3
+                          else flax_state.params[names[0]]["kernel"])
+      bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))  # the depthwise kernel (3, 3, 1, C): fan_in 9
+      assert np.abs(ours).max() <= bound and not np.array_equal(ours, before), names
+      if ours.size >= 5000:  # uniform(-b, b): standard deviation b / sqrt(3)
+        assert np.std(ours) == pytest.approx(bound / np.sqrt(3), rel=0.05), names
+      seen.add(kernel.shape[-2] == 1 and kernel.ndim == 4)
+    else:  # BatchNorm: as flax made it
+      np.testing.assert_array_equal(ours, before)
+  assert seen == {True, False}  # depthwise and ordinary kernels were both redrawn
+  # Same key, same draw; the optimizer state starts from the redrawn parameters.
+  again = state.init_state(model, tx, jax.random.key(0), (32, 32, 3), init="pytorch")
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(torch_state.params)))

@@ -15,6 +15,7 @@ from eejax.errors import UserError
     ("checkpoint.max_to_keep", 0, "checkpoint.max_to_keep=0 must be 1 or more"),
     ("eval.every_epochs", -1.0, "eval.every_epochs=-1.0 must be 0 (no validation during training) or more"),
     ("model.exit_after", (), "model.exit_after=() has no exit"),
+    ("train.init", "torch", "unknown train.init 'torch'; valid: flax, pytorch"),
     ("data.source", "cifar11", "data.source='cifar11': expected one of cifar10"),
     ("data.source", "folder:", "data.source='folder:': expected one of"),
 ])

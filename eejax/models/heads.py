@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from eejax.models.layers import batch_norm
 from eejax.models.resnet import conv_macs
 
 
@@ -33,6 +34,26 @@ class LinearHead(nn.Module):
     h = nn.Dropout(self.dropout, deterministic=not train)(global_avg_pool(h_BxHxWxC))
     logits_BxC = nn.Dense(self.num_classes, dtype=self.dtype)(h)
     return logits_BxC.astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=0, count_padding=True):
+    del width, count_padding
+    return hwc[2] * num_classes
+
+
+class PreActHead(nn.Module):
+  """BatchNorm and ReLU, then global average pool and one dense layer: a pre-activation network's classifier
+  (the Wide ResNet's), whose blocks end without either."""
+  num_classes: int
+  width: int = 0  # unused
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    h = nn.relu(batch_norm(train, self.dtype)(h_BxHxWxC))
+    h = nn.Dropout(self.dropout, deterministic=not train)(global_avg_pool(h))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
 
   @staticmethod
   def macs(hwc, num_classes, width=0, count_padding=True):
@@ -151,7 +172,8 @@ class Conv1dHead(nn.Module):
     return conv + out * width * num_classes
 
 
-HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead, "conv1d": Conv1dHead, "mlp": MlpHead}
+HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead, "conv1d": Conv1dHead, "mlp": MlpHead,
+         "preact": PreActHead}
 
 
 def final_head(arch, width: float, head_dropout: float) -> tuple[type, int, float]:

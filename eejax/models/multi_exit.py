@@ -26,7 +26,7 @@ def scale_gradient(x, scale: float):
 
 
 class MultiExitNet(nn.Module):
-  """A CIFAR-style ResNet (or MobileNet, or VGG) with classifier heads part-way through.
+  """A CIFAR-style ResNet (or MobileNet, VGG, Wide ResNet) with classifier heads part-way through.
 
   Attributes:
     arch: a name in `eejax.models.resnet.ARCHS`.
@@ -34,7 +34,8 @@ class MultiExitNet(nn.Module):
     width: channel multiplier applied to every stage.
     exit_after: 1-based block numbers after which an exit sits (None: after
       each stage). The last block always carries the final classifier.
-    head: a name in `HEADS`, for every exit but the last, which is the backbone's own (`linear`; VGG's `mlp`).
+    head: a name in `HEADS`, for every exit but the last, which is the backbone's own (`linear`; VGG's `mlp`,
+      the Wide ResNet's `preact`).
     head_width: channels of heads that have a hidden layer.
     head_dropout: dropout rate before every head's dense layer (training only).
     exit_grad_scale: how much of its gradient each early exit sends back into
@@ -64,8 +65,9 @@ class MultiExitNet(nn.Module):
     self.points = exit_points(arch, self.exit_after)
     stem_width = max(1, round(arch.stem_width * self.width))
     self.stem_conv = nn.Conv(stem_width, (3, 3), use_bias=False, dtype=self.dtype)
-    self.stem_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype)
-    self.blocks = [arch.block(f, s, dtype=self.dtype) for f, s in block_plan(arch, self.width)]
+    self.stem_norm = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype) if arch.stem_norm else None
+    dropout = {"dropout": arch.block_dropout} if arch.block_dropout else {}
+    self.blocks = [arch.block(f, s, dtype=self.dtype, **dropout) for f, s in block_plan(arch, self.width)]
     final_cls, final_width, final_dropout = final_head(arch, self.width, self.head_dropout)
     self.heads = [HEADS[self.head](self.num_classes, width=self.head_width, dropout=self.head_dropout,
                                    dtype=self.dtype) for _ in self.points[:-1]] + [
@@ -81,7 +83,7 @@ class MultiExitNet(nn.Module):
 
   def stem(self, x_BxHxWx3, train: bool = False):
     h = self.stem_conv(x_BxHxWx3.astype(self.dtype))
-    return nn.relu(self.stem_norm(h, use_running_average=not train))
+    return h if self.stem_norm is None else nn.relu(self.stem_norm(h, use_running_average=not train))
 
   def segment(self, k: int, h, train: bool = False):
     """Blocks between exit k-1 and exit k (0-based k), then head k: (h, logits_BxC)."""

@@ -2,8 +2,8 @@
 
 All backbones use a 3x3 stride-1 stem (no max-pool), so 32x32 inputs keep full
 resolution in the first stage; the ResNets use projection shortcuts (1x1 conv
-+ BN) where the shape changes, and MobileNet's and VGG's blocks are in
-`eejax.models.mobilenet` and `eejax.models.vgg`. Each block class has a static `macs(hwc, features, strides, count_padding)`
++ BN) where the shape changes, and MobileNet's, VGG's and the Wide ResNet's
+blocks are in `eejax.models.mobilenet`, `eejax.models.vgg` and `eejax.models.wide`. Each block class has a static `macs(hwc, features, strides, count_padding)`
 giving (MACs for one image, output hwc); see `eejax.flops`.
 """
 import dataclasses
@@ -18,6 +18,7 @@ from eejax.errors import UserError, unknown_name
 from eejax.models.layers import batch_norm, conv_macs
 from eejax.models.mobilenet import DepthwiseSeparableBlock
 from eejax.models.vgg import ConvBlock
+from eejax.models.wide import WideBlock
 
 
 class BasicBlock(nn.Module):
@@ -90,6 +91,8 @@ class Arch:
   stage_widths: Sequence[int]
   stem: int = 0  # the stem's channels; 0: the first stage's
   pool_last: bool = False  # the last block of every stage halves the size (VGG), not the first of the next
+  stem_norm: bool = True  # BatchNorm and ReLU after the stem's convolution (not in pre-activation networks)
+  block_dropout: float = 0.0  # dropout inside each block, where its block has one (WRN's)
   final_head: str = "linear"  # the final exit's head, a name in eejax.models.heads.HEADS
   final_width: int = 0  # its hidden width (before model.width), where it has one
   final_dropout: float | None = None  # its dropout; None: model.head_dropout
@@ -115,6 +118,10 @@ ARCHS = {
     # dense layers of 512 with dropout 0.5 come before the classifier (eejax.models.vgg).
     "vgg16": Arch(ConvBlock, (1, 2, 3, 3, 3), (64, 128, 256, 512, 512), pool_last=True, final_head="mlp",
                   final_width=512, final_dropout=0.5),
+    # The WideResNet-32-4 of SDN: pre-activation blocks with dropout 0.3, BatchNorm and ReLU only before the final
+    # classifier (eejax.models.wide).
+    "wrn32_4": Arch(WideBlock, (5, 5, 5), (64, 128, 256), stem=16, stem_norm=False, block_dropout=0.3,
+                    final_head="preact"),
 }
 
 
