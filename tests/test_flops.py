@@ -21,10 +21,10 @@ from eejax.models.resnet import conv_macs
 # ResNet-50, 2.0-2.7% for ResNet-8/20, 3.5-9.2% for ResNet-56/110 (16 channels: element-wise work is
 # a larger share of each layer, and deeper nets have more of it per MAC); MobileNet 9.1% at exit 1 falling to
 # 1.9% at the last (a depthwise convolution does 9 MACs per output, so its BatchNorm and ReLU weigh more);
-# VGG-16 0.8% at exit 1 falling to 0.25% (max-pools and BatchNorm next to 64-512-channel convolutions); WRN-32-4
+# VGG-16 1.2% at exit 1 falling to 0.25% (max-pools, as pairwise maxima, and BatchNorm); WRN-32-4
 # 0.4% falling to 0.3%.
 TOLERANCE = {"resnet18": 0.01, "resnet34": 0.01, "resnet50": 0.02, "resnet8": 0.03, "resnet20": 0.03,
-             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10, "vgg16": 0.01,
+             "resnet56": 0.06, "resnet110": 0.10, "mobilenet": 0.10, "vgg16": 0.02,
              "wrn32_4": 0.01}
 
 

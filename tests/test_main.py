@@ -19,7 +19,7 @@ def assert_one_line_error(out, *fragments):
 @pytest.mark.parametrize("override,fragments", [
     ("--config.model.nmae=resnet8", ("bad --config override", "Did you mean \"name\"")),
     ("--config.model.name=resnet19", ("unknown model 'resnet19'; valid:", "resnet18")),
-    ("--config.model.head=mlp", ("unknown model.head 'mlp'; valid: conv1d, erde, linear, pool_conv",)),
+    ("--config.model.head=mpl", ("unknown model.head 'mpl'; valid: conv1d, erde, linear, mlp, pool_conv, preact",)),
     ("--config.train.epochs=many", ("--config.train.epochs=many",)),
 ])
 def test_config_mistakes(tiny_tree, tmp_path, override, fragments):
