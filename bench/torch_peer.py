@@ -119,31 +119,26 @@ def mlp(c_in, width, num_classes, dropout):
 class MultiExitResNet(nn.Module):
   """Exits after every stage (or only the last, single_exit=True); forward returns logits E x B x C."""
 
-  def __init__(self, block, stage_sizes, stage_widths, num_classes=10, width=1.0, single_exit=False,
-               head_dropout=0.0, exit_grad_scale=1.0, stem_width=0, pool_last=False, final_mlp=None,
-               preact=False, block_dropout=0.0):
-    """pool_last: a stage's last block halves the size (VGG); final_mlp: (width, dropout) of VGG's classifier;
+  def __init__(self, block, stage_sizes, plan, stem_width, num_classes=10, single_exit=False, head_dropout=0.0,
+               exit_grad_scale=1.0, final_mlp=None, preact=False, block_dropout=0.0):
+    """plan: eejax's `block_plan`, (features, strides) per block; final_mlp: (width, dropout) of VGG's classifier;
     preact: no BatchNorm after the stem, BN and ReLU before the final classifier (the Wide ResNet); block_dropout:
     dropout inside each block (the Wide ResNet's)."""
     super().__init__()
     self.head_dropout, self.exit_grad_scale, self.final_mlp = head_dropout, exit_grad_scale, final_mlp
-    widths = [max(1, round(w * width)) for w in stage_widths]
-    c_in = max(1, round(stem_width * width)) if stem_width else widths[0]
+    c_in, plan = stem_width, iter(plan)
     self.stem, self.stem_bn = Conv(3, c_in, 3), None if preact else bn(c_in)
     self.stages, self.heads = nn.ModuleList(), nn.ModuleList()
-    for s, (n, w) in enumerate(zip(stage_sizes, widths)):
+    for s, n in enumerate(stage_sizes):
       blocks = []
-      for i in range(n):
-        stride = 2 if (i == n - 1 if pool_last else s > 0 and i == 0) else 1
+      for w, stride in (next(plan) for _ in range(n)):
         blocks.append(block(c_in, w, stride, **({"dropout": block_dropout} if block_dropout else {})))
         c_in = w * block.expansion
       self.stages.append(nn.Sequential(*blocks))
       last = s == len(stage_sizes) - 1
-      head = mlp(c_in, round(final_mlp[0] * width), num_classes, final_mlp[1]) if last and final_mlp else (
-          nn.Linear(c_in, num_classes))
+      head = mlp(c_in, final_mlp[0], num_classes, final_mlp[1]) if last and final_mlp else nn.Linear(c_in, num_classes)
       self.heads.append(head if (last or not single_exit) else None)
     self.final_bn = bn(c_in) if preact else None  # registered after the blocks: load_flax copies in this order
-
   def forward(self, x):
     h, out = self.stem(x), []
     h = h if self.stem_bn is None else F.relu(self.stem_bn(h))
@@ -164,17 +159,17 @@ def build(arch, width=1.0, single_exit=False, num_classes=10, head_dropout=0.0, 
           zero_init_residual=False, flax_init=False):
   """The peer of eejax's `arch`; `zero_init_residual` starts each block's last BatchNorm scale at 0 and `flax_init`
   draws the kernels as flax does (`init_like_flax`), as eejax does."""
-  from eejax.models import mobilenet, resnet, vgg, wide  # pylint: disable=g-import-not-at-top
+  from eejax.models import heads, mobilenet, resnet, vgg, wide  # pylint: disable=g-import-not-at-top
   spec = resnet.ARCHS[arch]
   block = {resnet.BasicBlock: Basic, resnet.BottleneckBlock: Bottleneck,
            mobilenet.DepthwiseSeparableBlock: Separable, vgg.ConvBlock: Vgg,
            wide.WideBlock: Wide}[spec.block]
-  final_mlp = None
-  if spec.final_head == "mlp":
-    final_mlp = (spec.final_width, head_dropout if spec.final_dropout is None else spec.final_dropout)
-  model = MultiExitResNet(block, spec.stage_sizes, spec.stage_widths, num_classes, width, single_exit, head_dropout,
-                          exit_grad_scale, spec.stem_width, spec.pool_last, final_mlp, spec.final_head == "preact",
-                          spec.block_dropout)
+  final_cls, final_width, final_dropout = heads.final_head(spec, width, head_dropout)
+  stem_width = max(1, round(spec.stem_width * width))
+  model = MultiExitResNet(block, spec.stage_sizes, resnet.block_plan(spec, width), stem_width, num_classes,
+                          single_exit, head_dropout, exit_grad_scale,
+                          final_mlp=(final_width, final_dropout) if final_cls is heads.MlpHead else None,
+                          preact=final_cls is heads.PreActHead, block_dropout=spec.block_dropout)
   if zero_init_residual:
     for m in model.modules():
       if isinstance(m, (Basic, Bottleneck)):

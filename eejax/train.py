@@ -210,7 +210,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
     with checkpoint.StopSignal() as stop:
       # A stop that landed on a validation boundary saved without validating: the resumed run does it first.
-      if eval_every and collectives.any_process(
+      if eval_every and step and collectives.any_process(
           on_main_process() and history.missed(history.read(workdir), step, eval_every, total_steps)):
         final_val_logits = validate_now(state, step)
       while step < total_steps:
