@@ -51,6 +51,16 @@ confidence-sorted predictions whose precision clears the bar); `bts.cpm=absolute
 reading (the lowest threshold whose precision is at least the backbone's minus the margin). A class with
 no valid threshold never exits at that branch.
 
+SDN (Kaya et al. 2019), ResNet-56 with SDN's six internal classifiers (after blocks 4, 8, ..., 24; the `sdn`
+head: mixed max and average pooling to about 4x4, one dense layer) and SDN's recipe (100 epochs, SGD, lr 0.1
+stepped down 10x at epochs 35, 60, 85, weight decay 1e-4); `_cpu` variants: ResNet-8, exits after blocks 1, 2, 3:
+  sdn_cnn / sdn_cnn_cpu      the network alone, one exit (the IC-only runs' backbone).
+  ic_only / ic_only_cpu      SDN's IC-only training on it, frozen: --config.ic_only.backbone=CNN_WORKDIR
+                             (Adam, lr 1e-3, 25 epochs stepped down at 15; _cpu: 4 epochs).
+  sdn / sdn_cpu              SDN training: the classifiers' weights grow each epoch (config.sdn).
+  sdn_joint / sdn_joint_cpu  the same network and classifiers trained jointly, every exit weighing 1.
+  python launch/sdn.py --scale cpu|gpu runs all four and writes one table. Result (cpu): README.md, "SDN".
+
 Other backbones by name: --config.model.name=resnet20 (or 8/56/110, 34/50), mobilenet (SDN's CIFAR
 MobileNet, v1), e.g. with --config.model.width=0.5 at ResNet-8's MACs (README.md, "MobileNet at ResNet-8's cost"),
 vgg16 (SDN's CIFAR VGG-16 with BatchNorm; --config.model.exit_after=1,3,5,6,8,9 places SDN's six internal
@@ -66,7 +76,9 @@ from ml_collections import config_dict
 ERDE_PRESETS = ("erde_teacher", "erde", "erde_kd", "erde_student")
 SELF_DISTILLATION_PRESETS = ("mate", "byot", "mate_cpu", "byot_cpu", "joint_cpu")
 BTS_PRESETS = ("bts", "bts_cpu")
-PRESETS = ERDE_PRESETS + SELF_DISTILLATION_PRESETS + BTS_PRESETS
+SDN_PRESETS = ("sdn_cnn", "sdn", "sdn_joint", "ic_only", "sdn_cnn_cpu", "sdn_cpu", "sdn_joint_cpu", "ic_only_cpu")
+PRESETS = ERDE_PRESETS + SELF_DISTILLATION_PRESETS + BTS_PRESETS + SDN_PRESETS
+SDN_RESNET56_EXITS = (4, 8, 12, 16, 20, 24, 27)  # SDN's six internal classifiers (15 to 90% of the MACs), the last
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -80,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50; SDN's CIFAR mobilenet (v1), vgg16, wrn32_4
   config.model.width = 1.0  # channel multiplier
   config.model.exit_after = config_dict.placeholder(tuple)  # 1-based block numbers; None: after each stage
-  config.model.head = "linear"  # linear | pool_conv | erde | mlp | preact, every exit but the last (the backbone's own)
+  config.model.head = "linear"  # linear | pool_conv | erde | mlp | preact | sdn: every exit but the last
   config.model.head_width = 128  # channels of heads with a hidden layer
   config.model.head_dropout = 0.0  # dropout before each head's dense layer
   config.model.exit_grad_scale = 1.0  # share of each early exit's gradient that reaches the backbone; 0: none
@@ -108,7 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.warmup_epochs = 1.0  # linear warm-up from 0
   config.train.step_epochs = (100, 150)  # step schedule: epochs at which lr *= step_factor
   config.train.step_factor = 0.1
-  config.train.momentum = 0.9  # Nesterov
+  config.train.optimizer = "sgd"  # sgd | adam
+  config.train.momentum = 0.9  # sgd
   config.train.nesterov = True
   config.train.weight_decay = 5e-4  # on conv and dense kernels only
   config.train.init = "flax"  # first kernels: flax (lecun-normal, zero biases) | pytorch (PyTorch's default draw)
@@ -154,6 +167,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.bts.min_support = 30  # paper CPM: validation images of a predicted class that must pass its threshold
   config.bts.num_thresholds = 101  # absolute CPM's candidate thresholds: linspace(0, 1, n) on the max probability
   config.bts.steps_per_call = 50  # branch training steps per jitted call (lax.scan)
+
+  # scheme=sdn and scheme=ic_only: SDN's two ways of training internal classifiers (Kaya et al. 2019).
+  config.sdn = ml_collections.ConfigDict()
+  config.sdn.max_weights = config_dict.placeholder(tuple)  # C_i per internal classifier; None: 0.9 i / I
+  config.sdn.start_weight = 0.01  # at epoch e of E an internal classifier weighs min(C_i, 0.01 + e C_i / E)
+  config.ic_only = ml_collections.ConfigDict()
+  config.ic_only.backbone = ""  # workdir of a trained run of the same model: its backbone and final exit, frozen
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000
@@ -216,6 +236,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.scheme = "boosted"
     if arg == "bts_cpu":
       config.bts.positions = (1, 2)
+  elif arg in SDN_PRESETS:
+    config = sdn_preset(arg)
   elif arg:
     raise ValueError(f"unknown preset {arg!r} for configs/cifar10.py; valid: cpu, smoke, {', '.join(PRESETS)}")
+  return config
+
+
+def sdn_preset(arg: str) -> ml_collections.ConfigDict:
+  """SDN's recipe (its released code): SGD, lr 0.1 stepped down 10x at epochs 35, 60 and 85 of 100, weight
+  decay 1e-4 (SDN's for ResNets and MobileNet; 5e-4 for VGG and WRN), no warm-up; IC-only: Adam, lr 1e-3 stepped
+  down at epoch 15 of 25. `_cpu`: the cpu preset's ResNet-8 with exits after blocks 1, 2, 3 (the network alone:
+  3) and its own recipe; IC-only 4 epochs of Adam."""
+  cpu = arg.endswith("_cpu")
+  name = arg.removesuffix("_cpu")
+  config = get_config("cpu" if cpu else None)
+  if cpu:
+    config.model.exit_after = (3,) if name == "sdn_cnn" else (1, 2, 3)
+  else:
+    config.model.name = "resnet56"
+    config.model.exit_after = SDN_RESNET56_EXITS[-1:] if name == "sdn_cnn" else SDN_RESNET56_EXITS
+    config.train.epochs, config.train.schedule, config.train.step_epochs = 100, "step", (35, 60, 85)
+    config.train.learning_rate, config.train.weight_decay, config.train.warmup_epochs = 0.1, 1e-4, 0.0
+    config.train.nesterov = False
+  config.model.head = "sdn"
+  config.scheme = {"sdn_cnn": "joint", "sdn_joint": "joint"}.get(name, name)
+  if name == "ic_only":
+    config.train.optimizer, config.train.learning_rate, config.train.schedule = "adam", 1e-3, "step"
+    config.train.epochs, config.train.step_epochs, config.train.warmup_epochs = (4, (3,), 0.0) if cpu else (25, (15,), 0.0)
   return config

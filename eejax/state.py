@@ -43,17 +43,24 @@ def kernel_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+OPTIMIZERS = ("sgd", "adam")  # train.optimizer
+
+
 def make_optimizer(train_cfg, schedule) -> optax.GradientTransformation:
-  """SGD with Nesterov momentum; weight decay on kernels only.
+  """SGD with (Nesterov) momentum, or Adam; weight decay on kernels only, added to the gradient (L2, as PyTorch's
+  SGD and Adam do it).
 
   train.grad_clip > 0 first scales the gradient down to that global norm at most.
   """
   # Without a clip the chain is the one runs were always saved with, so their checkpoints still restore.
   clip = train_cfg.grad_clip
+  if train_cfg.get("optimizer", "sgd") == "adam":
+    last = optax.adam(schedule)
+  else:
+    last = optax.sgd(schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
   return optax.chain(
       *([optax.clip_by_global_norm(clip)] if clip > 0 else []),
-      optax.add_decayed_weights(train_cfg.weight_decay, mask=kernel_mask),
-      optax.sgd(schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov))
+      optax.add_decayed_weights(train_cfg.weight_decay, mask=kernel_mask), last)
 
 
 INITS = ("flax", "pytorch")  # train.init: how the kernels are first drawn

@@ -25,12 +25,16 @@ from eejax.writers import MetricWriter, Progress, on_main_process, say
 
 
 def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn: Callable, batch_size: int,
-               crop_pad: int, flip: bool, batch_sharding, teacher: Callable | None = None, schedule=None):
+               crop_pad: int, flip: bool, batch_sharding, teacher: Callable | None = None, schedule=None,
+               fixed: frozenset = frozenset()):
   """One SGD step on the batch that `state.step` selects. Pure: (state, ...) -> (state, metrics).
 
   `frozen` holds what does not train and is never saved: a scheme's teacher
   variables, read by `teacher(frozen, x_BxHxWx3) -> teacher_logits_ExBxC`,
   which runs in this same step on the same augmented batch.
+  `fixed` names top-level modules of the model that do not train: the gradient
+  is taken with respect to the others only (no backward pass through a fixed
+  backbone), and their parameters and BatchNorm statistics are kept as they are.
   """
   data_key, train_key = keys
   idx_B = input_pipeline.batch_indices(data_key, state.step, num_examples=data_dev["labels"].shape[0],
@@ -42,16 +46,22 @@ def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn:
   labels_B = data_dev["labels"][idx_B]
   teacher_logits = None if teacher is None else jax.lax.stop_gradient(teacher(frozen, x_BxHxWx3))
 
-  def loss_of(params):
-    variables = {"params": params, "batch_stats": state.batch_stats}
+  def loss_of(trained):
+    variables = {"params": {**state.params, **trained}, "batch_stats": state.batch_stats}
     (logits_ExBxC, aux), updates = model.apply(variables, x_BxHxWx3, train=True, mutable=["batch_stats"],
                                                rngs={"dropout": dropout_key})
-    loss, metrics = loss_fn(logits_ExBxC, labels_B, teacher_logits, aux)
+    loss, metrics = loss_fn(logits_ExBxC, labels_B, teacher_logits, aux, state.step)
     return loss, (updates["batch_stats"], logits_ExBxC, metrics)
 
-  (loss, (batch_stats, logits_ExBxC, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(state.params)
+  trained = {k: v for k, v in state.params.items() if k not in fixed}
+  (loss, (batch_stats, logits_ExBxC, metrics)), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+  if fixed:  # the optimizer sees the whole tree (its state keeps one layout); what it does to `fixed` is dropped
+    grads = {k: grads[k] if k in grads else jax.tree.map(jnp.zeros_like, v) for k, v in state.params.items()}
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if fixed:
+    params = {k: state.params[k] if k in fixed else v for k, v in params.items()}
+    batch_stats = {k: state.batch_stats[k] if k in fixed else v for k, v in batch_stats.items()}
   accuracy_E = jnp.mean(jnp.argmax(logits_ExBxC, -1) == labels_B, axis=1)
   metrics = {"loss": loss, **metrics, "accuracy_E": accuracy_E, "grad_norm": optax.tree.norm(grads)}
   if schedule is not None:
@@ -71,16 +81,17 @@ def make_train_chunk(step_fn, num_steps: int, replicated):
   return scan_chunk(step_fn, num_steps, unroll, out_shardings=(replicated, replicated))
 
 
-def make_loss_fn(config, num_exits: int):
-  """The scheme's objective: (logits_ExBxC, labels_B, teacher_logits_ExBxC | None, aux) -> (loss, metrics)."""
+def make_loss_fn(config, num_exits: int, steps_per_epoch: int = 1):
+  """The scheme's objective: (logits_ExBxC, labels_B, teacher_logits_ExBxC | None, aux, step) -> (loss, metrics)."""
   weights = config.train.exit_weights
   weights = (1.0,) * num_exits if weights is None else tuple(weights)
   if len(weights) != num_exits:
     raise UserError(f"train.exit_weights has {len(weights)} values; the model has {num_exits} exits")
   scheme = schemes.get(config.scheme)
   section = config.get(scheme.name)  # a scheme's own settings, if it has any
-  return lambda logits_ExBxC, labels_B, teacher_logits, aux: scheme.loss(schemes.LossInputs(
-      logits_ExBxC, labels_B, weights, config.train.label_smoothing, section, teacher_logits, aux))
+  return lambda logits_ExBxC, labels_B, teacher_logits, aux, step=0: scheme.loss(schemes.LossInputs(
+      logits_ExBxC, labels_B, weights, config.train.label_smoothing, section, teacher_logits, aux,
+      epoch=step // steps_per_epoch + 1, num_epochs=config.train.epochs))
 
 
 def _check_finite(metrics_S, first_step: int, last_saved) -> None:
@@ -137,7 +148,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   total_steps = config.train.epochs * steps_per_epoch
   schedule = make_schedule(config.train, steps_per_epoch)
   tx = make_optimizer(config.train, schedule)
-  loss_fn = make_loss_fn(config, model.num_exits)
+  loss_fn = make_loss_fn(config, model.num_exits, steps_per_epoch)
 
   # Nothing in the workdir is touched before it is known to hold this run, or none.
   workdirs.check_identity(workdir, workdirs.identity(config, spec.model, ds.num_classes, workdirs.fingerprint(
@@ -162,6 +173,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         f"with these settings; start from scratch or match the model config")
       state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
       say(f"initialised from {config.init_from} (parameters and BatchNorm statistics)")
+    if scheme.init is not None:
+      state = scheme.init(config, state, spec, mesh)
 
   mean_C, std_C = spec.stats
   data_dev = {"images": sharding.put_replicated(ds.train.images_NxHxWx3, mesh),
@@ -170,9 +183,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   keys = (data_key, train_key)
   teacher = None if scheme.teacher is None else scheme.teacher(config, model, spec, mesh)
   frozen = None if teacher is None else teacher.variables
+  fixed = frozenset(k for k in state.params if scheme.fixed is not None and scheme.fixed(k, model.num_exits))
   step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, batch_size=batch_size,
                               crop_pad=config.data.crop_pad, flip=config.data.flip, batch_sharding=batch_sharded,
-                              teacher=None if teacher is None else teacher.forward, schedule=schedule)
+                              teacher=None if teacher is None else teacher.forward, schedule=schedule,
+                              fixed=fixed)
   chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
   # The validation split is scored at the first chunk boundary on or after every eval.every_epochs epochs.
   eval_every = max(1, round(config.eval.every_epochs * steps_per_epoch)) if config.eval.every_epochs else 0
@@ -204,7 +219,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       with progress.paused():  # not training time
         scores, val_logits = validate(state, step)
       writer.write(step, scores)
-      progress.note = f"val {100 * scores[f'val/accuracy_exit{model.num_exits}']:.2f}%"
+      progress.note = "val " + "/".join(f"{100 * scores[f'val/accuracy_exit{e + 1}']:.2f}"
+                                        for e in range(model.num_exits)) + "%"  # every exit's, the last last
       progress.refresh()
       return val_logits if step == total_steps else None
 

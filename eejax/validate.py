@@ -23,6 +23,8 @@ def check_config(config) -> None:
     raise UserError(f"scheme={scheme.name} reads a config.{scheme.name} section, which this config lacks")
   if config.train.schedule not in state.SCHEDULES:
     raise unknown_name("train.schedule", config.train.schedule, state.SCHEDULES)
+  if config.train.optimizer not in state.OPTIMIZERS:
+    raise unknown_name("train.optimizer", config.train.optimizer, state.OPTIMIZERS)
   if config.train.init not in state.INITS:
     raise unknown_name("train.init", config.train.init, state.INITS)
   for name in (*config.eval.policies, *config.eval.fit_policies):

@@ -13,6 +13,8 @@ steps of `main` need `main`'s run):
   bts                launch/bts_grid.py: the BTS-EE 64-configuration grid on main's run as backbone
   erde               launch/erde.py: teacher, student alone, KD, ERDE
   self_distillation  launch/self_distillation.py: joint, BYOT, MATE
+  sdn                launch/sdn.py: the network alone, IC-only, SDN training, joint (SDN's own recipe at
+                     cpu and gpu scale: the GPU recipe's time box would cut SDN's step schedule short)
 
 Each step is one command with its log in R/logs/; finished steps are kept and
 the runs inside a step resume from their checkpoints, so the same command
@@ -31,7 +33,7 @@ from absl import app, flags
 import steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("throughput", "main", "bts", "erde", "self_distillation")
+STAGES = ("throughput", "main", "bts", "erde", "self_distillation", "sdn")
 
 # The GPU recipe for ResNet-18 with 4 exits: bfloat16 compute, batch 512, the learning rate scaled with it.
 GPU_RECIPE = ["--config.model.dtype=bfloat16", "--config.train.batch_size=512", "--config.train.learning_rate=0.4",
@@ -99,6 +101,9 @@ def plan(scale: str, data: str, root: str):
   yield ("erde", "erde", launch("erde.py", "erde"), [os.path.join(work, "erde", "comparison.md")])
   yield ("self_distillation", "self_distillation", launch("self_distillation.py", "self_distillation"),
          [os.path.join(work, "self_distillation", "comparison.md")])
+  sdn = [py, "launch/sdn.py", "--scale", s["launch_scale"], "--root", f"{work}/sdn", f"--data={data}", "--",
+         *(SMOKE if scale == "smoke" else [])]
+  yield ("sdn", "sdn", sdn, [os.path.join(work, "sdn", "comparison.md")])
 
 
 def hardware_line(env) -> str:

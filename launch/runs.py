@@ -66,6 +66,33 @@ def pct(x) -> str:
   return "n/a" if x is None else f"{100 * x:.2f}"
 
 
+def report_row(report) -> dict:
+  """What a launcher's table reads of a run's report: per-exit accuracy, the max-probability policy's budgets,
+  and the val-fitted thresholds for 50% of the MACs."""
+  fitted = {r["budget"]: r["per_exit"] for r in report["fitted_on_val"]["max_prob"]}.get(0.5)
+  return {"model": report["model"], "exit_accuracy": [e["accuracy"] for e in report["exits"]],
+          "max_prob_budget_accuracy": report["policies"]["max_prob"]["budgets"],
+          "fitted_50_test_accuracy": fitted and fitted["test_accuracy"],
+          "fitted_50_macs_fraction": fitted and fitted["test_macs_fraction"]}
+
+
+def exit_table(rows, label: str, key: str) -> list[str]:
+  """Markdown lines of a launcher's table: per-exit accuracy, the max-probability policy at each MACs budget, and
+  val-fitted thresholds for 50% of the MACs; a row's `key` names it (a row with fewer exits is padded on the left)."""
+  budgets = list(rows[-1]["max_prob_budget_accuracy"])
+  num_exits = max(len(r["exit_accuracy"]) for r in rows)
+  lines = [f"| {label} | " + " | ".join(f"exit {e + 1}" for e in range(num_exits)) + " | "
+           + " | ".join(f"@{100 * float(b):.0f}% MACs" for b in budgets) + " | fitted 50%: accuracy (MACs %) |",
+           "|---|" + "---:|" * (num_exits + len(budgets) + 1)]
+  for r in rows:
+    exits = [None] * (num_exits - len(r["exit_accuracy"])) + list(r["exit_accuracy"])
+    macs = "" if r["fitted_50_macs_fraction"] is None else f" ({100 * r['fitted_50_macs_fraction']:.1f})"
+    lines.append(f"| {r[key]} | " + " | ".join(pct(a) for a in exits) + " | "
+                 + " | ".join(pct(r["max_prob_budget_accuracy"].get(b)) for b in budgets)
+                 + f" | {pct(r['fitted_50_test_accuracy'])}{macs} |")
+  return lines
+
+
 def write_tables(root: str, command: str, rows, markdown: str) -> None:
   with open(os.path.join(root, "comparison.json"), "w", encoding="utf-8") as f:
     json.dump({"command": command, "rows": rows}, f, indent=2)

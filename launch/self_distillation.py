@@ -25,29 +25,15 @@ SCALES = {
 
 
 def row(name, report):
-  fitted = {r["budget"]: r["per_exit"] for r in report["fitted_on_val"]["max_prob"]}.get(0.5)
-  return {"scheme": name, "model": report["model"], "exit_accuracy": [e["accuracy"] for e in report["exits"]],
-          "max_prob_budget_accuracy": report["policies"]["max_prob"]["budgets"],
-          "fitted_50_test_accuracy": fitted and fitted["test_accuracy"],
-          "fitted_50_macs_fraction": fitted and fitted["test_macs_fraction"],
-          "teacher_weights": report.get("ensemble_weights")}
+  return {"scheme": name, **runs.report_row(report), "teacher_weights": report.get("ensemble_weights")}
 
 
 def markdown(rows, command):
-  budgets = list(rows[0]["max_prob_budget_accuracy"])
   num_exits = len(rows[0]["exit_accuracy"])
   lines = ["# Multi-exit self-distillation: joint vs BYOT vs MATE", "", f"Command: `{command}`", "",
            "Test accuracy (%); same backbone, training budget and seed. Max-probability policy: best test accuracy "
            "within each MACs budget (test curve), and per-exit thresholds fitted on validation for 50% of the MACs, "
-           "reported on test.", "",
-           "| scheme | " + " | ".join(f"exit {e + 1}" for e in range(num_exits)) + " | "
-           + " | ".join(f"@{100 * float(b):.0f}% MACs" for b in budgets) + " | fitted 50%: accuracy (MACs %) |",
-           "|---|" + "---:|" * (num_exits + len(budgets) + 1)]
-  for r in rows:
-    macs = "" if r["fitted_50_macs_fraction"] is None else f" ({100 * r['fitted_50_macs_fraction']:.1f})"
-    lines.append(f"| {r['scheme']} | " + " | ".join(runs.pct(a) for a in r["exit_accuracy"]) + " | "
-                 + " | ".join(runs.pct(r["max_prob_budget_accuracy"][b]) for b in budgets)
-                 + f" | {runs.pct(r['fitted_50_test_accuracy'])}{macs} |")
+           "reported on test.", "", *runs.exit_table(rows, "scheme", "scheme")]
   for r in rows:
     if r["teacher_weights"]:
       lines += ["", "MATE's learned teacher weights (row j: teacher j's weight on each exit, softmax(a_j)):", "",

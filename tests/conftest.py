@@ -27,6 +27,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_backend_optimization_level=0"]))
 
 
+# A launcher's runs at the least size that still trains every exit (launch/*.py -- ARGS).
+TINY_RUN = ["--config.model.width=0.25", "--config.data.max_images=48", "--config.data.val_size=12",
+            "--config.train.epochs=1", "--config.train.batch_size=12", "--config.eval.batch_size=24",
+            "--config.eval.num_thresholds=10", "--config.checkpoint.every_steps=100"]
+
+
 def make_tree(root, splits=("train", "test"), per_class=(12, 6), classes=("cat", "dog", "ship"), size=16,
               fmt="png", grey_every=0, seed=0):
   """A class-per-folder tree of random images whose mean brightness depends on the class.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from conftest import REPO, make_tree
+from conftest import REPO, TINY_RUN, make_tree
 from eejax import compare
 from eejax.errors import UserError
 
@@ -135,11 +135,8 @@ def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):
   tree = str(tmp_path / "tree")
   make_tree(tree, per_class=(16, 8), size=16)
   root = str(tmp_path / "sd")
-  tiny = ["--config.model.width=0.25", "--config.data.max_images=48", "--config.data.val_size=12",
-          "--config.train.epochs=1", "--config.train.batch_size=12", "--config.eval.batch_size=24",
-          "--config.eval.num_thresholds=10", "--config.checkpoint.every_steps=100"]
   done = subprocess.run([sys.executable, "launch/self_distillation.py", "--scale=cpu", f"--data=folder:{tree}",
-                         f"--root={root}", "--seeds=2", "--", *tiny], cwd=REPO, capture_output=True, text=True,
+                         f"--root={root}", "--seeds=2", "--", *TINY_RUN], cwd=REPO, capture_output=True, text=True,
                         timeout=900, check=False)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   for scheme in ("joint", "byot", "mate"):

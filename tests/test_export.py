@@ -91,6 +91,16 @@ def test_mobilenet_vgg_and_wide_resnet_export(tmp_path, fmt, arch):
   check_format(fmt, tmp_path, "linear", arch=arch)
 
 
+@pytest.mark.parametrize("fmt", ["stablehlo", "onnx", "tflite"])
+def test_sdn_head_export(tmp_path, fmt):
+  # SDN's internal classifier: its max-pool as pairwise maxima, its reshaped mean, the learned mixing weight.
+  if fmt == "onnx":
+    require_onnx()
+  if fmt == "tflite":
+    pytest.importorskip("tensorflow", reason="TFLite export needs the 'tflite' extra (TensorFlow), not installed here")
+  check_format(fmt, tmp_path, "sdn")
+
+
 def test_tflite_cascade_verifies_every_exit(tmp_path):
   pytest.importorskip("tensorflow", reason="TFLite export needs the 'tflite' extra (TensorFlow), not installed here")
   check_format("tflite", tmp_path)

@@ -108,7 +108,7 @@ def _xla_flops(fn, *args):
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_analytic_equals_xla_within_tolerance(arch):
-  head = {"resnet20": "pool_conv", "resnet50": "pool_conv", "resnet56": "erde", "resnet34": "erde",
+  head = {"resnet20": "pool_conv", "resnet50": "pool_conv", "resnet56": "erde", "resnet34": "sdn",
           "resnet18": "conv1d", "resnet110": "conv1d", "vgg16": "mlp", "wrn32_4": "pool_conv"}.get(arch, "linear")
   model = MultiExitNet(arch, 10, head=head, head_width=32)
   x = jnp.zeros((1, 32, 32, 3))

@@ -9,7 +9,8 @@ import pytest
 from eejax.errors import UserError
 from eejax.models import ARCHS, HEADS, MultiExitNet
 from eejax.models.resnet import block_plan, exit_points
-from eejax.models.vgg import ConvBlock, max_pool_2x2
+from eejax.models.layers import avg_pool, max_pool
+from eejax.models.vgg import ConvBlock
 from eejax.models.wide import WideBlock
 
 
@@ -178,11 +179,31 @@ def test_vgg16_by_hand():
   assert not np.allclose(train(jax.random.key(1)), train(jax.random.key(2)))
 
 
-@pytest.mark.parametrize("hw", [8, 7])
-def test_vgg_max_pool_equals_flax_max_pool(hw):
-  # Written as pairwise maxima so that every export format runs it; odd sizes drop the last row and column.
+@pytest.mark.parametrize("hw,k", [(8, 2), (7, 2), (16, 4), (10, 3), (32, 8)])
+def test_pools_equal_flax_pools(hw, k):
+  # Written as pairwise maxima and a reshaped mean so that every export format runs them; a partial last window
+  # of rows or columns is dropped, as flax's pools do.
   x = jax.random.normal(jax.random.key(0), (2, hw, hw + 2, 3))
-  np.testing.assert_array_equal(max_pool_2x2(x), nn.max_pool(x, (2, 2), strides=(2, 2)))
+  np.testing.assert_array_equal(max_pool(x, k), nn.max_pool(x, (k, k), strides=(k, k)))
+  np.testing.assert_allclose(avg_pool(x, k), nn.avg_pool(x, (k, k), strides=(k, k)), rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_gradient_stays_finite_in_a_jitted_training_step():
+  # A reshape and jnp.max gave NaN gradients here under jit on XLA:CPU (the count of entries equal to the maximum
+  # came out 0): ResNet-8 with SDN heads, one step on uint8 images through the input pipeline.
+  from eejax import input_pipeline, losses  # pylint: disable=g-import-not-at-top
+  model = MultiExitNet("resnet8", 3, width=0.25, exit_after=(1, 2, 3), head="sdn")
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  images = jax.random.randint(jax.random.key(1), (12, 16, 16, 3), 0, 255).astype(jnp.uint8)
+
+  def loss(params, key):
+    x = input_pipeline.random_crop_flip(key, images, pad=4, flip=True)
+    x = input_pipeline.normalize(x, jnp.full(3, 120.0), jnp.full(3, 60.0))
+    (logits, _), _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                 mutable=["batch_stats"])
+    return losses.cross_entropy(logits, jnp.arange(12) % 3).mean()
+  grads = jax.jit(jax.grad(loss))(variables["params"], jax.random.key(5))
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
 def test_wrn32_4_by_hand():

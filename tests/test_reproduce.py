@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, make_tree
 
-STAGES = ("throughput", "main", "bts", "erde", "self_distillation")
+STAGES = ("throughput", "main", "bts", "erde", "self_distillation", "sdn")
 
 
 def reproduce(root, tree, *extra, wait=True):
@@ -46,6 +46,7 @@ def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):
   assert "Hardware: cpu x1 (cpu)" in summary and f"Date: {time.strftime('%Y-%m-%d')}" in summary
   assert "![main](work/main/curve.png)" in summary and "![bts_grid](work/bts_grid/grid.png)" in summary
   assert "#### ERDE comparison" in summary and "#### Multi-exit self-distillation" in summary
+  assert "#### SDN: the network alone, IC-only, SDN training and joint training" in summary
   assert "ratio peer / eejax" in summary and "real early exit" in summary and "multi/plain cost" in summary
   # The BTS-EE grid: all 64 configurations, both modes, a table row each; a second call keeps every one.
   grid = json.load(open(os.path.join(root, "work", "bts_grid", "grid.json")))
@@ -54,7 +55,7 @@ def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):
   assert len(table) == 64
   grid_tex = open(os.path.join(root, "work", "bts_grid", "grid.tex")).read()
   assert sum(bool(re.match(r"    [\d,]+ & \d", l)) for l in grid_tex.splitlines()) == 64
-  for launcher in ("erde", "self_distillation"):  # the launchers' comparison tables, in LaTeX too
+  for launcher in ("erde", "self_distillation", "sdn"):  # the launchers' comparison tables, in LaTeX too
     assert r"\begin{tabular}" in open(os.path.join(root, "work", launcher, "comparison.tex")).read()
   again = reproduce(root, tree)
   assert again.returncode == 0 and "every stage finished" in again.stdout

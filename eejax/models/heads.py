@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from eejax.models.layers import batch_norm
+from eejax.models.layers import avg_pool, batch_norm, max_pool
 from eejax.models.resnet import conv_macs
 
 
@@ -172,8 +172,39 @@ class Conv1dHead(nn.Module):
     return conv + out * width * num_classes
 
 
+def sdn_window(hw: int) -> int:
+  """SDN's feature reduction: the pooling window for an hw x hw map, int(hw / 4) from 4 up; 0 below (no pooling)."""
+  return hw // 4 if hw >= 4 else 0
+
+
+class SdnHead(nn.Module):
+  """SDN's internal classifier (Kaya et al. 2019): a map of side s >= 4 is pooled with windows of int(s / 4),
+  as alpha * max-pool + (1 - alpha) * average-pool with one learned alpha (drawn uniformly in [0, 1)), and the
+  pooled map (about 4x4) goes flattened into one dense layer; a smaller map goes to the dense layer whole."""
+  num_classes: int
+  width: int = 0  # unused
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_BxHxWxC, train: bool = False):
+    k = sdn_window(h_BxHxWxC.shape[1])
+    h = h_BxHxWxC
+    if k:
+      alpha = self.param("alpha", nn.initializers.uniform(1.0), (1,), jnp.float32).astype(h.dtype)
+      h = alpha * max_pool(h, k) + (1 - alpha) * avg_pool(h, k)
+    h = nn.Dropout(self.dropout, deterministic=not train)(h.reshape(h.shape[0], -1))
+    return nn.Dense(self.num_classes, dtype=self.dtype)(h).astype(jnp.float32)
+
+  @staticmethod
+  def macs(hwc, num_classes, width=0, count_padding=True):
+    del width, count_padding
+    k = sdn_window(hwc[0]) or 1
+    return (hwc[0] // k) * (hwc[1] // k) * hwc[2] * num_classes
+
+
 HEADS = {"linear": LinearHead, "pool_conv": PoolConvHead, "erde": ErdeHead, "conv1d": Conv1dHead, "mlp": MlpHead,
-         "preact": PreActHead}
+         "preact": PreActHead, "sdn": SdnHead}
 
 
 def final_head(arch, width: float, head_dropout: float) -> tuple[type, int, float]:

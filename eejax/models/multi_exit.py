@@ -21,6 +21,8 @@ def scale_gradient(x, scale: float):
   """x in the forward pass; its gradient times `scale` in the backward pass (exactly x forward, any scale)."""
   if scale == 1.0:
     return x
+  if scale == 0.0:  # no backward pass into x at all
+    return jax.lax.stop_gradient(x)
   frozen = jax.lax.stop_gradient(x)
   return frozen + scale * (x - frozen)
 

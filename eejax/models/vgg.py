@@ -14,17 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from eejax.models.layers import batch_norm, conv_macs
-
-
-def max_pool_2x2(x_BxHxWxC):
-  """2x2 max-pool at stride 2 (an odd last row or column dropped, as nn.max_pool does) as two pairwise maxima of
-  strided slices: the same numbers, in operations every export format runs (ONNX Runtime has no 4D-window
-  MaxPool, which is what jax2onnx makes of XLA's reduce_window)."""
-  h, w = x_BxHxWxC.shape[1] // 2 * 2, x_BxHxWxC.shape[2] // 2 * 2
-  x = x_BxHxWxC[:, :h, :w]
-  x = jnp.maximum(x[:, 0::2], x[:, 1::2])
-  return jnp.maximum(x[:, :, 0::2], x[:, :, 1::2])
+from eejax.models.layers import batch_norm, conv_macs, max_pool
 
 
 class ConvBlock(nn.Module):
@@ -38,7 +28,7 @@ class ConvBlock(nn.Module):
   def __call__(self, x_BxHxWxC, train: bool = False):
     h = nn.Conv(self.features, (3, 3), use_bias=False, dtype=self.dtype)(x_BxHxWxC)
     h = nn.relu(batch_norm(train, self.dtype)(h))
-    return max_pool_2x2(h) if self.strides == 2 else h
+    return max_pool(h, 2) if self.strides == 2 else h
 
   @staticmethod
   def macs(hwc, features, strides, count_padding=True):

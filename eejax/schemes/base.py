@@ -19,6 +19,8 @@ class LossInputs(NamedTuple):
   section: Any  # config[scheme name], or None when the config has no such section
   teacher_logits_ExBxC: Any = None  # the frozen teacher's logits, paired with the exits (schemes with a teacher)
   aux: Any = None  # the model's aux outputs (features; MATE's ensemble_logits_JxE)
+  epoch: Any = None  # the 1-based epoch of this step (a traced integer)
+  num_epochs: int = 0  # train.epochs
 
 
 class Teacher(NamedTuple):
@@ -36,6 +38,9 @@ class Scheme:
   teacher(config, model, spec, mesh) -> Teacher: a frozen network whose logits the loss reads.
   report(params) -> dict: extra fields for report.json.
   job(config, workdir) -> report: a scheme that is its own job instead of the training loop (BTS-EE).
+  fixed(name, num_exits) -> bool: the top-level module `name` (`stem_conv`, `blocks_3`, `heads_0`, ...) does not
+    train: its parameters and BatchNorm statistics stay as they were at step 0.
+  init(config, state, spec, mesh) -> state: a fresh run's state (not a resumed one) made from another run.
   """
   name: str
   loss: Callable | None = None
@@ -44,6 +49,8 @@ class Scheme:
   teacher: Callable | None = None
   report: Callable | None = None
   job: Callable | None = None
+  fixed: Callable | None = None
+  init: Callable | None = None
 
 
 SCHEMES: dict[str, Scheme] = {}
