@@ -9,6 +9,8 @@ Presets:
             python launch/erde.py --config configs/cifar100.py --scale gpu
   mate, byot (and mate_cpu, byot_cpu, joint_cpu): self-distillation, as in configs/cifar10.py.
             python launch/self_distillation.py --config configs/cifar100.py --scale gpu
+  sdn_cnn, ic_only, sdn, sdn_joint (and their _cpu variants): SDN's, as in configs/cifar10.py.
+            python launch/sdn.py --config configs/cifar100.py --scale gpu
   cpu     ResNet-8, 3 exits, 8 epochs, as configs/cifar10.py:cpu.
             python -m eejax.main --config configs/cifar100.py:cpu --workdir /tmp/c100cpu
           Result: not measured yet.

@@ -11,6 +11,8 @@ Presets:
             python launch/erde.py --config configs/svhn.py --scale gpu
   mate, byot (and mate_cpu, byot_cpu, joint_cpu): self-distillation, as in configs/cifar10.py.
             python launch/self_distillation.py --config configs/svhn.py --scale gpu
+  sdn_cnn, ic_only, sdn, sdn_joint (and their _cpu variants): SDN's, as in configs/cifar10.py, with SDN's
+            recipe (not this file's 40 epochs). python launch/sdn.py --config configs/svhn.py --scale gpu
   cpu     ResNet-8, 3 exits, 4 epochs.
             python -m eejax.main --config configs/svhn.py:cpu --workdir /tmp/svhncpu
           Result: not measured yet.
@@ -27,6 +29,8 @@ def get_config(arg: str | None = None):
   config = cifar10.get_config(arg or None)
   config.data.source = "svhn"
   config.data.flip = False
+  if arg in cifar10.SDN_PRESETS:  # SDN's recipe as it is (its step schedule, IC-only's Adam)
+    return config
   cpu = bool(arg) and arg.endswith("cpu")
   config.train.epochs = 4 if cpu else 40
   config.train.learning_rate = 0.1 if cpu else 0.05
