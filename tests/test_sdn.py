@@ -156,8 +156,10 @@ def test_ic_only_run_keeps_the_trained_network_to_the_last_digit(tiny_tree, tmp_
   with pytest.raises(UserError, match="holds another network"):
     config.model.width = 0.5
     train.train_and_evaluate(config, str(tmp_path / "wider"))
+  config.model.width, config.model.exit_after = 0.25, (3,)
+  with pytest.raises(UserError, match="this model has one exit"):
+    train.train_and_evaluate(config, str(tmp_path / "alone"))
   config.ic_only.backbone = ""
-  config.model.width = 0.25
   with pytest.raises(UserError, match="needs --config.ic_only.backbone"):
     train.train_and_evaluate(config, str(tmp_path / "none"))
 
