@@ -32,7 +32,7 @@ def test_name_mistakes_come_before_loading_data(tmp_path):
                   f"--config.data.source=folder:{tmp_path / 'absent'}", "--config.model.name=resnet19"])
   assert_one_line_error(out, "unknown model 'resnet19'")
   out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.scheme=distill"])
-  assert_one_line_error(out, "unknown scheme 'distill'; valid: boosted, byot, erde, joint, mate")
+  assert_one_line_error(out, "unknown scheme 'distill'; valid: boosted, byot, erde, ic_only, joint, mate, sdn")
   out = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={tmp_path / 'w'}", "--config.data.source=cifar11"])
   assert_one_line_error(out, "data.source='cifar11': expected one of cifar10, cifar100, svhn")
 
