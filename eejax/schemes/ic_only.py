@@ -51,12 +51,12 @@ def init(config, state, spec, mesh):
   if not path:
     raise UserError("scheme=ic_only needs --config.ic_only.backbone=WORKDIR, the workdir of a trained run of the "
                     "same model (e.g. the network alone: --config.model.exit_after=N, N its last block)")
-  run = load_run(path, mesh)
-  run.spec.check_matches(spec.num_classes, spec.image_shape, "backbone", path)
   num_exits = sum(k.startswith("heads_") for k in state.params)
-  if num_exits < 2:
+  if num_exits < 2:  # before the backbone run is read: it is not needed to say so
     raise UserError("scheme=ic_only trains the exits before the last, and this model has one exit; place some with "
                     "--config.model.exit_after, e.g. 1,2,3 for a ResNet-8")
+  run = load_run(path, mesh)
+  run.spec.check_matches(spec.num_classes, spec.image_shape, "backbone", path)
   variables = copy_backbone(run.variables, {"params": state.params, "batch_stats": state.batch_stats},
                             run.model.num_exits, num_exits, path)
   say(f"backbone and final classifier: {run.config.model.name} from {path} (step {run.step}), frozen")
