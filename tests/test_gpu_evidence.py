@@ -48,11 +48,13 @@ def test_the_main_job_takes_the_multi_exit_variant_best_on_validation(tmp_path):
   ablation("linear", 30, 4)
   ablation("detached", 41, 4)
   ablation("pool_conv", 35, 4)
+  ablation("float32", 45, 4)  # better than every variant, but reported only: the recipe's precision stays
   assert gpu_evidence.final_exit_val_accuracy(str(tmp_path / "ablate_detached")) == 41 / 50
   assert gpu_evidence.main_variant(str(tmp_path), cpu=False) == ["--config.model.exit_grad_scale=0.0"]
   table = (tmp_path / "ablation.md").read_text()
   assert "| single | --config.model.exit_after=8 | 50.00 | 100.00 | n/a |" in table
   assert "| linear | (none) | 50.00 / 50.00 / 50.00 / 50.00 | 60.00 | 90.00 at epoch 12.5 |" in table
+  assert "| float32 | --config.model.dtype=float32 | 50.00 / 50.00 / 50.00 / 50.00 | 90.00 | n/a |" in table
   assert "The main job takes `detached`" in table
 
 
@@ -81,6 +83,8 @@ def test_the_accuracy_steps_come_first_and_every_name_is_unique():
   args = argparse.Namespace(root="/r", data="/d", scale="gpu", main_epochs=120, short_epochs=30, ablation_epochs=20,
                             erde_grad_clip=2.0)
   names = [name for name, _ in gpu_evidence.evidence_steps(args)]
-  first = [f"ablate_{a}" for a in gpu_evidence.ablations(cpu=False)] + ["main", "parity_single", "parity_main"]
-  assert names[:len(first)] == first and "ablate_init_pytorch" in first
+  ablated = [f"ablate_{a}" for a in gpu_evidence.ablations(cpu=False)]
+  first = ablated[:1] + ["parity_single"] + ablated[1:] + ["main", "parity_main"]
+  assert names[:len(first)] == first and ablated[0] == "ablate_single"
+  assert {"ablate_init_pytorch", "ablate_float32"} <= set(first)
   assert len(set(names)) == len(names) and "train_step" in names and "bts_grid" in names
