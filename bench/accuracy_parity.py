@@ -48,9 +48,7 @@ from eejax.models.resnet import ARCHS
 def learning_rate(step: int, train_cfg, steps_per_epoch: int) -> float:
   """The peak-scaled learning rate of 0-based step `step`: linear warm-up from 0, then cosine to 0 (or steps)."""
   peak, total = train_cfg.learning_rate, train_cfg.epochs * steps_per_epoch
-  warmup = int(train_cfg.warmup_epochs * steps_per_epoch)
-  if train_cfg.schedule == "cosine":
-    warmup = max(warmup, 1)  # eejax's cosine schedule warms up for one step at least
+  warmup = int(train_cfg.warmup_epochs * steps_per_epoch)  # under one step: none
   if step < warmup:
     return peak * step / warmup
   if train_cfg.schedule == "cosine":

@@ -26,11 +26,16 @@ SCHEDULES = ("cosine", "step")
 
 
 def make_schedule(train_cfg, steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up from 0 to train.learning_rate, then cosine to 0 or steps at train.step_epochs."""
+  """Linear warm-up from 0 to train.learning_rate, then cosine to 0 or steps at train.step_epochs.
+
+  A warm-up shorter than one step (warmup_epochs=0, or a fraction of an epoch of few steps) is none: the cosine
+  starts at the peak on the first step."""
   total = train_cfg.epochs * steps_per_epoch
   warmup = int(train_cfg.warmup_epochs * steps_per_epoch)
   if train_cfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, train_cfg.learning_rate, max(warmup, 1), max(total, warmup + 1))
+    if warmup == 0:
+      return optax.cosine_decay_schedule(train_cfg.learning_rate, max(total, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, train_cfg.learning_rate, warmup, max(total, warmup + 1))
   boundaries = {int(e * steps_per_epoch): train_cfg.step_factor for e in train_cfg.step_epochs}
   return optax.join_schedules(
       [optax.linear_schedule(0.0, train_cfg.learning_rate, max(warmup, 1)),

@@ -119,3 +119,23 @@ def test_the_peer_can_start_from_flaxs_kernel_distribution():
              if isinstance(m, torch.nn.Conv2d)]
   flax_std = [m.weight.detach().numpy().std() for m in layers if m.weight.ndim == 4]
   assert np.median(np.array(flax_std) / np.array(default)) > 1.5  # PyTorch's own draw is sqrt(3) times narrower
+
+
+@pytest.mark.parametrize("schedule,epochs,warmup,steps_per_epoch", [
+    ("cosine", 4, 1.0, 10), ("cosine", 4, 0.0, 10), ("cosine", 1, 0.5, 1), ("cosine", 3, 0.25, 3),
+    ("step", 6, 1.0, 5), ("step", 6, 0.0, 5)])
+def test_the_peers_learning_rate_is_eejaxs_at_every_step(schedule, epochs, warmup, steps_per_epoch):
+  # bench/accuracy_parity.py writes the schedule again for PyTorch and refuses to compare where the two differ;
+  # warm-ups shorter than a step included (none, in both).
+  pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import accuracy_parity  # pylint: disable=g-import-not-at-top
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  from eejax import state  # pylint: disable=g-import-not-at-top
+  train_cfg = cifar10.get_config("cpu").train
+  train_cfg.update(schedule=schedule, epochs=epochs, warmup_epochs=warmup, learning_rate=0.4, step_epochs=(2, 4))
+  accuracy_parity.check_schedule(train_cfg, steps_per_epoch)  # raises where they differ
+  theirs = [accuracy_parity.learning_rate(s, train_cfg, steps_per_epoch) for s in range(epochs * steps_per_epoch)]
+  ours = np.asarray(state.make_schedule(train_cfg, steps_per_epoch)(np.arange(epochs * steps_per_epoch)))
+  np.testing.assert_allclose(ours, theirs, atol=1e-6)
+  assert max(theirs) == pytest.approx(0.4, rel=1e-6) and min(theirs) >= 0

@@ -42,6 +42,18 @@ def test_schedule_warms_up_then_decays_to_zero():
                              [0.0, 0.1, 0.2, 0.2 * 0.5 * (1 + np.cos(np.pi * 15 / 30)), 0.0], atol=1e-7)
 
 
+def test_a_warm_up_under_one_step_is_none_and_a_one_step_run_has_a_schedule():
+  # A 200-image run at batch 128 has one step an epoch; the cpu preset's half-epoch warm-up is then 0 steps, which
+  # once ended in optax's "cosine_decay_schedule requires positive decay_steps" and a traceback.
+  config = cifar10.get_config("cpu")
+  config.train.update(epochs=1, learning_rate=0.2)
+  assert float(state.make_schedule(config.train, 1)(0)) == np.float32(0.2)
+  config.train.update(epochs=4, warmup_epochs=0.0)
+  schedule = state.make_schedule(config.train, 10)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 10, 40)],
+                             [0.2, 0.2 * 0.5 * (1 + np.cos(np.pi * 10 / 40)), 0.0], atol=1e-7)
+
+
 def test_scan_chunk_of_one_step_has_no_loop_and_a_leading_axis():
   step = lambda c, x: (c + x, {"c": c})
   c, m = state.scan_chunk(step, 1, unroll=1)(np.float32(1.0), np.float32(2.0))
