@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from eejax import (calibration, collectives, distributed, evaluate, export as exports, inference, policies, risk,
-                   schemes, thresholds, validate, workdirs)
+                   schemes, thresholds, validate, workdirs, xla_cache)
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.run import Run, load_run
@@ -36,15 +36,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     collectives.agree(_paths_problem(config, workdir))
     workdirs.check_shared(workdir)
     with workdirs.lock(workdir):  # one job at a time in a workdir
+      xla_cache.enable(config.get("compile_cache_dir", ""))
       return job(config, workdir)
 
 
 def _paths_problem(config, workdir: str) -> str | None:
-  """Why this process cannot write the workdir or the data cache, or None."""
+  """Why this process cannot write the workdir, the data cache or the compile cache, or None."""
   try:
     workdirs.check_path(workdir, "workdir", "--workdir")
     if config.data.cache_dir:
       workdirs.check_path(config.data.cache_dir, "data cache", "--config.data.cache_dir")
+    if config.get("compile_cache_dir") and not xla_cache.jax_folder():  # JAX's own folder wins
+      workdirs.check_path(config.compile_cache_dir, "compile cache", "--config.compile_cache_dir")
   except UserError as e:
     return str(e)
   return None

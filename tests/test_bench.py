@@ -139,3 +139,17 @@ def test_the_peers_learning_rate_is_eejaxs_at_every_step(schedule, epochs, warmu
   ours = np.asarray(state.make_schedule(train_cfg, steps_per_epoch)(np.arange(epochs * steps_per_epoch)))
   np.testing.assert_allclose(ours, theirs, atol=1e-6)
   assert max(theirs) == pytest.approx(0.4, rel=1e-6) and min(theirs) >= 0
+
+
+def test_the_compile_cache_benchmark_runs_three_jobs_and_prints_the_ratio(tiny_tree):
+  r = bench("compile_cache.py", "--data", f"folder:{tiny_tree}", "--config", "configs/cifar10.py:smoke", "--",
+            "--config.data.val_size=8", "--config.data.max_images=0")
+  assert r.returncode == 0, r.stderr[-2000:]
+  programs = int(re.search(r"fills it with (\d+) programs", r.stdout).group(1))
+  cold, warm, off = (float(re.search(rf"{what}[^:]*:\s+([\d.]+) s", r.stdout).group(1))
+                     for what in ("cache empty", "cache filled", "cache off"))
+  assert programs >= 1 and min(cold, warm, off) > 0
+  assert f"filled / off: {warm / off:.2f}x" in r.stdout
+  r = bench("compile_cache.py", "--data", "folder:/nonexistent/tree", "--config", "configs/cifar10.py:smoke")
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+      "bench/compile_cache.py: the job failed with status 2: eejax: error:")
