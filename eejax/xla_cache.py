@@ -10,12 +10,24 @@ eejax never moves a cache its user placed.
 JAX keys every entry by the program, the jax and XLA versions, the backend and its flags, so an entry is
 reused only where it is the same compilation. The folder grows by one file per distinct program (a few
 hundred KB on a CPU) and can be deleted at any time. JAX treats the folder as trusted code: keep it private.
+
+JAX writes an entry in place, so a write cut short (a full disk, a killed process) leaves half a file, which
+JAX would then fail to read on every later job, with a warning each time, and never write again. In eejax's
+folder such an entry is removed when JAX reports it, with one line; the job compiles the program and saves
+it anew.
 """
+import importlib
 import os
+import re
+import sys
+import warnings
+import zlib
 
 import jax
 
 DEFAULT = "~/.cache/eejax/xla"
+_PROBLEM = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)", re.S)
+_repaired_folders = set()  # folders whose damaged entries this process removes (see `_repairing`)
 
 
 def jax_folder() -> str | None:
@@ -38,4 +50,67 @@ def enable(path: str) -> str | None:
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   compilation_cache.set_cache_dir(folder)
   compilation_cache.reset_cache()  # where a JAX version decided at its first compilation: decide again
+  if not _repaired_folders:
+    warnings.showwarning = _repairing(warnings.showwarning)
+  _repaired_folders.add(folder)
   return folder
+
+
+def whole(data: bytes) -> bool:
+  """Whether an entry's bytes decompress with a codec JAX writes (zlib, or zstd where installed): a write cut
+  short leaves a truncated stream that none does."""
+  codecs = [zlib.decompress]
+  for module, make in (("compression.zstd", lambda m: m.decompress),
+                       ("zstandard", lambda m: m.ZstdDecompressor().decompress)):
+    try:
+      codecs.append(make(importlib.import_module(module)))
+    except ImportError:
+      pass
+  for decompress in codecs:
+    try:
+      decompress(data)
+      return True
+    except Exception:  # pylint: disable=broad-except  # each codec has its own error
+      pass
+  return False
+
+
+def remove_entries(folder: str, name: str) -> int:
+  """Removes the entries of the program `name` (files NAME-<sha256>-cache) in `folder` that are not whole, or all
+  of them where every one is (JAX could not use them all the same); returns how many."""
+  entry = re.compile(re.escape(name) + r"-[0-9a-f]{64}-cache")
+  paths = [os.path.join(folder, file) for file in os.listdir(folder) if entry.fullmatch(file)]
+  damaged = [path for path in paths if not whole(_read(path))]
+  removed = 0
+  for path in damaged or paths:
+    try:
+      os.remove(path)
+      removed += 1
+    except FileNotFoundError:  # another job removed it first
+      pass
+  return removed
+
+
+def _read(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except FileNotFoundError:
+    return b""
+
+
+def _repairing(show):
+  """warnings.showwarning that turns JAX's failure to read or write an entry of eejax's folder into one line and
+  removes that program's entries (half written, or unreadable), so that the next save writes them whole."""
+  def showwarning(message, category, filename, lineno, file=None, line=None):
+    problem = _PROBLEM.search(str(message))
+    folder = jax.config.jax_compilation_cache_dir
+    if problem is None or folder not in _repaired_folders:
+      return show(message, category, filename, lineno, file, line)
+    verb, name, why = problem.groups()
+    removed = remove_entries(folder, name)
+    print(f"warning: the compile cache {folder} could not {dict(reading='read', writing='write')[verb]} the "
+          f"compiled program {name} "
+          f"({why.splitlines()[0]}); {removed} file(s) removed, the program is compiled "
+          f"{'again and saved anew' if verb == 'reading' else 'again by the next job'}", file=sys.stderr, flush=True)
+  return showwarning

@@ -3,8 +3,10 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 from conftest import REPO, run_main, smoke_args
+from eejax import xla_cache
 
 # A fresh process that enables the cache in FOLDER, compiles one function and prints its result, the folder in
 # use and how many programs JAX loaded from the cache (jax.monitoring's cache-hit event).
@@ -22,13 +24,15 @@ PROGRAM = textwrap.dedent("""
 """)
 
 
-def enable_in_a_process(folder, **env):
+def enable_in_a_process(folder, stderr=None, **env):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **env)
   env.pop("JAX_COMPILATION_CACHE_DIR")  # the suite's own cache (conftest): this test sets its own
   if "jax_dir" in env:
     env["JAX_COMPILATION_CACHE_DIR"] = env.pop("jax_dir")
   out = subprocess.run([sys.executable, "-c", PROGRAM, folder], env=env, capture_output=True, text=True, check=False)
   assert out.returncode == 0, out.stderr[-2000:]
+  if stderr is not None:
+    stderr.append(out.stderr)
   value, used, hits = out.stdout.split()
   return float(value), used, int(hits)
 
@@ -68,3 +72,36 @@ def test_a_compile_cache_that_cannot_be_written_is_one_line(tiny_tree, tmp_path)
   assert out.returncode == 2 and "Traceback" not in out.stderr
   assert out.stderr.strip().splitlines()[-1].startswith(f"eejax: error: --config.compile_cache_dir={blocker}/xla: ")
   assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_an_entry_cut_short_is_one_line_and_written_anew(tmp_path):
+  # JAX writes an entry in place: a full disk or a killed process leaves half a file, which JAX alone would fail
+  # to read on every later job (a warning each time) and never write again.
+  folder = str(tmp_path / "xla")
+  value, _, _ = enable_in_a_process(folder)
+  name = next(n for n in os.listdir(folder) if n.startswith("jit_"))
+  path = os.path.join(folder, name)
+  data = open(path, "rb").read()
+  assert xla_cache.whole(data) and not xla_cache.whole(data[:len(data) // 2])
+  open(path, "wb").write(data[:len(data) // 2])
+  stderr = []
+  again, _, _ = enable_in_a_process(folder, stderr=stderr)
+  lines = [line for line in stderr[0].splitlines() if "compile" in line.lower()]
+  assert again == value and len(lines) == 1, stderr[0]
+  assert lines[0].startswith(f"warning: the compile cache {folder} could not read the compiled program ")
+  assert "1 file(s) removed" in lines[0] and "UserWarning" not in stderr[0]
+  assert xla_cache.whole(open(path, "rb").read())  # saved anew, whole
+  assert enable_in_a_process(folder, stderr=stderr)[2] >= 1 and "warning" not in stderr[1]
+
+
+def test_only_the_damaged_entries_of_a_program_are_removed(tmp_path):
+  payload = zlib.compress(b"an executable" * 100)
+  keys = [f"{i:064x}" for i in range(3)]
+  for key, data in zip(keys, (payload, payload[:20], payload)):
+    (tmp_path / f"jit_step-{key}-cache").write_bytes(data)
+  (tmp_path / f"jit_step_two-{keys[1]}-cache").write_bytes(b"not zlib")  # another program: left alone
+  assert xla_cache.remove_entries(str(tmp_path), "jit_step") == 1
+  assert sorted(os.listdir(tmp_path)) == sorted([f"jit_step-{keys[0]}-cache", f"jit_step-{keys[2]}-cache",
+                                                 f"jit_step_two-{keys[1]}-cache"])
+  assert xla_cache.remove_entries(str(tmp_path), "jit_step") == 2  # all whole: JAX could not use them anyway
+  assert os.listdir(tmp_path) == [f"jit_step_two-{keys[1]}-cache"]
