@@ -49,6 +49,8 @@ def enable(path: str) -> str | None:
   folder = os.path.abspath(os.path.expanduser(path))
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   compilation_cache.set_cache_dir(folder)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's 1 s leaves out ~80 small programs a
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # run compiles, 10 s on a 2-core CPU
   compilation_cache.reset_cache()  # where a JAX version decided at its first compilation: decide again
   if not _repaired_folders:
     warnings.showwarning = _repairing(warnings.showwarning)
