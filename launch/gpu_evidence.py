@@ -180,6 +180,10 @@ def evidence_steps(args):
   # And SDN's other two backbones, VGG-16 and WideResNet-32-4, against the same models in PyTorch.
   yield "train_step_sdn", [py, "bench/train_step.py", "--models", "vgg16,wrn32_4", *mobile,
                            "--json", os.path.join(args.root, "train_step_sdn.out.json")]
+  # A short job of the main recipe started cold, again with the compilation cache filled (a resumed run), and
+  # without the cache: on a GPU the cache also keeps XLA's convolution autotuning.
+  yield "compile_cache", [py, "bench/compile_cache.py", "--data", data, "--config", "configs/cifar10.py", "--",
+                          *size, "--config.data.max_images=2000"]
 
 
 def write_summary(root, names):
