@@ -25,7 +25,6 @@ import zlib
 
 import jax
 
-DEFAULT = "~/.cache/eejax/xla"
 _PROBLEM = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)", re.S)
 _repaired_folders = set()  # folders whose damaged entries this process removes (see `_repairing`)
 
@@ -77,14 +76,14 @@ def whole(data: bytes) -> bool:
   return False
 
 
-def remove_entries(folder: str, name: str) -> int:
-  """Removes the entries of the program `name` (files NAME-<sha256>-cache) in `folder` that are not whole, or all
-  of them where every one is (JAX could not use them all the same); returns how many."""
+def remove_entries(folder: str, name: str, all_if_whole: bool = True) -> int:
+  """Removes the entries of the program `name` (files NAME-<sha256>-cache) in `folder` that are not whole, or,
+  with `all_if_whole`, all of them where every one is (JAX could not read one all the same); returns how many."""
   entry = re.compile(re.escape(name) + r"-[0-9a-f]{64}-cache")
   paths = [os.path.join(folder, file) for file in os.listdir(folder) if entry.fullmatch(file)]
   damaged = [path for path in paths if not whole(_read(path))]
   removed = 0
-  for path in damaged or paths:
+  for path in damaged or (paths if all_if_whole else []):
     try:
       os.remove(path)
       removed += 1
@@ -110,7 +109,7 @@ def _repairing(show):
     if problem is None or folder not in _repaired_folders:
       return show(message, category, filename, lineno, file, line)
     verb, name, why = problem.groups()
-    removed = remove_entries(folder, name)
+    removed = remove_entries(folder, name, all_if_whole=verb == "reading")  # a failed write: only its half file
     print(f"warning: the compile cache {folder} could not {dict(reading='read', writing='write')[verb]} the "
           f"compiled program {name} "
           f"({why.splitlines()[0]}); {removed} file(s) removed, the program is compiled "
