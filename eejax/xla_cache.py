@@ -16,6 +16,7 @@ JAX would then fail to read on every later job, with a warning each time, and ne
 folder such an entry is removed when JAX reports it, with one line; the job compiles the program and saves
 it anew.
 """
+import functools
 import importlib
 import os
 import re
@@ -57,9 +58,9 @@ def enable(path: str) -> str | None:
   return folder
 
 
-def whole(data: bytes) -> bool:
-  """Whether an entry's bytes decompress with a codec JAX writes (zlib, or zstd where installed): a write cut
-  short leaves a truncated stream that none does."""
+@functools.cache
+def _codecs() -> tuple:
+  """The decompressors of the codecs JAX may write with: zlib, and zstd where installed (found once)."""
   codecs = [zlib.decompress]
   for module, make in (("compression.zstd", lambda m: m.decompress),
                        ("zstandard", lambda m: m.ZstdDecompressor().decompress)):
@@ -67,7 +68,13 @@ def whole(data: bytes) -> bool:
       codecs.append(make(importlib.import_module(module)))
     except ImportError:
       pass
-  for decompress in codecs:
+  return tuple(codecs)
+
+
+def whole(data: bytes) -> bool:
+  """Whether an entry's bytes decompress with a codec JAX writes: a write cut short leaves a truncated stream
+  that none does."""
+  for decompress in _codecs():
     try:
       decompress(data)
       return True
@@ -105,7 +112,7 @@ def _repairing(show):
   removes that program's entries (half written, or unreadable), so that the next save writes them whole."""
   def showwarning(message, category, filename, lineno, file=None, line=None):
     problem = _PROBLEM.search(str(message))
-    folder = jax.config.jax_compilation_cache_dir
+    folder = jax_folder()
     if problem is None or folder not in _repaired_folders:
       return show(message, category, filename, lineno, file, line)
     verb, name, why = problem.groups()
