@@ -88,6 +88,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.init_from = ""  # a workdir whose latest parameters start this run (unless resuming)
   config.distributed = False  # True: join the multi-process job JAX finds in the environment (SLURM, MPI, TPU pods)
   config.compile_cache_dir = "~/.cache/eejax/xla"  # compiled programs kept for later jobs (eejax.xla_cache); '' off
+  config.compile_cache_max_gb = 2.0  # each job first trims that folder to this size, oldest-used first; 0: no limit
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "resnet18"  # resnet8/20/56/110 (thin), resnet18/34/50; SDN's CIFAR mobilenet (v1), vgg16, wrn32_4

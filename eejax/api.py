@@ -36,7 +36,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     collectives.agree(_paths_problem(config, workdir))
     workdirs.check_shared(workdir)
     with workdirs.lock(workdir):  # one job at a time in a workdir
-      xla_cache.enable(config.get("compile_cache_dir", ""))
+      xla_cache.enable(config.get("compile_cache_dir", ""), config.get("compile_cache_max_gb", 0.0))
       return job(config, workdir)
 
 

@@ -18,10 +18,10 @@ if __name__ == "__main__":  # Ctrl-C while JAX loads below: one line, not a trac
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 
-from eejax import evaluate, latex, report, risk, workdirs
+from eejax import evaluate, latex, report, risk, workdirs, xla_cache
 from eejax.cli import fail, guarded, parse_flags
 from eejax.flops import exit_macs
-from eejax.run import load_run
+from eejax.run import load_config, load_run
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 def define_flags() -> None:
@@ -41,6 +41,7 @@ def main(argv) -> None:
   if not f.workdir:
     fail("give --workdir=RUN", "eejax.certify")
   def job():
+    xla_cache.enable_for_run(load_config(f.workdir))
     run = load_run(f.workdir)
     saved = workdirs.read_npz(os.path.join(f.workdir, "logits.npz"),
                               ("val_logits", "val_labels", "test_logits", "test_labels"))

@@ -60,11 +60,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax import (calibration, cascade_runtime, data, evaluate, export_onnx, export_tflite, export_verify, inference,
-                   input_pipeline, latex, policies, sharding, thresholds, workdirs)
+                   input_pipeline, latex, policies, sharding, thresholds, workdirs, xla_cache)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
-from eejax.run import load_run
+from eejax.run import load_config, load_run
 from eejax.writers import Count
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -267,8 +267,11 @@ def main(argv) -> None:
   f = flags.FLAGS
   if not f.workdir or not f.out:
     fail("give --workdir=RUN and --out=DIR", "eejax.export")
-  report = guarded(lambda: export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy,
-                                             calibration_images=f.calibration_images), "eejax.export", f.out)
+  def job():
+    xla_cache.enable_for_run(load_config(f.workdir))  # the programs of an export done before are loaded
+    return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy,
+                             calibration_images=f.calibration_images)
+  report = guarded(job, "eejax.export", f.out)
   print(markdown(report))
 
 

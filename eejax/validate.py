@@ -58,6 +58,8 @@ def check_numbers(config) -> None:
     value = config[section][name]
     if not ok(value):
       raise UserError(f"{key}={value!r} must be {what}")
+  if config.get("compile_cache_max_gb", 0.0) < 0:
+    raise UserError(f"compile_cache_max_gb={config.compile_cache_max_gb!r} must be 0 (no limit) or more gigabytes")
   if config.model.exit_after is not None and not len(config.model.exit_after):
     raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
                     "(an exit after each stage)")

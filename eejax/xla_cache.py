@@ -10,6 +10,11 @@ eejax never moves a cache its user placed.
 JAX keys every entry by the program, the jax and XLA versions, the backend and its flags, so an entry is
 reused only where it is the same compilation. The folder grows by one file per distinct program (a few
 hundred KB on a CPU) and can be deleted at any time. JAX treats the folder as trusted code: keep it private.
+Each job starts by keeping eejax's folder under `config.compile_cache_max_gb` (`prune`): the entries used
+longest ago go first. A job can add to it while it runs; the next job trims it again.
+
+The commands that read a finished run (`eejax.export`, `eejax.certify`) use that run's folder too
+(`enable_for_run`), where it can be written.
 
 JAX writes an entry in place, so a write cut short (a full disk, a killed process) leaves half a file, which
 JAX would then fail to read on every later job, with a warning each time, and never write again. In eejax's
@@ -28,6 +33,8 @@ import jax
 
 _PROBLEM = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)", re.S)
 _repaired_folders = set()  # folders whose damaged entries this process removes (see `_repairing`)
+DEFAULT_FOLDER = "~/.cache/eejax/xla"  # config.compile_cache_dir; also for runs saved before they had the key
+DEFAULT_MAX_GB = 2.0  # config.compile_cache_max_gb
 
 
 def jax_folder() -> str | None:
@@ -35,11 +42,12 @@ def jax_folder() -> str | None:
   return jax.config.jax_compilation_cache_dir or None
 
 
-def enable(path: str) -> str | None:
+def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
   """Points JAX's compilation cache at `path` (~ expanded) unless JAX already has a folder; returns the folder
   in use, or None where there is none ('' and no folder of JAX's own).
 
-  Takes effect for compilations after the call, also where this process compiled something before.
+  Takes effect for compilations after the call, also where this process compiled something before. The folder
+  is first pruned to `max_gb` (0: no limit); a folder of JAX's own is left as JAX manages it.
   """
   current = jax_folder()
   if current:
@@ -47,6 +55,11 @@ def enable(path: str) -> str | None:
   if not path:
     return None
   folder = os.path.abspath(os.path.expanduser(path))
+  if max_gb > 0:
+    removed, freed = prune(folder, int(max_gb * 2**30))
+    if removed:
+      print(f"compile cache {folder}: the {removed} file(s) used longest ago removed ({freed / 2**20:.1f} MB), "
+            f"to keep it under config.compile_cache_max_gb={max_gb:g}", file=sys.stderr, flush=True)
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   compilation_cache.set_cache_dir(folder)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's 1 s leaves out ~80 small programs a
@@ -56,6 +69,56 @@ def enable(path: str) -> str | None:
     warnings.showwarning = _repairing(warnings.showwarning)
   _repaired_folders.add(folder)
   return folder
+
+
+def enable_for_run(config) -> str | None:
+  """`enable` with a finished run's settings, for a command that reads the run (export, certify): the default
+  folder for a run saved before it had one, and none, without a word, where the folder cannot be written (these
+  commands do not need the cache; a training job says so instead, see `eejax.api`)."""
+  path = config.get("compile_cache_dir", DEFAULT_FOLDER)
+  if not jax_folder() and path and not _writable(os.path.expanduser(path)):
+    return None
+  return enable(path, config.get("compile_cache_max_gb", DEFAULT_MAX_GB))
+
+
+def _writable(folder: str) -> bool:
+  try:
+    os.makedirs(folder, exist_ok=True)
+  except OSError:
+    return False
+  return os.access(folder, os.W_OK | os.X_OK)
+
+
+def prune(folder: str, max_bytes: int) -> tuple[int, int]:
+  """Removes the files of `folder` (and its subfolders: XLA's autotuning) used longest ago, by the later of
+  their access and modification times, until the rest hold at most `max_bytes`; returns (files, bytes) removed.
+
+  Safe beside a job that uses the folder: a file removed while it is read stays readable to that reader, and a
+  program not found is compiled again. Hidden files (locks) are never counted or removed.
+  """
+  files = []
+  for root, _, names in os.walk(folder):
+    for name in names:
+      if name.startswith("."):
+        continue
+      path = os.path.join(root, name)
+      try:
+        st = os.stat(path)
+      except FileNotFoundError:  # another job removed it
+        continue
+      files.append((max(st.st_atime, st.st_mtime), st.st_size, path))
+  total = sum(size for _, size, _ in files)
+  removed, freed = 0, 0
+  for _, size, path in sorted(files):
+    if total - freed <= max_bytes:
+      break
+    try:
+      os.remove(path)
+      removed += 1
+      freed += size
+    except FileNotFoundError:
+      freed += size
+  return removed, freed
 
 
 @functools.cache

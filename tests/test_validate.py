@@ -18,11 +18,12 @@ from eejax.errors import UserError
     ("train.init", "torch", "unknown train.init 'torch'; valid: flax, pytorch"),
     ("data.source", "cifar11", "data.source='cifar11': expected one of cifar10"),
     ("data.source", "folder:", "data.source='folder:': expected one of"),
+    ("compile_cache_max_gb", -1.0, "compile_cache_max_gb=-1.0 must be 0 (no limit) or more gigabytes"),
 ])
 def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
   config = cifar10.get_config("smoke")
-  section, name = key.split(".")
-  config[section][name] = value
+  *section, name = key.split(".")
+  (config[section[0]] if section else config)[name] = value
   with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
     validate.check_config(config)
 
