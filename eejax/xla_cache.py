@@ -92,6 +92,7 @@ def _writable(folder: str) -> bool:
 def prune(folder: str, max_bytes: int) -> tuple[int, int]:
   """Removes the files of `folder` (and its subfolders: XLA's autotuning) used longest ago, by the later of
   their access and modification times, until the rest hold at most `max_bytes`; returns (files, bytes) removed.
+  (Linux's default `relatime` moves a file's access time at most once a day: "used" is to the day.)
 
   Safe beside a job that uses the folder: a file removed while it is read stays readable to that reader, and a
   program not found is compiled again. Hidden files (locks) are never counted or removed.
