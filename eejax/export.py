@@ -132,12 +132,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
                       calibration_images: int = 200) -> dict:
   """Exports `workdir`'s model in every format, verifies each and times it; writes out_dir/export_report.json/.md.
   An int8 format calibrates on `calibration_images` training images."""
-  unknown = [f for f in formats if f not in EXPORTERS]
-  if unknown:
-    raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
-  if num_images < 1 or (calibration_images < 1 and any(f in CALIBRATED for f in formats)):
-    raise UserError(f"--images={num_images} and --calibration_images={calibration_images}: each must be at least 1 "
-                    "(the evaluation images that verify, and the training images that calibrate an int8 format)")
+  check_request(formats, num_images, calibration_images)
   policy = policies.get(policy)
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats
@@ -198,6 +193,16 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   workdirs.write_json(os.path.join(out_dir, "export_report.json"), report)
   latex.write_markdown(os.path.join(out_dir, "export_report.md"), markdown(report))
   return report
+
+
+def check_request(formats, num_images: int, calibration_images: int) -> None:
+  """The formats and image counts asked for, checked before anything is read."""
+  unknown = [f for f in formats if f not in EXPORTERS]
+  if unknown:
+    raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
+  if num_images < 1 or (calibration_images < 1 and any(f in CALIBRATED for f in formats)):
+    raise UserError(f"--images={num_images} and --calibration_images={calibration_images}: each must be at least 1 "
+                    "(the evaluation images that verify, and the training images that calibrate an int8 format)")
 
 
 def write_driver(out_dir: str, fmt: str, paths, policy, threshold_ExC, image_shape, about: str,
@@ -268,6 +273,7 @@ def main(argv) -> None:
   if not f.workdir or not f.out:
     fail("give --workdir=RUN and --out=DIR", "eejax.export")
   def job():
+    check_request(tuple(f.formats), f.images, f.calibration_images)
     xla_cache.enable_for_run(load_config(f.workdir))  # the programs of an export done before are loaded
     return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy,
                              calibration_images=f.calibration_images)
