@@ -21,7 +21,7 @@ import ml_collections
 from eejax import evaluate, latex, report, risk, workdirs, xla_cache
 from eejax.cli import fail, guarded, parse_flags
 from eejax.flops import exit_macs
-from eejax.run import load_config, load_run
+from eejax.run import load_run
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 def define_flags() -> None:
@@ -41,8 +41,8 @@ def main(argv) -> None:
   if not f.workdir:
     fail("give --workdir=RUN", "eejax.certify")
   def job():
-    xla_cache.enable_for_run(load_config(f.workdir))
     run = load_run(f.workdir)
+    xla_cache.enable_for_run(run.config)  # before the searches compile (loading compiles two tiny programs)
     saved = workdirs.read_npz(os.path.join(f.workdir, "logits.npz"),
                               ("val_logits", "val_labels", "test_logits", "test_labels"))
     cfg = ml_collections.ConfigDict({"risks": tuple(f.risks), "risk_epsilons": tuple(float(e) for e in f.epsilons),

@@ -64,7 +64,7 @@ from eejax import (calibration, cascade_runtime, data, evaluate, export_onnx, ex
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
-from eejax.run import load_config, load_run
+from eejax.run import load_run
 from eejax.writers import Count
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -273,9 +273,10 @@ def main(argv) -> None:
   if not f.workdir or not f.out:
     fail("give --workdir=RUN and --out=DIR", "eejax.export")
   def job():
-    check_request(tuple(f.formats), f.images, f.calibration_images)
-    xla_cache.enable_for_run(load_config(f.workdir))  # the programs of an export done before are loaded
-    return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy,
+    check_request(tuple(f.formats), f.images, f.calibration_images)  # a wrong flag first, before the run
+    run = load_run(f.workdir)
+    xla_cache.enable_for_run(run.config)  # the programs of an export done before are loaded
+    return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy, run=run,
                              calibration_images=f.calibration_images)
   report = guarded(job, "eejax.export", f.out)
   print(markdown(report))

@@ -31,6 +31,9 @@ import zlib
 
 import jax
 
+from eejax import workdirs
+from eejax.errors import UserError
+
 _PROBLEM = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)", re.S)
 _repaired_folders = set()  # folders whose damaged entries this process removes (see `_repairing`)
 DEFAULT_FOLDER = "~/.cache/eejax/xla"  # config.compile_cache_dir; also for runs saved before they had the key
@@ -76,17 +79,12 @@ def enable_for_run(config) -> str | None:
   folder for a run saved before it had one, and none, without a word, where the folder cannot be written (these
   commands do not need the cache; a training job says so instead, see `eejax.api`)."""
   path = config.get("compile_cache_dir", DEFAULT_FOLDER)
-  if not jax_folder() and path and not _writable(os.path.expanduser(path)):
-    return None
+  if not jax_folder() and path:
+    try:
+      workdirs.check_path(path, "compile cache", "compile_cache_dir")
+    except UserError:
+      return None
   return enable(path, config.get("compile_cache_max_gb", DEFAULT_MAX_GB))
-
-
-def _writable(folder: str) -> bool:
-  try:
-    os.makedirs(folder, exist_ok=True)
-  except OSError:
-    return False
-  return os.access(folder, os.W_OK | os.X_OK)
 
 
 def prune(folder: str, max_bytes: int) -> tuple[int, int]:
