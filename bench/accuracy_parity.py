@@ -14,11 +14,12 @@ SGD with Nesterov momentum and coupled weight decay on kernels only, and a
 per-step linear warm-up from 0 then cosine to 0 (or the step schedule). What
 differs by design: PyTorch's own initialisation (eejax: flax's lecun-normal
 kernels, which `--peer-flax-init` gives the peer too, and a zero-initialised
-last BatchNorm scale in each block, which `--peer-zero-init` does), its own
+last BatchNorm scale in each block, which `--peer-zero-init` does; or
+`--peer-eejax-weights`: the very weights eejax's run started from), its own
 random order and augmentation, and BatchNorm's running variance (unbiased in
-PyTorch). So the
-two runs should differ by seed noise only; `--peer-seeds 0,1,2` shows how
-large that is at the chosen scale.
+PyTorch). From the same weights and batch, a training step of each gives the
+same weights (tests/test_bench.py). So the two runs should differ by seed
+noise only; `--peer-seeds 0,1,2` shows how large that is at the chosen scale.
 
 Prints each exit's test accuracy for both, the difference, the training
 throughput of each, and the hardware.
@@ -40,7 +41,9 @@ try:
   import torch_peer
 except ImportError:
   raise SystemExit("bench/accuracy_parity.py: error: the peer needs PyTorch: pip install -e '.[bench]'") from None
-from eejax import cli, data, state
+import jax
+import optax
+from eejax import cli, data, run, state, train
 from eejax.errors import UserError
 from eejax.models.resnet import ARCHS
 
@@ -114,19 +117,55 @@ def peer_model(config, num_classes: int, zero_init_residual: bool = False, flax_
                           zero_init_residual=zero_init_residual, flax_init=flax_init)
 
 
+def peer_optimizer(model, train_cfg):
+  """SGD with (Nesterov) momentum and coupled weight decay on kernels only (ndim > 1); the rate is set per step."""
+  decay = [p for p in model.parameters() if p.ndim > 1]
+  rest = [p for p in model.parameters() if p.ndim <= 1]
+  return torch.optim.SGD([{"params": decay, "weight_decay": train_cfg.weight_decay},
+                          {"params": rest, "weight_decay": 0.0}],
+                         lr=0.0, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
+
+
+def peer_step(model, opt, x, labels_B, weights_E, train_cfg, learning_rate_now: float, bf16: bool):
+  """One training step of the joint objective on the normalised batch x; returns each exit's cross-entropy."""
+  for group in opt.param_groups:
+    group["lr"] = learning_rate_now
+  with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+    logits_ExBxC = model(x)
+  ce_E = torch.stack([F.cross_entropy(l.float(), labels_B, label_smoothing=train_cfg.label_smoothing)
+                      for l in logits_ExBxC])
+  loss = torch.dot(weights_E, ce_E)
+  opt.zero_grad(set_to_none=True)
+  loss.backward()
+  if train_cfg.grad_clip > 0:
+    torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+  opt.step()
+  return ce_E.detach()
+
+
+def eejax_initial_variables(workdir: str, config):
+  """The parameters and BatchNorm statistics that eejax's run in `workdir` started from (its seed's step 0)."""
+  spec = run.load_spec(workdir, config)
+  model = spec.build()
+  init = jax.jit(lambda key: state.init_state(model, optax.identity(), key, spec.image_shape,
+                                              init=config.train.get("init", "flax")))
+  s = jax.device_get(init(train.run_keys(config.seed).init))
+  return {"params": s.params, "batch_stats": s.batch_stats}
+
+
 def train_peer(config, ds, mean_C, std_C, seed: int, device: str, zero_init_residual: bool = False,
-               log_every_s: float = 30.0, flax_init: bool = False):
-  """(test accuracy per exit, training images/s) of the peer trained with `config`'s recipe on `ds`."""
+               log_every_s: float = 30.0, flax_init: bool = False, start=None):
+  """(test accuracy per exit, training images/s) of the peer trained with `config`'s recipe on `ds`; `start`:
+  eejax variables to start from instead of a draw of the peer's own."""
   torch.manual_seed(seed)
   torch.backends.cudnn.benchmark = True  # the fastest convolution algorithms for these fixed shapes (CUDA only)
   generator = torch.Generator(device).manual_seed(seed)  # on the device: no host copy, no sync, per step
   t = config.train
-  model = peer_model(config, ds.num_classes, zero_init_residual, flax_init).to(device).to(
-      memory_format=memory_format(device))
-  decay = [p for p in model.parameters() if p.ndim > 1]
-  rest = [p for p in model.parameters() if p.ndim <= 1]
-  opt = torch.optim.SGD([{"params": decay, "weight_decay": t.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                        lr=0.0, momentum=t.momentum, nesterov=t.nesterov)
+  model = peer_model(config, ds.num_classes, zero_init_residual, flax_init)
+  if start is not None:
+    torch_peer.load_flax(model, start)
+  model = model.to(device).to(memory_format=memory_format(device))
+  opt = peer_optimizer(model, t)
   num_exits = 1 if model.heads[0] is None else len(model.heads)
   weights_E = torch.tensor(t.exit_weights or (1.0,) * num_exits, device=device)
   bf16 = config.model.dtype == "bfloat16"
@@ -136,30 +175,20 @@ def train_peer(config, ds, mean_C, std_C, seed: int, device: str, zero_init_resi
   steps_per_epoch = len(labels) // t.batch_size
   total = t.epochs * steps_per_epoch
   model.train()
-  start = last_print = time.perf_counter()
+  start_s = last_print = time.perf_counter()
   for step in range(total):
     if step % steps_per_epoch == 0:
       order = torch.randperm(len(labels), generator=generator, device=device)
     idx = order[(step % steps_per_epoch) * t.batch_size:(step % steps_per_epoch + 1) * t.batch_size]
     x = to_input(augment(images[idx], config.data.crop_pad, config.data.flip, generator), mean, std)
-    for group in opt.param_groups:
-      group["lr"] = learning_rate(step, t, steps_per_epoch)
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-      logits_ExBxC = model(x)
-    ce_E = torch.stack([F.cross_entropy(l.float(), labels[idx], label_smoothing=t.label_smoothing)
-                        for l in logits_ExBxC])
-    loss = torch.dot(weights_E, ce_E)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if t.grad_clip > 0:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-    opt.step()
+    ce_E = peer_step(model, opt, x, labels[idx], weights_E, t, learning_rate(step, t, steps_per_epoch), bf16)
     if time.perf_counter() - last_print > log_every_s:
       last_print = time.perf_counter()
-      print(f"  peer seed {seed}: step {step + 1}/{total} loss {loss.item():.4f}", file=sys.stderr, flush=True)
+      print(f"  peer seed {seed}: step {step + 1}/{total} loss {float(weights_E @ ce_E):.4f}", file=sys.stderr,
+            flush=True)
   if device == "cuda":
     torch.cuda.synchronize()
-  images_per_s = total * t.batch_size / (time.perf_counter() - start)
+  images_per_s = total * t.batch_size / (time.perf_counter() - start_s)
   return evaluate_peer(model, ds.test, mean, std, device, bf16, config.eval.batch_size), images_per_s
 
 
@@ -201,9 +230,15 @@ def main():
                       help="start each block's last BatchNorm scale at 0 in the peer too, as eejax does")
   parser.add_argument("--peer-flax-init", action="store_true",
                       help="draw the peer's kernels as flax does (truncated normal, variance 1/fan_in; biases 0)")
+  parser.add_argument("--peer-eejax-weights", action="store_true",
+                      help="start the peer from the very weights eejax's run started from (its seed's step 0): then "
+                           "only the order of the images and the augmentation's draws differ")
   parser.add_argument("--json", help="write both runs' figures to this file")
   args, rest = parser.parse_known_args()
   args.workdir = os.path.abspath(args.workdir)
+  if args.peer_eejax_weights and (args.peer_zero_init or args.peer_flax_init):
+    raise UserError("--peer-eejax-weights starts the peer from eejax's own weights: --peer-zero-init and "
+                    "--peer-flax-init draw new ones; give one or the other")
   eejax_args = [a for a in rest if a != "--"]
   report, source = eejax_report(args.workdir, eejax_args)
   config = ml_collections.ConfigDict(json.load(open(os.path.join(args.workdir, "config.json"), encoding="utf-8")))
@@ -222,24 +257,31 @@ def main():
         f"{t.warmup_epochs:g} epochs), weight decay {t.weight_decay:g}, label smoothing {t.label_smoothing:g}; "
         f"test split {len(ds.test):,} images")
   ours_E = [e["accuracy"] for e in report["exits"]]
+  start = eejax_initial_variables(args.workdir, config) if args.peer_eejax_weights else None
   runs = []
   for seed in [int(s) for s in args.peer_seeds.split(",")]:
     accuracy_E, rate = train_peer(config, ds, spec["mean_C"], spec["std_C"], seed, device, args.peer_zero_init,
-                                  flax_init=args.peer_flax_init)
+                                  flax_init=args.peer_flax_init, start=start)
     runs.append({"seed": seed, "test_accuracy": accuracy_E, "train_images_per_s": rate})
   peer_E = np.mean([r["test_accuracy"] for r in runs], axis=0)
   spread_E = np.ptp([r["test_accuracy"] for r in runs], axis=0)
   print(f"eejax: seed {config.seed}, {config.train.get('init', 'flax')}'s kernel initialisation, {source}; "
         f"{report.get('train_images_per_s', float('nan')):,.0f} training img/s")
-  print(f"PyTorch: seed(s) {args.peer_seeds}, {'zero' if args.peer_zero_init else 'default'} initial last "
-        f"BatchNorm scale in each block, {'flax' if args.peer_flax_init else 'PyTorch'}'s kernel initialisation; " + ", ".join(f"{r['train_images_per_s']:,.0f}" for r in runs)
-        + " training img/s")
+  if start is not None:
+    begins = "eejax's initial weights (its seed's step 0)"
+  else:
+    begins = (f"{'zero' if args.peer_zero_init else 'default'} initial last BatchNorm scale in each block, "
+              f"{'flax' if args.peer_flax_init else 'PyTorch'}'s kernel initialisation")
+  print(f"PyTorch: seed(s) {args.peer_seeds}, {begins}; "
+        + ", ".join(f"{r['train_images_per_s']:,.0f}" for r in runs) + " training img/s")
   print("exit | eejax test % | PyTorch test % (mean; range over seeds) | eejax - PyTorch")
   for e, (ours, peer, spread) in enumerate(zip(ours_E, peer_E, spread_E)):
     print(f"{e + 1:4d} | {100 * ours:12.2f} | {100 * peer:6.2f} ({100 * spread:.2f}) | {100 * (ours - peer):+.2f}")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"workdir": args.workdir, "eejax": ours_E, "peer_runs": runs, "device": kind}, f, indent=1)
+      json.dump({"workdir": args.workdir, "eejax": ours_E, "peer_runs": runs, "device": kind,
+                 "peer_start": "eejax" if start is not None else
+                 ("flax" if args.peer_flax_init else "pytorch") + ("+zero" if args.peer_zero_init else "")}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import functools
 import os
 import signal
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,17 @@ from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, init_state, make_optimizer, make_schedule, scan_chunk
 from eejax.writers import MetricWriter, Progress, on_main_process, say
+
+
+class RunKeys(NamedTuple):
+  init: jax.Array  # the initial parameters
+  data: jax.Array  # each epoch's order of the images
+  train: jax.Array  # each step's augmentation and dropout
+
+
+def run_keys(seed: int) -> RunKeys:
+  """The three keys of a run's randomness, all from `config.seed`."""
+  return RunKeys(*jax.random.split(jax.random.key(seed), 3))
 
 
 def train_step(state: TrainState, data_dev, keys, frozen, *, model, tx, loss_fn: Callable, batch_size: int,
@@ -156,7 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if on_main_process():
     run.save_run(workdir, config, spec)
 
-  init_key, data_key, train_key = jax.random.split(jax.random.key(config.seed), 3)
+  init_key, data_key, train_key = run_keys(config.seed)
   init_fn = jax.jit(functools.partial(init_state, model, tx, init=config.train.init), static_argnums=1,
                     out_shardings=replicated)
   abstract = checkpoint.as_abstract(jax.eval_shape(init_fn, init_key, ds.image_shape), replicated)

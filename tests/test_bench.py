@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_main, smoke_args
 
 
 def bench(script, *args):
@@ -119,6 +119,95 @@ def test_the_peer_can_start_from_flaxs_kernel_distribution():
              if isinstance(m, torch.nn.Conv2d)]
   flax_std = [m.weight.detach().numpy().std() for m in layers if m.weight.ndim == 4]
   assert np.median(np.array(flax_std) / np.array(default)) > 1.5  # PyTorch's own draw is sqrt(3) times narrower
+
+
+def peer_and_eejax(config):
+  """(bench/accuracy_parity.py, eejax's model, its step-0 state, the optimizer) for `config`, 32x32 images."""
+  pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import accuracy_parity  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from eejax import run, state  # pylint: disable=g-import-not-at-top
+  model = run.build_model(config.model, 10)
+  tx = state.make_optimizer(config.train, state.make_schedule(config.train, 1))
+  return accuracy_parity, model, state.init_state(model, tx, jax.random.key(0), (32, 32, 3)), tx
+
+
+def test_a_peer_training_step_is_an_eejax_training_step():
+  # From the same weights and batch, bench/accuracy_parity.py's peer step (label-smoothed joint loss, SGD with
+  # Nesterov momentum, coupled weight decay on kernels only, the schedule's rate) and eejax's train_step give the
+  # same exit losses and, three steps on, the same weights and BatchNorm statistics. Weight decay is set large here
+  # so that decaying the wrong tensors, or decoupled, would show.
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  from eejax import sharding, train  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config("smoke")
+  b = 16
+  config.train.update(learning_rate=0.4, warmup_epochs=1.0, epochs=4, label_smoothing=0.1, weight_decay=0.02,
+                      batch_size=b, exit_weights=(0.5, 1.0, 2.0))
+  config = config.copy_and_resolve_references()
+  accuracy_parity, model, s, tx = peer_and_eejax(config)
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (b, 32, 32, 3), dtype=np.uint8)
+  labels = rng.integers(0, 10, b).astype(np.int32)
+  mean_C, std_C = np.float32([0.5, 0.4, 0.3]), np.float32([0.25, 0.2, 0.3])
+  peer = torch_peer.build("resnet8", config.model.width)
+  torch_peer.load_flax(peer, jax.device_get({"params": s.params, "batch_stats": s.batch_stats}))
+  mesh = sharding.make_mesh()
+  step = jax.jit(functools.partial(  # the whole set is one batch, so its order does not matter; no augmentation
+      train.train_step, model=model, tx=tx, loss_fn=train.make_loss_fn(config, 3), batch_size=b, crop_pad=0,
+      flip=False, batch_sharding=sharding.batch_sharded(mesh)))
+  data_dev = {"images": jnp.asarray(images), "labels": jnp.asarray(labels), "mean": mean_C, "std": std_C}
+  opt = accuracy_parity.peer_optimizer(peer, config.train)
+  x = accuracy_parity.to_input(torch.from_numpy(images), torch.from_numpy(mean_C), torch.from_numpy(std_C))
+  weights_E = torch.tensor(config.train.exit_weights)
+  peer.train()
+  first = {k: v.clone() for k, v in peer.state_dict().items()}
+  for k in range(3):
+    s, metrics = step(s, data_dev, train.run_keys(0)[1:], None)
+    ce_E = accuracy_parity.peer_step(peer, opt, x, torch.from_numpy(labels.astype(np.int64)), weights_E,
+                                     config.train, accuracy_parity.learning_rate(k, config.train, 1), bf16=False)
+    np.testing.assert_allclose(ce_E.numpy(), np.asarray(metrics["ce_E"]), rtol=2e-5)
+  ours = torch_peer.build("resnet8", config.model.width)
+  torch_peer.load_flax(ours, jax.device_get({"params": s.params, "batch_stats": s.batch_stats}))
+  moved = 0
+  for name, theirs in peer.state_dict().items():
+    if not theirs.dtype.is_floating_point:
+      continue
+    want = ours.state_dict()[name].numpy()
+    # PyTorch keeps the running variance unbiased (n/(n-1) of the batch's, n >= 16 * 8 * 8 here): the one difference
+    rtol = 2e-3 if name.endswith("running_var") else 1e-4
+    np.testing.assert_allclose(theirs.numpy(), want, rtol=rtol, atol=1e-6 * np.abs(want).max(), err_msg=name)
+    moved += not np.allclose(first[name].numpy(), want)
+  assert moved >= 0.9 * sum(v.dtype.is_floating_point for v in first.values())  # the steps moved nearly everything
+
+
+def test_the_peer_can_start_from_the_weights_eejaxs_run_started_from(tiny_tree, tmp_path):
+  # --peer-eejax-weights: a run at learning rate 0 ends with the parameters it started from, and the bench derives
+  # the same ones from the run's folder alone; another seed gives others.
+  pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import accuracy_parity  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from eejax import run  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  r = run_main(smoke_args(tiny_tree, workdir, "", "--config.train.learning_rate=0.0", "--config.seed=3",
+                          "--config.eval.real_inference=False"))
+  assert r.returncode == 0, r.stderr[-2000:]
+  config = run.load_config(workdir)
+  start = accuracy_parity.eejax_initial_variables(workdir, config)
+  saved = jax.device_get(run.load_run(workdir).variables["params"])
+  assert jax.tree.structure(start["params"]) == jax.tree.structure(saved)
+  for a, b in zip(jax.tree.leaves(start["params"]), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(a, b)
+  config.seed = 4
+  other = accuracy_parity.eejax_initial_variables(workdir, config)
+  kernels = [(a, b) for a, b in zip(jax.tree.leaves(other["params"]), jax.tree.leaves(saved)) if a.ndim > 1]
+  assert kernels and not any(np.array_equal(a, b) for a, b in kernels)
 
 
 @pytest.mark.parametrize("schedule,epochs,warmup,steps_per_epoch", [
