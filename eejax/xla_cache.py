@@ -31,7 +31,7 @@ import zlib
 
 import jax
 
-from eejax import workdirs
+from eejax import collectives, workdirs
 from eejax.errors import UserError
 
 _PROBLEM = re.compile(r"Error (reading|writing) persistent compilation cache entry for '([^']+)': (.*)", re.S)
@@ -59,10 +59,7 @@ def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
     return None
   folder = os.path.abspath(os.path.expanduser(path))
   if max_gb > 0:
-    removed, freed = prune(folder, int(max_gb * 2**30))
-    if removed:
-      print(f"compile cache {folder}: the {removed} file(s) used longest ago removed ({freed / 2**20:.1f} MB), "
-            f"to keep it under config.compile_cache_max_gb={max_gb:g}", file=sys.stderr, flush=True)
+    trim(folder, max_gb)
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   compilation_cache.set_cache_dir(folder)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's 1 s leaves out ~80 small programs a
@@ -72,6 +69,24 @@ def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
     warnings.showwarning = _repairing(warnings.showwarning)
   _repaired_folders.add(folder)
   return folder
+
+
+def trim(folder: str, max_gb: float) -> None:
+  """`prune` to `max_gb`, saying what it removed in one line. In a multi-process job process 0 trims first and the
+  others after it, so that processes sharing a folder (one host) print one line, not one each, and a host with a
+  folder of its own (several hosts) trims it too, naming its process."""
+  joined = jax.distributed.is_initialized() and jax.process_count() > 1
+  first = not joined or jax.process_index() == 0
+  for turn in (True, False):
+    if turn == first:
+      removed, freed = prune(folder, int(max_gb * 2**30))
+      if removed:
+        who = "" if first else f"process {jax.process_index()}: "
+        print(f"{who}compile cache {folder}: the {removed} file(s) used longest ago removed "
+              f"({freed / 2**20:.1f} MB), to keep it under config.compile_cache_max_gb={max_gb:g}",
+              file=sys.stderr, flush=True)
+    if joined and turn:
+      collectives.barrier("eejax_compile_cache_trim")
 
 
 def enable_for_run(config) -> str | None:

@@ -37,9 +37,11 @@ def free_port() -> int:
 class Job:
   """N processes of `python -m eejax.main ARGS` joined over 127.0.0.1, their output in files."""
 
-  def __init__(self, args, logs, num_processes=2, devices=1, extra=None):
+  def __init__(self, args, logs, num_processes=2, devices=1, extra=None, own_compile_cache=False):
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if own_compile_cache:  # not the suite's (conftest): the job's config.compile_cache_dir is used
+      env.pop("JAX_COMPILATION_CACHE_DIR", None)
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {DEVICES.format(devices)}".strip()
     port = free_port()
     self.paths = [(os.path.join(logs, f"{i}.out"), os.path.join(logs, f"{i}.err")) for i in range(num_processes)]
@@ -303,6 +305,27 @@ def test_a_workdir_not_shared_or_in_use_stops_every_process_with_one_line(tiny_t
   assert f"in use by another eejax job (process {os.getpid()}" in last_line(err0)
   assert last_line(err1).startswith("eejax: error: process 0 of this job: ") and "in use" in last_line(err1)
   assert sorted(os.listdir(mine)) == [".lock"]
+
+
+def test_processes_that_share_a_compile_cache_trim_it_once_and_say_so_once(tiny_tree, tmp_path):
+  """Processes 0 and 1 share a folder (one host), process 2 has its own (another host): process 0 trims the shared
+  one and says so, process 1 finds it trimmed and says nothing, process 2 trims its own and names itself."""
+  from test_xla_cache import touch  # pylint: disable=g-import-not-at-top
+  shared, own = str(tmp_path / "shared"), str(tmp_path / "own")
+  for folder in (shared, own):
+    touch(os.path.join(folder, "jit_old-" + "0" * 64 + "-cache"), 3 * 2**20, 1000)  # 3 MB, used long ago
+  results = Job(smoke_args(tiny_tree, str(tmp_path / "w"), "", NO_INFERENCE, "--config.compile_cache_max_gb=0.002",
+                           "--config.train.batch_size=12", "--config.eval.batch_size=12"),
+                str(tmp_path / "logs"), num_processes=3, own_compile_cache=True,
+                extra=[[f"--config.compile_cache_dir={d}"] for d in (shared, shared, own)]).wait()
+  check_finished(results)
+  said = [[line for line in err.splitlines() if "compile cache" in line] for _, _, err in results]
+  limit = "removed (3.0 MB), to keep it under config.compile_cache_max_gb=0.002"
+  assert said == [[f"compile cache {shared}: the 1 file(s) used longest ago {limit}"], [],
+                  [f"process 2: compile cache {own}: the 1 file(s) used longest ago {limit}"]], said
+  names = os.listdir(shared)
+  assert not any(n.startswith("jit_old") for n in names) and any(n.startswith("jit_") for n in names), names
+  assert os.listdir(own) == []  # JAX writes compiled programs from process 0 only
 
 
 @pytest.mark.parametrize("flags, expected", [
