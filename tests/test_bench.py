@@ -186,6 +186,49 @@ def test_a_peer_training_step_is_an_eejax_training_step():
   assert moved >= 0.9 * sum(v.dtype.is_floating_point for v in first.values())  # the steps moved nearly everything
 
 
+def test_the_peers_own_draws_match_eejaxs_tensor_by_tensor():
+  # --peer-zero-init --peer-flax-init: over 8 seeds of each, every parameter and BatchNorm statistic of the ResNet-18
+  # x0.25 (the CPU parity run's model) has the same mean, standard deviation, largest value and kurtosis in the
+  # peer's draws as in eejax's (a plain normal, PyTorch's uniform, or a missed zero scale would each differ).
+  torch = pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import torch_peer  # pylint: disable=g-import-not-at-top
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  from eejax import run, state  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config()
+  config.model.width = 0.25
+  model = run.build_model(config.model, 10)
+  init = jax.jit(lambda key: state.init_state(model, optax.identity(), key, (32, 32, 3)))
+  ours, theirs = {}, {}
+  for seed in range(8):
+    s = jax.device_get(init(jax.random.key(seed)))
+    peer = torch_peer.build("resnet18", 0.25)
+    torch_peer.load_flax(peer, {"params": s.params, "batch_stats": s.batch_stats})
+    torch.manual_seed(seed)
+    for draws, m in ((ours, peer), (theirs, torch_peer.build("resnet18", 0.25, zero_init_residual=True,
+                                                             flax_init=True))):
+      for name, v in m.state_dict().items():
+        if v.dtype.is_floating_point:
+          draws.setdefault(name, []).append(v.numpy().ravel())
+
+  def moments(x):
+    x = np.concatenate(x)
+    sd = x.std()
+    return np.array([x.mean(), sd, np.abs(x).max() / sd if sd else 0, ((x - x.mean())**4).mean() / sd**4 if sd else 0])
+
+  assert len(ours) == len(theirs) > 100
+  kernels = 0
+  for name in ours:
+    a, b = moments(ours[name]), moments(theirs[name])
+    n = sum(x.size for x in ours[name])
+    assert abs(b[0] - a[0]) <= 4 * a[1] / np.sqrt(n) + 1e-7, name  # means within 4 standard errors
+    np.testing.assert_allclose(b[1:], a[1:], rtol=max(0.02, 3 / np.sqrt(n)), err_msg=name)  # a 1,280-value head: 8%
+    kernels += a[1] > 0
+  assert kernels == 1 + 16 + 3 + 4  # stem, blocks, projections, exits: drawn, not only constants compared
+
+
 def test_the_peer_can_start_from_the_weights_eejaxs_run_started_from(tiny_tree, tmp_path):
   # --peer-eejax-weights: a run at learning rate 0 ends with the parameters it started from, and the bench derives
   # the same ones from the run's folder alone; another seed gives others.
