@@ -145,6 +145,9 @@ def peer_step(model, opt, x, labels_B, weights_E, train_cfg, learning_rate_now: 
 
 def eejax_initial_variables(workdir: str, config):
   """The parameters and BatchNorm statistics that eejax's run in `workdir` started from (its seed's step 0)."""
+  if config.get("init_from"):
+    raise UserError(f"--peer-eejax-weights: the run in {workdir} started from another run's weights "
+                    f"(init_from={config.init_from!r}), not from its seed; compare a run trained from scratch")
   spec = run.load_spec(workdir, config)
   model = spec.build()
   init = jax.jit(lambda key: state.init_state(model, optax.identity(), key, spec.image_shape,

@@ -251,6 +251,10 @@ def test_the_peer_can_start_from_the_weights_eejaxs_run_started_from(tiny_tree, 
   other = accuracy_parity.eejax_initial_variables(workdir, config)
   kernels = [(a, b) for a, b in zip(jax.tree.leaves(other["params"]), jax.tree.leaves(saved)) if a.ndim > 1]
   assert kernels and not any(np.array_equal(a, b) for a, b in kernels)
+  config.init_from = str(tmp_path / "another")  # a run that started from another run's weights has no seed's draw
+  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(UserError, match="started from another run's weights"):
+    accuracy_parity.eejax_initial_variables(workdir, config)
 
 
 @pytest.mark.parametrize("schedule,epochs,warmup,steps_per_epoch", [
