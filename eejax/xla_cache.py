@@ -53,13 +53,12 @@ def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
   is first pruned to `max_gb` (0: no limit); a folder of JAX's own is left as JAX manages it.
   """
   current = jax_folder()
+  folder = os.path.abspath(os.path.expanduser(path)) if path and not current else None
+  trim(folder, max_gb)  # every process of a job comes here, whatever its own folder, for trim's barrier
   if current:
     return current
-  if not path:
+  if folder is None:
     return None
-  folder = os.path.abspath(os.path.expanduser(path))
-  if max_gb > 0:
-    trim(folder, max_gb)
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   compilation_cache.set_cache_dir(folder)
   if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # JAX's 1 s leaves out ~80 small programs a
@@ -71,14 +70,15 @@ def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
   return folder
 
 
-def trim(folder: str, max_gb: float) -> None:
-  """`prune` to `max_gb`, saying what it removed in one line. In a multi-process job process 0 trims first and the
-  others after it, so that processes sharing a folder (one host) print one line, not one each, and a host with a
-  folder of its own (several hosts) trims it too, naming its process."""
+def trim(folder: str | None, max_gb: float) -> None:
+  """`prune` to `max_gb` (0: no limit; folder None: none to trim), saying what it removed in one line. In a
+  multi-process job process 0 trims first and the others after it, so that processes sharing a folder (one host)
+  print one line, not one each, and a host with a folder of its own (several hosts) trims it too, naming its
+  process. Every process of the job must call it (it waits for all), with or without a folder."""
   joined = jax.distributed.is_initialized() and jax.process_count() > 1
   first = not joined or jax.process_index() == 0
   for turn in (True, False):
-    if turn == first:
+    if turn == first and folder and max_gb > 0:
       removed, freed = prune(folder, int(max_gb * 2**30))
       if removed:
         who = "" if first else f"process {jax.process_index()}: "
