@@ -77,16 +77,21 @@ def trim(folder: str | None, max_gb: float) -> None:
   process. Every process of the job must call it (it waits for all), with or without a folder."""
   joined = jax.distributed.is_initialized() and jax.process_count() > 1
   first = not joined or jax.process_index() == 0
-  for turn in (True, False):
-    if turn == first and folder and max_gb > 0:
-      removed, freed = prune(folder, int(max_gb * 2**30))
-      if removed:
-        who = "" if first else f"process {jax.process_index()}: "
-        print(f"{who}compile cache {folder}: the {removed} file(s) used longest ago removed "
-              f"({freed / 2**20:.1f} MB), to keep it under config.compile_cache_max_gb={max_gb:g}",
-              file=sys.stderr, flush=True)
-    if joined and turn:
-      collectives.barrier("eejax_compile_cache_trim")
+  if first:
+    _prune_and_say(folder, max_gb, "")
+  if joined:
+    collectives.barrier("eejax_compile_cache_trim")
+  if not first:
+    _prune_and_say(folder, max_gb, f"process {jax.process_index()}: ")
+
+
+def _prune_and_say(folder: str | None, max_gb: float, who: str) -> None:
+  if not folder or max_gb <= 0:
+    return
+  removed, freed = prune(folder, int(max_gb * 2**30))
+  if removed:
+    print(f"{who}compile cache {folder}: the {removed} file(s) used longest ago removed ({freed / 2**20:.1f} MB), "
+          f"to keep it under config.compile_cache_max_gb={max_gb:g}", file=sys.stderr, flush=True)
 
 
 def enable_for_run(config) -> str | None:

@@ -121,18 +121,6 @@ def test_the_peer_can_start_from_flaxs_kernel_distribution():
   assert np.median(np.array(flax_std) / np.array(default)) > 1.5  # PyTorch's own draw is sqrt(3) times narrower
 
 
-def peer_and_eejax(config):
-  """(bench/accuracy_parity.py, eejax's model, its step-0 state, the optimizer) for `config`, 32x32 images."""
-  pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
-  sys.path.insert(0, os.path.join(REPO, "bench"))
-  import accuracy_parity  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from eejax import run, state  # pylint: disable=g-import-not-at-top
-  model = run.build_model(config.model, 10)
-  tx = state.make_optimizer(config.train, state.make_schedule(config.train, 1))
-  return accuracy_parity, model, state.init_state(model, tx, jax.random.key(0), (32, 32, 3)), tx
-
-
 def test_a_peer_training_step_is_an_eejax_training_step():
   # From the same weights and batch, bench/accuracy_parity.py's peer step (label-smoothed joint loss, SGD with
   # Nesterov momentum, coupled weight decay on kernels only, the schedule's rate) and eejax's train_step give the
@@ -148,7 +136,13 @@ def test_a_peer_training_step_is_an_eejax_training_step():
   config.train.update(learning_rate=0.4, warmup_epochs=1.0, epochs=4, label_smoothing=0.1, weight_decay=0.02,
                       batch_size=b, exit_weights=(0.5, 1.0, 2.0))
   config = config.copy_and_resolve_references()
-  accuracy_parity, model, s, tx = peer_and_eejax(config)
+  pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
+  sys.path.insert(0, os.path.join(REPO, "bench"))
+  import accuracy_parity  # pylint: disable=g-import-not-at-top
+  from eejax import run, state  # pylint: disable=g-import-not-at-top
+  model = run.build_model(config.model, 10)
+  tx = state.make_optimizer(config.train, state.make_schedule(config.train, 1))
+  s = state.init_state(model, tx, jax.random.key(0), (32, 32, 3))
   import torch  # pylint: disable=g-import-not-at-top
   import torch_peer  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
