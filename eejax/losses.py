@@ -44,6 +44,9 @@ def entropy(logits_ExBxC):
   return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+TEACHER_REFERENCES = ("own", "final")  # erde.reference: which teacher exit judges an image wrong
+
+
 def teacher_errors(teacher_logits_ExBxC, labels_B, reference: str = "own"):
   """wrong_ExB: whether the reference teacher exit misclassifies image b.
 
@@ -54,7 +57,7 @@ def teacher_errors(teacher_logits_ExBxC, labels_B, reference: str = "own"):
   if reference == "final":
     return jnp.broadcast_to(wrong_ExB[-1:], wrong_ExB.shape)
   if reference != "own":
-    raise ValueError(f"unknown teacher-error reference {reference!r}; valid: own, final")
+    raise ValueError(f"unknown teacher-error reference {reference!r}; valid: {', '.join(TEACHER_REFERENCES)}")
   return wrong_ExB
 
 

@@ -3,7 +3,9 @@
 The modules below trust what passed here: a wrong name is one `UserError`
 listing the valid ones, never a KeyError from deep inside a run.
 """
-from eejax import cpm, data, policies, risk, schemes, state
+import numbers
+
+from eejax import cpm, data, losses, policies, risk, schemes, state
 from eejax.errors import UserError, unknown_name
 from eejax.models import DTYPES, HEADS
 from eejax.models.resnet import check_image_size, get_arch
@@ -12,6 +14,7 @@ from eejax.models.resnet import check_image_size, get_arch
 def check_config(config) -> None:
   data.check_source(config.data.source)
   get_arch(config.model.name)
+  check_numbers(config)
   if config.data.image_size is not None:
     check_image_size(config.model.name, config.data.image_size)
   if config.model.head not in HEADS:
@@ -32,34 +35,100 @@ def check_config(config) -> None:
   for name in config.eval.risks:
     if name not in risk.RISKS:
       raise unknown_name("eval.risks entry", name, risk.RISKS)
+  if "erde" in config and config.erde.reference not in losses.TEACHER_REFERENCES:
+    raise unknown_name("erde.reference", config.erde.reference, losses.TEACHER_REFERENCES)
   if "bts" in config and config.bts.cpm not in cpm.RULES:
     raise unknown_name("bts.cpm", config.bts.cpm, cpm.RULES)
   if config.eval.risk_family not in risk.FAMILIES:
     raise unknown_name("eval.risk_family", config.eval.risk_family, risk.FAMILIES)
   if not 0 < config.eval.risk_delta < 1 or not all(0 < e < 1 for e in config.eval.risk_epsilons):
     raise UserError("eval.risk_delta and every eval.risk_epsilons value must lie strictly between 0 and 1")
-  check_numbers(config)
 
 
-# (key, test, what it must be): numbers a run cannot use, refused before anything is written.
-NUMBERS = (("train.batch_size", lambda v: v >= 1, "a positive number of images"),
-           ("train.epochs", lambda v: v >= 0, "0 or more"),
-           ("train.steps_per_call", lambda v: v >= 1, "1 or more"),
-           ("model.width", lambda v: v > 0, "a positive channel multiplier"),
-           ("checkpoint.every_steps", lambda v: v >= 1, "1 or more steps"),
-           ("checkpoint.max_to_keep", lambda v: v >= 1, "1 or more (a finished run must keep its checkpoint)"),
-           ("eval.batch_size", lambda v: v >= 1, "a positive number of images"),
-           ("eval.every_epochs", lambda v: v >= 0, "0 (no validation during training) or more epochs"))
+def _at_least(low):
+  return lambda v: v >= low
+
+
+def _from_0_below(high):
+  return lambda v: 0 <= v < high
+
+
+at_least_0, at_least_1, positive, below_1 = _at_least(0), _at_least(1), (lambda v: v > 0), _from_0_below(1)
+# (key, test, what it must be): numbers a run cannot use, refused before anything is written. A sequence's entries
+# are tested one by one; an unset value (None) and a section the config lacks are not tested.
+NUMBERS = (("train.batch_size", at_least_1, "a positive number of images"),
+           ("train.epochs", at_least_0, "0 or more"),
+           ("train.steps_per_call", at_least_1, "1 or more"),
+           ("train.learning_rate", at_least_0, "0 or more (the peak learning rate)"),
+           ("train.warmup_epochs", at_least_0, "0 (no warm-up) or more epochs"),
+           ("train.step_epochs", at_least_0, "epochs, each 0 or more"),
+           ("train.step_factor", positive, "a positive factor (0.1: the learning rate divided by 10)"),
+           ("train.momentum", below_1, "at least 0 and below 1"),
+           ("train.weight_decay", at_least_0, "0 (none) or more"),
+           ("train.label_smoothing", below_1, "at least 0 and below 1"),
+           ("train.grad_clip", at_least_0, "0 (off) or a positive global norm"),
+           ("train.exit_weights", at_least_0, "loss weights, each 0 or more"),
+           ("model.width", positive, "a positive channel multiplier"),
+           ("model.head_width", at_least_1, "1 or more channels"),
+           ("model.head_dropout", below_1, "a rate at least 0 and below 1"),
+           ("model.exit_grad_scale", at_least_0, "0 (heads only) or more (1: joint training)"),
+           ("data.max_images", at_least_0, "0 (every image) or more images per split"),
+           ("data.image_size", at_least_1, "a positive number of pixels"),
+           ("data.crop_pad", at_least_0, "0 (no random crop) or more pixels"),
+           ("checkpoint.every_steps", at_least_1, "1 or more steps"),
+           ("checkpoint.max_to_keep", at_least_1, "1 or more (a finished run must keep its checkpoint)"),
+           ("eval.batch_size", at_least_1, "a positive number of images"),
+           ("eval.every_epochs", at_least_0, "0 (no validation during training) or more epochs"),
+           ("eval.num_thresholds", at_least_1, "1 or more points on each curve"),
+           ("eval.budgets", lambda v: 0 < v <= 1, "fractions of the full network's MACs, each above 0 and at most 1"),
+           ("log.every_s", at_least_0, "0 (every chunk) or more seconds"),
+           ("erde.temperature", positive, "a positive temperature"),
+           ("erde.kd_weight", at_least_0, "0 (no distillation) or more"),
+           ("erde.entropy_weight", at_least_0, "0 (no entropy term) or more"),
+           ("mate.temperature", positive, "a positive temperature"),
+           ("mate.primary_weight", lambda v: 0 <= v <= 1, "a share between 0 and 1"),
+           ("mate.kd_weight", at_least_0, "0 (no distillation) or more"),
+           ("byot.temperature", positive, "a positive temperature"),
+           ("byot.kd_weight", at_least_0, "0 (no distillation) or more"),
+           ("bts.head_width", at_least_1, "1 or more filters"),
+           ("bts.margins", below_1, "fractions of precision, each at least 0 and below 1"),
+           ("bts.epochs", positive, "a positive number of epochs per branch"),
+           ("bts.batch_size", at_least_1, "a positive number of images"),
+           ("bts.learning_rate", at_least_0, "0 or more"),
+           ("bts.weight_decay", at_least_0, "0 (none) or more"),
+           ("bts.distill_weight", at_least_0, "0 (labels only) or more"),
+           ("bts.distill_temperature", positive, "a positive temperature"),
+           ("bts.min_support", at_least_0, "0 or more validation images"),
+           ("bts.num_thresholds", lambda v: v >= 2, "2 or more candidate thresholds"),
+           ("bts.steps_per_call", at_least_1, "1 or more"),
+           ("sdn.start_weight", at_least_0, "0 or more"),
+           ("sdn.max_weights", at_least_0, "weights, each 0 or more"))
 
 
 def check_numbers(config) -> None:
   for key, ok, what in NUMBERS:
     section, name = key.split(".")
-    value = config[section][name]
-    if not ok(value):
-      raise UserError(f"{key}={value!r} must be {what}")
+    value = config[section].get(name) if section in config else None
+    if value is not None and not all(_is_number(v) and ok(v) for v in _entries(value)):
+      raise UserError(f"{key}={_shown(value)} must be {what}")
   if config.get("compile_cache_max_gb", 0.0) < 0:
     raise UserError(f"compile_cache_max_gb={config.compile_cache_max_gb!r} must be 0 (no limit) or more gigabytes")
   if config.model.exit_after is not None and not len(config.model.exit_after):
     raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
                     "(an exit after each stage)")
+  weights = config.train.exit_weights
+  if weights is not None and len(weights) and not any(weights):
+    raise UserError(f"train.exit_weights={_shown(weights)} gives every exit weight 0, so nothing would learn")
+
+
+def _entries(value) -> tuple:
+  return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+
+def _is_number(v) -> bool:
+  """A real number, numpy's too (NaN fails every test above by itself); a bool or a string is not one."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _shown(value) -> str:
+  return repr(tuple(value)) if isinstance(value, list) else repr(value)

@@ -78,6 +78,10 @@ SETTINGS = [
     (["--config.model.name=resnet7"], "unknown"),
     (["--config.model.name=vgg16"], "model.name=vgg16 halves the image 5 times with max-pools, so it needs images of "
                                     "at least 32x32 pixels, and these are 16x16; set data.image_size=32"),
+    (["--config.data.crop_pad=-1"], "data.crop_pad=-1 must be 0 (no random crop) or more pixels"),
+    (["--config.data.max_images=-5"], "data.max_images=-5 must be 0 (every image) or more"),
+    (["--config.train.momentum=1.5"], "train.momentum=1.5 must be at least 0 and below 1"),
+    (["--config.eval.budgets=0.5,1.5"], "eval.budgets=(0.5, 1.5) must be fractions of the full network's MACs"),
     (["--config.train.epochs=abc"], "--config.train.epochs=abc"),
     (["--config.nope=1"], "bad --config override"),
     (["--config.data.source=folder:/no/such/tree"], "not found or incomplete"),

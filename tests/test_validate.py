@@ -1,4 +1,7 @@
 """A config's names and numbers are checked where it enters, one line each (eejax.validate)."""
+import math
+
+import numpy as np
 import pytest
 
 from configs import cifar10
@@ -18,6 +21,38 @@ from eejax.errors import UserError
     ("train.init", "torch", "unknown train.init 'torch'; valid: flax, pytorch"),
     ("data.source", "cifar11", "data.source='cifar11': expected one of cifar10"),
     ("data.source", "folder:", "data.source='folder:': expected one of"),
+    ("train.learning_rate", -0.1, "train.learning_rate=-0.1 must be 0 or more (the peak learning rate)"),
+    ("train.learning_rate", math.nan, "train.learning_rate=nan must be 0 or more"),
+    ("train.warmup_epochs", -1.0, "train.warmup_epochs=-1.0 must be 0 (no warm-up) or more epochs"),
+    ("train.step_epochs", (10, -1), "train.step_epochs=(10, -1) must be epochs, each 0 or more"),
+    ("train.step_factor", 0.0, "train.step_factor=0.0 must be a positive factor"),
+    ("train.momentum", 1.0, "train.momentum=1.0 must be at least 0 and below 1"),
+    ("train.momentum", -0.1, "train.momentum=-0.1 must be at least 0 and below 1"),
+    ("train.weight_decay", -5e-4, "train.weight_decay=-0.0005 must be 0 (none) or more"),
+    ("train.label_smoothing", 1.0, "train.label_smoothing=1.0 must be at least 0 and below 1"),
+    ("train.grad_clip", -1.0, "train.grad_clip=-1.0 must be 0 (off) or a positive global norm"),
+    ("train.exit_weights", (1.0, -1.0, 1.0), "train.exit_weights=(1.0, -1.0, 1.0) must be loss weights, each 0"),
+    ("train.exit_weights", (0.0, 0.0, 0.0), "train.exit_weights=(0.0, 0.0, 0.0) gives every exit weight 0"),
+    ("model.head_width", 0, "model.head_width=0 must be 1 or more channels"),
+    ("model.head_dropout", 1.0, "model.head_dropout=1.0 must be a rate at least 0 and below 1"),
+    ("model.exit_grad_scale", -1.0, "model.exit_grad_scale=-1.0 must be 0 (heads only) or more"),
+    ("data.max_images", -5, "data.max_images=-5 must be 0 (every image) or more images per split"),
+    ("data.image_size", 0, "data.image_size=0 must be a positive number of pixels"),
+    ("data.crop_pad", -1, "data.crop_pad=-1 must be 0 (no random crop) or more pixels"),
+    ("eval.num_thresholds", 0, "eval.num_thresholds=0 must be 1 or more points on each curve"),
+    ("eval.budgets", (0.5, 1.5), "eval.budgets=(0.5, 1.5) must be fractions of the full network's MACs, each above 0"),
+    ("eval.budgets", (0.0,), "eval.budgets=(0.0,) must be fractions"),
+    ("log.every_s", -1.0, "log.every_s=-1.0 must be 0 (every chunk) or more seconds"),
+    ("erde.temperature", 0.0, "erde.temperature=0.0 must be a positive temperature"),
+    ("erde.entropy_weight", -0.1, "erde.entropy_weight=-0.1 must be 0 (no entropy term) or more"),
+    ("erde.reference", "best", "unknown erde.reference 'best'; valid: final, own"),
+    ("mate.primary_weight", 1.5, "mate.primary_weight=1.5 must be a share between 0 and 1"),
+    ("byot.temperature", -3.0, "byot.temperature=-3.0 must be a positive temperature"),
+    ("bts.margins", (0.0, 1.0), "bts.margins=(0.0, 1.0) must be fractions of precision, each at least 0 and below 1"),
+    ("bts.epochs", 0.0, "bts.epochs=0.0 must be a positive number of epochs per branch"),
+    ("bts.num_thresholds", 1, "bts.num_thresholds=1 must be 2 or more candidate thresholds"),
+    ("bts.distill_temperature", 0.0, "bts.distill_temperature=0.0 must be a positive temperature"),
+    ("sdn.max_weights", (0.5, -0.1), "sdn.max_weights=(0.5, -0.1) must be weights, each 0 or more"),
     ("compile_cache_max_gb", -1.0, "compile_cache_max_gb=-1.0 must be 0 (no limit) or more gigabytes"),
 ])
 def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
@@ -42,4 +77,35 @@ def test_images_too_small_for_a_models_max_pools_are_one_line():
   config.data.image_size = 32
   validate.check_config(config)
   config.model.name, config.data.image_size = "resnet18", 4  # strided convolutions never reach zero
+  validate.check_config(config)
+
+
+def test_every_number_checked_is_a_setting_of_the_config():
+  """A misspelt key in validate.NUMBERS would never be checked (a missing key reads as unset)."""
+  config = cifar10.get_config()
+  for key, _, _ in validate.NUMBERS:
+    section, name = key.split(".")
+    assert name in config[section], key
+
+
+def test_the_edges_of_every_range_pass_and_numpys_numbers_are_numbers():
+  config = cifar10.get_config("smoke")
+  config.train.update(learning_rate=0.0, momentum=0.0, weight_decay=0.0, label_smoothing=0.0, warmup_epochs=0.0,
+                      grad_clip=0.0, exit_weights=(0.0, 0.0, 1.0), step_epochs=(0, 1))
+  config.model.update(head_dropout=0.0, exit_grad_scale=0.0)
+  config.data.update(max_images=0, crop_pad=0, image_size=1)
+  config.eval.update(budgets=(1.0,), num_thresholds=1, every_epochs=0.0)
+  config.mate.primary_weight, config.bts.margins, config.bts.num_thresholds = 1.0, (0.0,), 2
+  validate.check_config(config)
+  config.eval.budgets = (np.float32(0.5), np.float64(1.0))  # a sequence's entries are not cast to float
+  validate.check_config(config)
+  config.eval.budgets = (np.float32(0.5), np.float32(1.5))
+  with pytest.raises(UserError, match="^eval.budgets=.* must be fractions"):
+    validate.check_config(config)
+
+
+def test_a_config_without_a_schemes_section_is_not_checked_there():
+  config = cifar10.get_config("smoke")
+  del config["bts"]
+  config.erde.temperature = 2.0
   validate.check_config(config)
