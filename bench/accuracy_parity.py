@@ -24,7 +24,6 @@ noise only; `--peer-seeds 0,1,2` shows how large that is at the chosen scale.
 Prints each exit's test accuracy for both, the difference, the training
 throughput of each, and the hardware.
 """
-import argparse
 import json
 import math
 import os
@@ -226,7 +225,7 @@ def eejax_report(workdir: str, eejax_args: list[str]) -> tuple[dict, str]:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/accuracy_parity.py", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="eejax's run: trained here unless it holds a finished one")
   parser.add_argument("--peer-seeds", default="0", help="comma-separated seeds of the PyTorch runs")
   parser.add_argument("--peer-zero-init", action="store_true",

@@ -10,7 +10,6 @@ The default job is small (600 images, one epoch, no real-inference timing), so c
 does when a stopped run resumes. JAX_COMPILATION_CACHE_DIR is removed from the jobs' environment so that the
 folder under test is the one used.
 """
-import argparse
 import os
 import platform
 import shutil
@@ -18,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from eejax import cli
 
 SMALL = ["--config.data.max_images=600", "--config.data.val_size=100", "--config.train.epochs=1",
          "--config.eval.real_inference=False"]
@@ -37,7 +38,7 @@ def timed_job(args, workdir, cache_dir):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/compile_cache.py", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data.source, e.g. folder:../shared/data/cifar10")
   parser.add_argument("--config", default="configs/cifar10.py:cpu")
   parser.add_argument("extra", nargs="*", help="config overrides after --, added to the small job's")

@@ -10,7 +10,6 @@ convolution for the devices that accelerate it), and (c) PyTorch's depthwise
 `conv2d` (groups = channels), the peer. Checks that (a) and (b) agree before
 timing, and prints each time and its ratio to the peer.
 """
-import argparse
 import platform
 import time
 
@@ -20,7 +19,6 @@ import numpy as np
 
 from timing import seconds_per_call
 from eejax import cli
-from eejax.errors import UserError
 
 try:
   import torch  # pylint: disable=g-import-not-at-top
@@ -59,14 +57,12 @@ def torch_seconds(x_BxHxWxC, k_3x3x1xC, repeats):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--size", type=int, default=16, help="height and width of the feature map")
-  parser.add_argument("--channels", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=20)
+  parser = cli.argument_parser("bench/depthwise.py", description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=cli.positive(int), default=128)
+  parser.add_argument("--size", type=cli.positive(int), default=16, help="height and width of the feature map")
+  parser.add_argument("--channels", type=cli.positive(int), default=64)
+  parser.add_argument("--repeats", type=cli.positive(int), default=20)
   args = parser.parse_args()
-  if min(args.batch, args.size, args.channels, args.repeats) < 1:
-    raise UserError("--batch, --size, --channels and --repeats must be 1 or more")
   x = jax.random.normal(jax.random.key(0), (args.batch, args.size, args.size, args.channels))
   k = jax.random.normal(jax.random.key(1), (3, 3, 1, args.channels))
   np.testing.assert_allclose(grouped(x, k), shifted(x, k), rtol=1e-4, atol=1e-4)

@@ -10,7 +10,6 @@ further), their ratio (the measured speedup) and the speedup the MACs predict
 for the same decisions. Each path runs once untimed first (compilation), then
 the fastest of --repeats passes counts.
 """
-import argparse
 import platform
 
 import jax
@@ -45,12 +44,12 @@ def untrained(name, n, num_classes=10):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/early_exit.py", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir")
   parser.add_argument("--model", default="resnet18")
-  parser.add_argument("--batch-size", type=int, default=1000)
-  parser.add_argument("--images", type=int, default=10_000)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--batch-size", type=cli.positive(int), default=1000)
+  parser.add_argument("--images", type=cli.positive(int), default=10_000)
+  parser.add_argument("--repeats", type=cli.positive(int), default=3)
   args = parser.parse_args()
   model, variables, images, mean, std, threshold = (from_workdir(args.workdir) if args.workdir
                                                     else untrained(args.model, args.images))

@@ -10,7 +10,6 @@ ERDE step should cost at most 1.5x the sum of the other two. Training steps run
 --steps steps after a compiling call, with nothing copied between calls.
 Hardware printed.
 """
-import argparse
 import functools
 import platform
 import time
@@ -39,15 +38,15 @@ def step_seconds(chunk, state, data, keys, frozen, steps, per_call):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/erde_step.py", description=__doc__.splitlines()[0])
   parser.add_argument("--teacher", default="resnet20")
   parser.add_argument("--student", default="resnet20")
-  parser.add_argument("--student-width", type=float, default=0.5)
-  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--student-width", type=cli.positive(float), default=0.5)
+  parser.add_argument("--batch", type=cli.positive(int), default=128)
   parser.add_argument("--dtype", default="float32")
   on_cpu = jax.default_backend() == "cpu"
-  parser.add_argument("--steps", type=int, default=4 if on_cpu else 100)
-  parser.add_argument("--steps-per-call", type=int, default=1 if on_cpu else 10)
+  parser.add_argument("--steps", type=cli.positive(int), default=4 if on_cpu else 100)
+  parser.add_argument("--steps-per-call", type=cli.positive(int), default=1 if on_cpu else 10)
   args = parser.parse_args()
 
   mesh = sharding.make_mesh()

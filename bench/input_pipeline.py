@@ -8,7 +8,6 @@ normalises them (exactly what the training step does first), and (b) the whole
 training step, and prints both rates and their ratio. If (a) is many times
 faster than (b), the input path is not what limits training.
 """
-import argparse
 import functools
 import platform
 
@@ -24,12 +23,12 @@ from eejax.state import init_state, make_optimizer, make_schedule
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/input_pipeline.py", description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--images", type=int, default=50_000)
+  parser.add_argument("--batch", type=cli.positive(int), default=128)
+  parser.add_argument("--images", type=cli.positive(int), default=50_000)
   parser.add_argument("--model", default="resnet18")
-  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0)
+  parser.add_argument("--width", type=cli.positive(float), default=0.25 if on_cpu else 1.0)
   args = parser.parse_args()
   n, b = args.images, args.batch
   mesh = sharding.make_mesh()

@@ -14,7 +14,6 @@ Perfetto trace it writes is summarised here: the 25 events (kernels, on a GPU)
 with the most total time, so the table needs no profiler UI. The peer for this
 benchmark is the whole step itself: each part is printed as a share of it.
 """
-import argparse
 import collections
 import functools
 import glob
@@ -51,14 +50,14 @@ def top_events(trace_dir, count=25):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/step_breakdown.py", description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--model", default="resnet18")
-  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0)
-  parser.add_argument("--batch", type=int, default=32 if on_cpu else 512)
+  parser.add_argument("--width", type=cli.positive(float), default=0.25 if on_cpu else 1.0)
+  parser.add_argument("--batch", type=cli.positive(int), default=32 if on_cpu else 512)
   parser.add_argument("--dtype", default="float32" if on_cpu else "bfloat16")
-  parser.add_argument("--steps", type=int, default=4 if on_cpu else 50)
-  parser.add_argument("--steps-per-call", type=int, default=1 if on_cpu else 10)
+  parser.add_argument("--steps", type=cli.positive(int), default=4 if on_cpu else 50)
+  parser.add_argument("--steps-per-call", type=cli.positive(int), default=1 if on_cpu else 10)
   parser.add_argument("--trace", help="write a profiler trace of a few training steps here and summarise it")
   args = parser.parse_args()
   b = args.batch

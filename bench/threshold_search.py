@@ -9,7 +9,6 @@ image over exits until one is confident enough. Both evaluate the same K
 per-exit threshold settings; the script checks that the results are identical
 and prints both timings and their ratio. Hardware is printed with the numbers.
 """
-import argparse
 import platform
 import time
 
@@ -70,9 +69,9 @@ def synthetic(n=10_000, exits=4, classes=10, seed=0):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/threshold_search.py", description=__doc__.splitlines()[0])
   parser.add_argument("--logits", help="a run's logits.npz (test split is used)")
-  parser.add_argument("--settings", type=int, default=100, help="per-exit threshold settings K")
+  parser.add_argument("--settings", type=cli.positive(int), default=100, help="per-exit threshold settings K")
   args = parser.parse_args()
   if args.logits:
     saved = workdirs.read_npz(args.logits, ("test_logits", "test_labels", "cumulative_macs"))

@@ -11,7 +11,6 @@ backward ~ 3 forwards) against the peak stated on the line. Before timing, both
 frameworks compute the joint loss of the same initial weights on the same batch
 and must agree.
 """
-import argparse
 import dataclasses
 import functools
 import json
@@ -160,13 +159,13 @@ def _same_function(arch, width, batch):
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli.argument_parser("bench/train_step.py", description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--models", default="resnet18,resnet56")
-  parser.add_argument("--width", type=float, default=0.25 if on_cpu else 1.0, help="width multiplier of the wide models (ResNet-18/34/50, MobileNet, VGG-16, WRN-32-4)")
-  parser.add_argument("--batch", type=int, default=32 if on_cpu else 512)
-  parser.add_argument("--steps", type=int, default=12 if on_cpu else 20)
-  parser.add_argument("--steps-per-call", type=int, default=1 if on_cpu else 10,
+  parser.add_argument("--width", type=cli.positive(float), default=0.25 if on_cpu else 1.0, help="width multiplier of the wide models (ResNet-18/34/50, MobileNet, VGG-16, WRN-32-4)")
+  parser.add_argument("--batch", type=cli.positive(int), default=32 if on_cpu else 512)
+  parser.add_argument("--steps", type=cli.positive(int), default=12 if on_cpu else 20)
+  parser.add_argument("--steps-per-call", type=cli.positive(int), default=1 if on_cpu else 10,
                       help="steps per jitted call (lax.scan); unrolled on CPU, so keep it small there")
   parser.add_argument("--dtypes", default="float32,bfloat16")
   parser.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto")

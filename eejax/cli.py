@@ -5,9 +5,11 @@ path it may not write) is one line and status 2; a stop on a signal keeps its ch
 Ctrl-C anywhere else (start-up, evaluation) is one line and status 130; anything unforeseen is one short line
 plus the file that holds the whole traceback (status 1). Nothing here imports JAX, so `--help` stays fast.
 """
+import argparse
 import contextlib
 import errno
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -19,8 +21,10 @@ from absl import flags
 
 from eejax.errors import UserError, first_line
 
-USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
-               errno.EISDIR, errno.EEXIST}
+# What the user can do about each operating-system error they can cause and mend; any other is unforeseen.
+REMEDIES = {**dict.fromkeys((errno.ENOSPC, errno.EDQUOT), "Free space"),
+            **dict.fromkeys((errno.EACCES, errno.EPERM, errno.EROFS), "Fix its permissions or choose a writable path"),
+            **dict.fromkeys((errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST), "Fix the path")}
 
 
 def fail(message: str, program: str = "eejax") -> None:
@@ -58,6 +62,34 @@ def parse_flags(argv, program: str = "eejax"):
     _config_missing(_config_path(argv), program)
   except KeyboardInterrupt:
     interrupted(program)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+  def __init__(self, program: str, **kwargs):
+    super().__init__(**kwargs)
+    self.program = program
+
+  def error(self, message: str):
+    fail(message, self.program)
+
+
+def argument_parser(program: str, **kwargs) -> argparse.ArgumentParser:
+  """argparse's parser for a script's flags, whose mistakes (an unknown flag, a bad value) end as one line,
+  `PROGRAM: error: ...`, status 2, as every other mistake does."""
+  return _OneLineParser(program, **kwargs)
+
+
+def positive(kind):
+  """An argparse type: a number of `kind` (int, float) above 0; anything else is argparse's usage line."""
+  def parse(text: str):
+    try:
+      value = kind(text)
+    except ValueError:
+      value = None
+    if value is None or not value > 0:
+      raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+    return value
+  return parse
 
 
 def _config_file_message(text: str) -> str:
@@ -135,11 +167,11 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
   except KeyboardInterrupt:
     interrupted(program)
   except OSError as e:
-    if e.errno not in USER_ERRNOS:
+    if e.errno not in REMEDIES:
       _unforeseen(e, program, workdir)
     where = f": {e.filename}" if e.filename else ""
-    fail(f"{e.strerror or e}{where}. Free space, or fix the path or its permissions, then run the same command "
-         f"again (what was saved stays whole)", program)
+    fail(f"{e.strerror or e}{where}. {REMEDIES[e.errno]}, then run the same command again (what was saved stays "
+         f"whole)", program)
   except Exception as e:  # pylint: disable=broad-except
     stopped = _stopped(e)
     if stopped is not None:
@@ -210,7 +242,8 @@ def _jax_in_a_job():
 def _unforeseen(e: BaseException, program: str, workdir) -> None:
   """A bug: a short line, and the whole traceback in a file (the workdir when writable, else the temp folder)."""
   folder = workdir if workdir and os.path.isdir(workdir) and os.access(workdir, os.W_OK) else tempfile.gettempdir()
-  path = os.path.join(folder, f"{program}-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt")
+  name = re.sub(r"[^\w.-]", "_", program)  # bench/train_step.py -> bench_train_step.py
+  path = os.path.join(folder, f"{name}-traceback-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt")
   try:
     with open(path, "w", encoding="utf-8") as f:
       f.write("".join(traceback.format_exception(e)))

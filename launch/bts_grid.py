@@ -31,6 +31,7 @@ The small setting (this 2-core CPU, minutes): a ResNet-20 at half width on 12,00
     --config.bts.backbone=/tmp/tiny_backbone --config.data.source=folder:../shared/data/cifar10 \
     --config.data.max_images=12000 --config.data.val_size=2000 --config.bts.epochs=5
 """
+import functools
 import itertools
 import json
 import os
@@ -133,4 +134,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=functools.partial(parse_flags, program="bts_grid"))

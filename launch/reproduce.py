@@ -23,6 +23,7 @@ running step gets SIGTERM early enough to save its checkpoint), exits 0 and
 says what is left; SIGTERM or Ctrl-C do the same at once. R/summary.md holds
 every table and figure with its command, the hardware line and the date.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import time
 from absl import app, flags
 
 import steps
+from eejax.cli import parse_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("throughput", "main", "bts", "erde", "self_distillation", "sdn")
@@ -74,7 +76,7 @@ flags.DEFINE_enum("scale", "smoke", sorted(SCALES), "smoke: minutes on a CPU; cp
 flags.DEFINE_string("data", "", "data.source of every run ('': the configs' own, CIFAR-10 downloaded once).")
 flags.DEFINE_string("workdir", None, "Folder for every run, log and summary.md.")
 flags.DEFINE_list("only", [], f"Stages to run (default all): {', '.join(STAGES)}.")
-flags.DEFINE_float("minutes", 0.0, "Stop cleanly before this many minutes (0: no limit).")
+flags.DEFINE_float("minutes", 0.0, "Stop cleanly before this many minutes (0: no limit).", lower_bound=0.0)
 FLAGS = flags.FLAGS
 
 
@@ -183,4 +185,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=functools.partial(parse_flags, program="reproduce"))

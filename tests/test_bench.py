@@ -70,7 +70,10 @@ def test_input_pipeline_and_step_breakdown_print_shares_of_the_step_they_measure
     ("threshold_search.py", ["--logits", "/no/such/logits.npz"], "/no/such/logits.npz is missing"),
     ("train_step.py", ["--models", "resnet99", "--steps", "1"], "unknown model 'resnet99'"),
     ("erde_step.py", ["--teacher", "resnet99"], "unknown model 'resnet99'"),
-    ("depthwise.py", ["--channels", "0"], "must be 1 or more"),
+    ("depthwise.py", ["--channels", "0"], "argument --channels: '0' is not a positive int"),
+    ("train_step.py", ["--batch", "-4"], "argument --batch: '-4' is not a positive int"),
+    ("erde_step.py", ["--student-width", "abc"], "argument --student-width: 'abc' is not a positive float"),
+    ("threshold_search.py", ["--exits", "3"], "unrecognized arguments: --exits 3"),
 ])
 def test_a_mistake_is_one_line_and_status_2(script, args, words):
   r = bench(script, *args)

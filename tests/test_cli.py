@@ -1,4 +1,5 @@
 """Every way a command can end, as one line: `eejax.cli.guarded`."""
+import argparse
 import errno
 import os
 import signal
@@ -34,6 +35,11 @@ def test_each_expected_failure_is_one_line_with_its_status(capsys, monkeypatch):
   assert ends(_raise(UserError("fix this")), capsys) == (2, "eejax: error: fix this")
   code, err = ends(_raise(OSError(errno.ENOSPC, "No space left on device", "/w/metrics.jsonl")), capsys)
   assert code == 2 and err.startswith("eejax: error: No space left on device: /w/metrics.jsonl. Free space")
+  code, err = ends(_raise(OSError(errno.ENOENT, "No such file or directory", "r.md")), capsys)
+  assert (code, err) == (2, "eejax: error: No such file or directory: r.md. Fix the path, then run the same command "
+                            "again (what was saved stays whole)")
+  code, err = ends(_raise(PermissionError(errno.EACCES, "Permission denied", "/w")), capsys)
+  assert code == 2 and err.startswith("eejax: error: Permission denied: /w. Fix its permissions or choose a writable")
   code, err = ends(_raise(KeyboardInterrupt()), capsys, monkeypatch=monkeypatch)
   assert code == 130 and "interrupted (Ctrl-C)" in err
   code, err = ends(_raise(checkpoint.Stopped(15, 40, "/w")), capsys)
@@ -49,6 +55,27 @@ def test_an_unforeseen_error_is_one_line_and_its_traceback_goes_to_a_file(tmp_pa
     text = f.read()
   assert "Traceback" in text and "ZeroDivisionError" in text and "1 / 0" in text
   assert cli.guarded(lambda: 7) == 7  # a job that ends well returns its value
+
+
+def test_a_bench_scripts_traceback_file_is_named_after_it_without_its_folder(tmp_path, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.guarded(lambda: 1 / 0, "bench/train_step.py", str(tmp_path))
+  err = capsys.readouterr().err
+  assert e.value.code == 1 and "could not be written" not in err, err
+  (name,) = os.listdir(tmp_path)
+  assert name.startswith("bench_train_step.py-traceback-") and f"{tmp_path}/{name}" in err
+
+
+@pytest.mark.parametrize("kind, text, value", [(int, "512", 512), (float, "0.25", 0.25), (float, "1e-3", 1e-3)])
+def test_positive_takes_a_positive_number(kind, text, value):
+  assert cli.positive(kind)(text) == value and type(cli.positive(kind)(text)) is kind
+
+
+@pytest.mark.parametrize("kind, text", [(int, "0"), (int, "-4"), (int, "0.5"), (int, "abc"), (float, "0"),
+                                        (float, "-0.1"), (float, "nan"), (float, "")])
+def test_positive_refuses_anything_else(kind, text):
+  with pytest.raises(argparse.ArgumentTypeError, match=f"^{text!r} is not a positive {kind.__name__}$"):
+    cli.positive(kind)(text)
 
 
 def test_ctrl_c_at_start_up_ends_at_once_and_the_job_gets_a_keyboard_interrupt(capsys, monkeypatch):

@@ -34,6 +34,19 @@ def tree(tmp_path_factory):
   return str(root / "tree")
 
 
+@pytest.mark.parametrize("command, line", [
+    (["launch/reproduce.py", "--scale=nope"], "reproduce: error: flag --scale=nope: value should be one of"),
+    (["launch/reproduce.py", "--minutes=-1", "--workdir=w"], "reproduce: error: flag --minutes=-1: -1.0 is not a "
+                                                              "non-negative number"),
+    (["launch/bts_grid.py", "--nope"], "bts_grid: error: Unknown command line flag 'nope'"),
+])
+def test_a_launchers_bad_flag_is_one_line_in_its_own_name(command, line, tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(REPO, command[0]), *command[1:]], cwd=tmp_path,
+                     capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 2 and r.stderr.strip().startswith(line), r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)  # nothing written
+
+
 def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):
   root = str(tmp_path / "r")
   r = reproduce(root, tree)
