@@ -58,13 +58,21 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
   """threshold_ExC fitted on the run's validation split: the most accurate setting within `budget` (a fraction of
   the full network's MACs), or the cheapest reaching `target_accuracy`. `save` adds it to the run's thresholds.json.
   """
+  if budget is not None and not 0 < budget <= 1:
+    raise UserError(f"budget={budget!r} must be a fraction of the full network's MACs, above 0 and at most 1")
+  if target_accuracy is not None and not 0 <= target_accuracy <= 1:
+    raise UserError(f"target_accuracy={target_accuracy!r} must be a fraction between 0 and 1 (0.7 is 70%)")
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
   threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy,
                                        budget_macs=None if budget is None else budget * macs.full,
                                        target_accuracy=target_accuracy)
+  short = (f"; no setting is within the budget of {100 * budget:g}%: this is the cheapest"
+           if budget is not None and fit["val_macs"] > budget * macs.full + 1e-6 else
+           f"; no setting reaches {100 * target_accuracy:g}%: this is the most accurate"
+           if target_accuracy is not None and fit["val_accuracy"] < target_accuracy - 1e-9 else "")
   print(f"{policies.get(policy).name} thresholds {np.round(threshold_ExC[:-1, 0], 4).tolist()}: validation accuracy "
-        f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs")
+        f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs{short}")
   if save:
     goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}
     entries = [e for e in thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes, step=run.step)
@@ -89,11 +97,19 @@ def certify_thresholds(run: Run, epsilon: float, delta: float = 0.1, risk_name: 
 
 def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_size: int = 256):
   """(pred_N, exit_N, cost_N): real early exit, images that answer are not computed further."""
+  images_NxHxWx3 = np.asarray(images_NxHxWx3)
+  if images_NxHxWx3.dtype != np.uint8 or images_NxHxWx3.shape[1:] != tuple(run.spec.image_shape):
+    raise UserError(f"images of shape {images_NxHxWx3.shape} and type {images_NxHxWx3.dtype}; this run takes uint8 "
+                    f"Nx{'x'.join(map(str, run.spec.image_shape))} images, as the dataset stores them (0 to 255)")
+  if not len(images_NxHxWx3):  # the same checks, and the same types, as for images
+    inference.check_threshold(threshold_ExC, run.model.num_exits)
+    policies.get(policy)
+    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
   mean_C, std_C = run.spec.stats
   cost_E = exit_macs(run.model, run.spec.image_shape).cumulative
   runner = inference.BatchedEarlyExit(run.model, run.variables, mean_C, std_C, cost_E,
                                       min(batch_size, len(images_NxHxWx3)))
-  return runner(np.asarray(images_NxHxWx3), threshold_ExC, policy)
+  return runner(images_NxHxWx3, threshold_ExC, policy)
 
 
 def export_run(run: Run, out_dir: str, threshold_ExC=None, policy="max_prob", formats=("stablehlo",),

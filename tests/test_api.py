@@ -62,3 +62,46 @@ def test_predict_is_the_simulated_policy_and_export_verifies(smoke_run):
     logits_NxC, driver_exit_N = Cascade(str(root / "export" / "cascade_onnx_stages.json"))(test.images_NxHxWx3)
     np.testing.assert_array_equal(driver_exit_N, exit_N)
     np.testing.assert_array_equal(logits_NxC.argmax(-1), pred_N)
+
+
+def test_a_call_the_run_cannot_answer_is_one_line(smoke_run):
+  _, _, workdir = smoke_run
+  run = eejax.load_run(workdir)  # 16x16x3 images, 3 exits
+  t = eejax.fit_thresholds(run, budget=0.5)
+  for goal, message in [({"budget": 0.0}, "budget=0.0 must be a fraction of the full network's MACs"),
+                        ({"budget": 1.5}, "budget=1.5 must be"),
+                        ({"target_accuracy": 70.0}, r"target_accuracy=70.0 must be a fraction between 0 and 1")]:
+    with pytest.raises(UserError, match="^" + message):
+      eejax.fit_thresholds(run, **goal)
+  images = np.zeros((2, 16, 16, 3), np.uint8)
+  for bad in (images[..., 0], np.zeros((2, 32, 32, 3), np.uint8), images.astype(np.float32) / 255):
+    with pytest.raises(UserError, match=r"^images of shape .*; this run takes uint8 Nx16x16x3 images"):
+      eejax.predict(run, bad, t)
+  for kwargs, message in [({"epsilon": 5.0}, "risk tolerances 5 and delta 0.1: each must lie strictly between"),
+                          ({"epsilon": 0.05, "delta": 1.5}, "risk tolerances 0.05 and delta 1.5")]:
+    with pytest.raises(UserError, match="^" + message):
+      eejax.certify_thresholds(run, **kwargs)
+
+
+def test_predict_on_no_images_is_empty_and_an_unreachable_goal_says_so(smoke_run, capsys):
+  _, _, workdir = smoke_run
+  run = eejax.load_run(workdir)
+  t = eejax.fit_thresholds(run, budget=0.5)
+  some = [np.asarray(a) for a in eejax.predict(run, np.zeros((3, 16, 16, 3), np.uint8), t)]
+  none = eejax.predict(run, np.zeros((0, 16, 16, 3), np.uint8), t)
+  assert [(a.shape, a.dtype) for a in none] == [((0,), a.dtype) for a in some]
+  with pytest.raises(UserError, match="^a threshold of shape"):
+    eejax.predict(run, np.zeros((0, 16, 16, 3), np.uint8), t[:1])
+  capsys.readouterr()
+  cheapest = eejax.fit_thresholds(run, budget=1e-6)
+  assert "no setting is within the budget of 0.0001%: this is the cheapest" in capsys.readouterr().out
+  macs = exit_macs(run.model, (16, 16, 3)).cumulative
+  saved = np.load(os.path.join(workdir, "logits.npz"))
+  score, pred = policies.scores(jnp.asarray(saved["val_logits"]), "max_prob")
+  candidates = calibration.per_exit_candidates(score, "max_prob")
+  _, macs_K = calibration.search(score, pred, jnp.asarray(saved["val_labels"]), np.float32(macs), candidates)
+  _, got = calibration.search(score, pred, jnp.asarray(saved["val_labels"]), np.float32(macs), cheapest[None])
+  assert float(got[0]) == pytest.approx(float(np.min(macs_K)), rel=1e-6)
+  eejax.fit_thresholds(run, target_accuracy=1.0)
+  out = capsys.readouterr().out
+  assert ("no setting reaches 100%: this is the most accurate" in out) == ("validation accuracy 100.00%" not in out)

@@ -93,3 +93,10 @@ def test_the_certify_command_on_a_finished_run(smoke_run, tmp_path):
                        capture_output=True, text=True, check=False, timeout=300)
   assert bad.returncode == 2 and "is not an eejax workdir" in bad.stderr.splitlines()[-1]
   assert "Traceback" not in bad.stderr
+  certified = open(f"{workdir}/certified.md").read()
+  for flag, words in (("--epsilons=5", "risk tolerances 5 and delta 0.1: each must lie strictly between 0 and 1"),
+                      ("--delta=1.5", "risk tolerances 0.005, 0.01, 0.02, 0.05 and delta 1.5: each must")):  # were a math domain error, and a "guarantee"
+    bad = subprocess.run([sys.executable, "-m", "eejax.certify", f"--workdir={workdir}", flag], cwd=REPO,
+                         capture_output=True, text=True, check=False, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith(f"eejax.certify: error: {words}")
+  assert open(f"{workdir}/certified.md").read() == certified  # nothing rewritten
