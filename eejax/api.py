@@ -58,21 +58,16 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
   """threshold_ExC fitted on the run's validation split: the most accurate setting within `budget` (a fraction of
   the full network's MACs), or the cheapest reaching `target_accuracy`. `save` adds it to the run's thresholds.json.
   """
-  if budget is not None and not 0 < budget <= 1:
-    raise UserError(f"budget={budget!r} must be a fraction of the full network's MACs, above 0 and at most 1")
-  if target_accuracy is not None and not 0 <= target_accuracy <= 1:
-    raise UserError(f"target_accuracy={target_accuracy!r} must be a fraction between 0 and 1 (0.7 is 70%)")
+  calibration.check_goal(budget, target_accuracy)
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
   threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy,
                                        budget_macs=None if budget is None else budget * macs.full,
                                        target_accuracy=target_accuracy)
-  short = (f"; no setting is within the budget of {100 * budget:g}%: this is the cheapest"
-           if budget is not None and fit["val_macs"] > budget * macs.full + 1e-6 else
-           f"; no setting reaches {100 * target_accuracy:g}%: this is the most accurate"
-           if target_accuracy is not None and fit["val_accuracy"] < target_accuracy - 1e-9 else "")
+  missed = calibration.missed_goal(fit, macs.full, budget, target_accuracy)
   print(f"{policies.get(policy).name} thresholds {np.round(threshold_ExC[:-1, 0], 4).tolist()}: validation accuracy "
-        f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs{short}")
+        f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs"
+        + (f"; {missed}" if missed else ""))
   if save:
     goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}
     entries = [e for e in thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes, step=run.step)

@@ -139,6 +139,24 @@ def fit_accuracy(score_ExB, pred_ExB, labels_B, cost_E, candidates, target: floa
   return np.asarray(candidates)[best], float(accuracy_K[best]), float(macs_K[best])
 
 
+def check_goal(budget: float | None = None, target_accuracy: float | None = None) -> None:
+  """A budget (a fraction of the full network's MACs) in (0, 1] and a target accuracy in [0, 1], else one line."""
+  if budget is not None and not 0 < budget <= 1:
+    raise UserError(f"budget={budget!r} must be a fraction of the full network's MACs, above 0 and at most 1")
+  if target_accuracy is not None and not 0 <= target_accuracy <= 1:
+    raise UserError(f"target_accuracy={target_accuracy!r} must be a fraction between 0 and 1 (0.7 is 70%)")
+
+
+def missed_goal(fit_out: dict, full_macs: float, budget: float | None = None,
+                target_accuracy: float | None = None) -> str:
+  """'' where `fit`'s setting meets its goal, else what that setting is instead (its fallback)."""
+  if budget is not None and fit_out["val_macs"] > budget * full_macs * (1 + 1e-6):
+    return f"no setting is within the budget of {100 * budget:g}%: this is the cheapest"
+  if target_accuracy is not None and fit_out["val_accuracy"] < target_accuracy - 1e-9:
+    return f"no setting reaches {100 * target_accuracy:g}%: this is the most accurate"
+  return ""
+
+
 def fit(logits_ExNxC, labels_N, cost_E, policy, budget_macs: float | None = None,
         target_accuracy: float | None = None):
   """(threshold_ExC, {"val_accuracy", "val_macs"}): per-exit thresholds fitted on these (validation) logits.

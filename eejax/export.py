@@ -111,8 +111,10 @@ def run_threshold(run, policy, budget: float):
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
   threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy, budget_macs=budget * macs.full)
+  missed = calibration.missed_goal(fit, macs.full, budget)
   return threshold_ExC, (f"fitted now on validation ({policies.get(policy).name}, budget {budget:g}: "
-                         f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs)")
+                         f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs"
+                         + (f"; {missed}" if missed else "") + ")")
 
 
 def plain_fn(model, variables, mean_C, std_C):
@@ -132,7 +134,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
                       calibration_images: int = 200) -> dict:
   """Exports `workdir`'s model in every format, verifies each and times it; writes out_dir/export_report.json/.md.
   An int8 format calibrates on `calibration_images` training images."""
-  check_request(formats, num_images, calibration_images)
+  check_request(formats, num_images, calibration_images, budget)
   policy = policies.get(policy)
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats
@@ -195,8 +197,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   return report
 
 
-def check_request(formats, num_images: int, calibration_images: int) -> None:
-  """The formats and image counts asked for, checked before anything is read."""
+def check_request(formats, num_images: int, calibration_images: int, budget: float = 0.5) -> None:
+  """The formats, image counts and budget asked for, checked before anything is read."""
+  calibration.check_goal(budget)
   unknown = [f for f in formats if f not in EXPORTERS]
   if unknown:
     raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
@@ -273,7 +276,7 @@ def main(argv) -> None:
   if not f.workdir or not f.out:
     fail("give --workdir=RUN and --out=DIR", "eejax.export")
   def job():
-    check_request(tuple(f.formats), f.images, f.calibration_images)  # a wrong flag first, before the run
+    check_request(tuple(f.formats), f.images, f.calibration_images, f.budget)  # a wrong flag first, before the run
     run = load_run(f.workdir)
     xla_cache.enable_for_run(run.config)  # the programs of an export done before are loaded
     return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy, run=run,

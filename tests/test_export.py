@@ -11,6 +11,7 @@ import pytest
 
 from eejax import export, export_onnx, export_verify, policies, thresholds
 from eejax.models import MultiExitNet
+from eejax.run import load_run
 
 
 def require_onnx():
@@ -137,6 +138,23 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}",
                         *bad.split()], cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "must be at least 1" in r.stderr.splitlines()[-1], r.stderr
+  for bad in ("--budget=0", "--budget=1.5"):
+    r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}",
+                        bad], cwd=REPO, capture_output=True, text=True, check=False)
+    value = bad.split("=")[1]
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == (
+        f"eejax.export: error: budget={float(value)} must be a fraction of the full network's MACs, above 0 and at "
+        "most 1"), r.stderr
+
+
+def test_a_budget_no_setting_fits_is_exported_at_the_cheapest_and_says_so(smoke_run):
+  _, _, workdir = smoke_run
+  run = load_run(workdir)
+  tiny, about = export.run_threshold(run, policies.get("max_prob"), 1e-6)
+  assert about.endswith("; no setting is within the budget of 0.0001%: this is the cheapest)"), about
+  half, about = export.run_threshold(run, policies.get("max_prob"), 0.5)
+  assert "no setting" not in about and about.startswith("thresholds.json")
+  assert tiny.shape == half.shape == (run.model.num_exits, run.model.num_classes)
 
 
 
