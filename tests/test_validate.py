@@ -38,6 +38,7 @@ from eejax.errors import UserError
     ("model.exit_grad_scale", -1.0, "model.exit_grad_scale=-1.0 must be 0 (heads only) or more"),
     ("data.max_images", -5, "data.max_images=-5 must be 0 (every image) or more images per split"),
     ("data.image_size", 0, "data.image_size=0 must be a positive number of pixels"),
+    ("data.val_seed", -1, "data.val_seed=-1 must be 0 or more"),
     ("data.crop_pad", -1, "data.crop_pad=-1 must be 0 (no random crop) or more pixels"),
     ("eval.num_thresholds", 0, "eval.num_thresholds=0 must be 1 or more points on each curve"),
     ("eval.budgets", (0.5, 1.5), "eval.budgets=(0.5, 1.5) must be fractions of the full network's MACs, each above 0"),
