@@ -99,3 +99,18 @@ def test_ctrl_c_at_start_up_ends_at_once_and_the_job_gets_a_keyboard_interrupt(c
     assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def test_python_m_eejax_lists_every_command_and_only_those():
+  import glob, re, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from eejax import __main__ as commands  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(commands.__file__)
+  runnable = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(folder, "*.py"))
+              if p != commands.__file__ and 'if __name__ == "__main__":' in open(p, encoding="utf-8").read()}
+  assert {name for name, _, _ in commands.COMMANDS} == runnable
+  r = subprocess.run([sys.executable, "-m", "eejax"], capture_output=True, text=True, check=False, timeout=60)
+  listed = re.findall(r"^  python -m eejax\.(\w+) ", r.stdout, re.M)
+  assert r.returncode == 0 and listed == [name for name, _, _ in commands.COMMANDS]
+  r = subprocess.run([sys.executable, "-m", "eejax", "train"], capture_output=True, text=True, check=False, timeout=60)
+  assert r.returncode == 2 and r.stderr.startswith("eejax: error: run a command as python -m eejax.COMMAND (main, ")
+  assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout
