@@ -48,12 +48,21 @@ def kernel_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+def every_mask(params):
+  """True everywhere: BatchNorm's scale and shift and every bias decay too (SDN's code, PyTorch's SGD default)."""
+  return jax.tree.map(lambda p: True, params)
+
+
+DECAY_MASKS = {"kernels": kernel_mask, "all": every_mask}  # train.weight_decay_on
+
+
 OPTIMIZERS = ("sgd", "adam")  # train.optimizer
 
 
 def make_optimizer(train_cfg, schedule) -> optax.GradientTransformation:
-  """SGD with (Nesterov) momentum, or Adam; weight decay on kernels only, added to the gradient (L2, as PyTorch's
-  SGD and Adam do it).
+  """SGD with (Nesterov) momentum, or Adam; weight decay added to the gradient (L2, as PyTorch's SGD and Adam do
+  it) on kernels only, or on every parameter with train.weight_decay_on=all. Either way the decay is masked, so
+  the optimizer state has one layout and a checkpoint restores under either setting.
 
   train.grad_clip > 0 first scales the gradient down to that global norm at most.
   """
@@ -65,7 +74,8 @@ def make_optimizer(train_cfg, schedule) -> optax.GradientTransformation:
     last = optax.sgd(schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
   return optax.chain(
       *([optax.clip_by_global_norm(clip)] if clip > 0 else []),
-      optax.add_decayed_weights(train_cfg.weight_decay, mask=kernel_mask), last)
+      optax.add_decayed_weights(train_cfg.weight_decay, mask=DECAY_MASKS[train_cfg.get("weight_decay_on", "kernels")]),
+      last)
 
 
 INITS = ("flax", "pytorch")  # train.init: how the kernels are first drawn

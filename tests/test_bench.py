@@ -124,11 +124,13 @@ def test_the_peer_can_start_from_flaxs_kernel_distribution():
   assert np.median(np.array(flax_std) / np.array(default)) > 1.5  # PyTorch's own draw is sqrt(3) times narrower
 
 
-def test_a_peer_training_step_is_an_eejax_training_step():
+@pytest.mark.parametrize("decay_on", ["kernels", "all"])
+def test_a_peer_training_step_is_an_eejax_training_step(decay_on):
   # From the same weights and batch, bench/accuracy_parity.py's peer step (label-smoothed joint loss, SGD with
-  # Nesterov momentum, coupled weight decay on kernels only, the schedule's rate) and eejax's train_step give the
-  # same exit losses and, three steps on, the same weights and BatchNorm statistics. Weight decay is set large here
-  # so that decaying the wrong tensors, or decoupled, would show.
+  # Nesterov momentum, coupled weight decay on kernels only or, as PyTorch's SGD does by default, on every
+  # parameter, the schedule's rate) and eejax's train_step give the same exit losses and, three steps on, the same
+  # weights and BatchNorm statistics. Weight decay is set large here so that decaying the wrong tensors, or
+  # decoupled, would show.
   import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -137,7 +139,7 @@ def test_a_peer_training_step_is_an_eejax_training_step():
   config = cifar10.get_config("smoke")
   b = 16
   config.train.update(learning_rate=0.4, warmup_epochs=1.0, epochs=4, label_smoothing=0.1, weight_decay=0.02,
-                      batch_size=b, exit_weights=(0.5, 1.0, 2.0))
+                      batch_size=b, exit_weights=(0.5, 1.0, 2.0), weight_decay_on=decay_on)
   config = config.copy_and_resolve_references()
   pytest.importorskip("torch", reason="the PyTorch peer needs torch (pip install -e '.[bench]')")
   sys.path.insert(0, os.path.join(REPO, "bench"))

@@ -34,6 +34,24 @@ def test_without_a_clip_the_optimizer_state_keeps_the_layout_older_checkpoints_h
   assert jax.tree.structure(ours.init(params)) == jax.tree.structure(older.init(params))
 
 
+@pytest.mark.parametrize("on", ["kernels", "all"])
+def test_weight_decay_goes_to_kernels_or_to_every_parameter(on):
+  # Plain SGD, lr 0.1, decay 0.5, zero gradient: a decayed parameter p moves by -0.1 * 0.5 * p, any other stays.
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  config = cifar10.get_config("smoke")
+  config.train.update(weight_decay=0.5, momentum=0.0, nesterov=False, weight_decay_on=on)
+  tx = state.make_optimizer(config.train, lambda step: 0.1)
+  params = {"conv": {"kernel": jnp.full((3, 3, 2, 4), 2.0), "bias": jnp.full(4, 2.0)},
+            "bn": {"scale": jnp.full(4, 2.0), "bias": jnp.full(4, 2.0)}}
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  for path, u in jax.tree_util.tree_leaves_with_path(updates):
+    decayed = on == "all" or u.ndim > 1
+    np.testing.assert_allclose(np.asarray(u), -0.1 * 0.5 * 2.0 if decayed else 0.0, err_msg=str(path))
+  config.train.weight_decay_on = "kernels"
+  kernels_only = state.make_optimizer(config.train, lambda step: 0.1)
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(kernels_only.init(params))  # one layout
+
+
 def test_schedule_warms_up_then_decays_to_zero():
   config = cifar10.get_config("smoke")
   config.train.update(epochs=4, warmup_epochs=1.0, learning_rate=0.2)

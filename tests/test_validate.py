@@ -46,6 +46,7 @@ from eejax.errors import UserError
     ("log.every_s", -1.0, "log.every_s=-1.0 must be 0 (every chunk) or more seconds"),
     ("erde.temperature", 0.0, "erde.temperature=0.0 must be a positive temperature"),
     ("erde.entropy_weight", -0.1, "erde.entropy_weight=-0.1 must be 0 (no entropy term) or more"),
+    ("train.weight_decay_on", "bn", "unknown train.weight_decay_on 'bn'; valid: all, kernels"),
     ("erde.reference", "best", "unknown erde.reference 'best'; valid: final, own"),
     ("mate.primary_weight", 1.5, "mate.primary_weight=1.5 must be a share between 0 and 1"),
     ("byot.temperature", -3.0, "byot.temperature=-3.0 must be a positive temperature"),
