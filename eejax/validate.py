@@ -47,15 +47,8 @@ def check_config(config) -> None:
     raise UserError("eval.risk_delta and every eval.risk_epsilons value must lie strictly between 0 and 1")
 
 
-def _at_least(low):
-  return lambda v: v >= low
-
-
-def _from_0_below(high):
-  return lambda v: 0 <= v < high
-
-
-at_least_0, at_least_1, positive, below_1 = _at_least(0), _at_least(1), (lambda v: v > 0), _from_0_below(1)
+at_least_0, at_least_1 = (lambda v: v >= 0), (lambda v: v >= 1)
+positive, below_1 = (lambda v: v > 0), (lambda v: 0 <= v < 1)
 # (key, test, what it must be): numbers a run cannot use, refused before anything is written. A sequence's entries
 # are tested one by one; an unset value (None) and a section the config lacks are not tested.
 NUMBERS = (("train.batch_size", at_least_1, "a positive number of images"),
