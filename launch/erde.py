@@ -82,8 +82,7 @@ def main():
     rows.append(row(name, done[0][1]))
     if name != "teacher":
       groups.append((name, [workdir for workdir, _ in done]))
-  command = " ".join(["python launch/erde.py", f"--scale {args.scale}", f"--config {args.config}",
-                      f"--data {args.data}", f"--root {args.root}", f"--seeds {args.seeds}", *args.extra])
+  command = runs.command_line("erde.py", args)
   runs.write_tables(args.root, command, rows, markdown(rows, command))
   runs.write_seed_table(args.root, command, groups)
 

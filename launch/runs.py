@@ -32,6 +32,13 @@ def parse_args(doc: str, scales, name: str):
                                seeds=f.seeds)
 
 
+def command_line(script: str, args) -> str:
+  """The launcher's command as it can be typed again: its flags, then `--` and the config overrides it was given."""
+  return " ".join([f"python launch/{script}", f"--scale {args.scale}", f"--config {args.config}",
+                   f"--data {args.data}", f"--root {args.root}", f"--seeds {args.seeds}",
+                   *(["--", *args.extra] if args.extra else [])])
+
+
 def run_seeds(name: str, config: str, workdir: str, data: str, extra, seeds: int) -> list[tuple[str, dict]]:
   """[(workdir, report)] of `run` with seeds 0..seeds-1: seed 0 is the config's own run in `workdir`, as with one
   seed; seed S runs in workdir_seedS."""

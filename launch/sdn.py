@@ -50,8 +50,7 @@ def main():
       groups[name].append((workdir, runs.run(name, f"{args.config}:{preset}{scale['suffix']}", workdir, args.data,
                                              extra + args.extra)))
   rows = [{"name": name, **runs.report_row(done[0][1])} for name, done in groups.items()]
-  command = " ".join(["python launch/sdn.py", f"--scale {args.scale}", f"--config {args.config}",
-                      f"--data {args.data}", f"--root {args.root}", f"--seeds {args.seeds}", *args.extra])
+  command = runs.command_line("sdn.py", args)
   runs.write_tables(args.root, command, rows, markdown(rows, command))
   runs.write_seed_table(args.root, command, [(name, [w for w, _ in done]) for name, done in groups.items()])
 

@@ -53,8 +53,7 @@ def main():
                           args.seeds)
     rows.append(row(name, done[0][1]))
     groups.append((name, [workdir for workdir, _ in done]))
-  command = " ".join(["python launch/self_distillation.py", f"--scale {args.scale}", f"--config {args.config}",
-                      f"--data {args.data}", f"--root {args.root}", f"--seeds {args.seeds}", *args.extra])
+  command = runs.command_line("self_distillation.py", args)
   runs.write_tables(args.root, command, rows, markdown(rows, command))
   runs.write_seed_table(args.root, command, groups)
 

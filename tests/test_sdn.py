@@ -179,3 +179,9 @@ def test_the_sdn_launcher_runs_all_four_and_tables_them(tmp_path):
   schemes = {n: json.load(open(os.path.join(root, n, "config.json")))["scheme"] for n in ("ic_only", "sdn", "joint")}
   assert schemes == {"ic_only": "ic_only", "sdn": "sdn", "joint": "joint"}
   assert "| cnn | n/a | n/a |" in open(os.path.join(root, "comparison.md")).read()
+  # The table's command runs again as written: its config overrides after `--` (once dropped, so that the line
+  # failed on the first override as an unknown flag); finished runs are kept, so this only tables them again.
+  again = subprocess.run(table["command"].replace("python", sys.executable, 1).split(), cwd=REPO,
+                         capture_output=True, text=True, timeout=900, check=False)
+  assert again.returncode == 0 and " -- " in table["command"], table["command"] + again.stderr[-2000:]
+  assert json.load(open(os.path.join(root, "comparison.json")))["rows"] == table["rows"]
