@@ -1,7 +1,9 @@
-"""Every name in a config checked once, where the config enters (`eejax.main`, `eejax.api.train`), before any data.
+"""Every name and number in a config checked once, where the config enters (`eejax.main`,
+`eejax.api.train_and_evaluate`), before any data.
 
 The modules below trust what passed here: a wrong name is one `UserError`
-listing the valid ones, never a KeyError from deep inside a run.
+listing the valid ones, a number out of range one saying what it must be,
+never a KeyError from deep inside a run or a run that trains on nonsense.
 """
 import numbers
 
