@@ -227,7 +227,7 @@ def eejax_report(workdir: str, eejax_args: list[str]) -> tuple[dict, str]:
 
 
 def main():
-  parser = cli.argument_parser("bench/accuracy_parity.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/accuracy_parity.py", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", required=True, help="eejax's run: trained here unless it holds a finished one")
   parser.add_argument("--peer-seeds", default="0", help="comma-separated seeds of the PyTorch runs")
   parser.add_argument("--peer-zero-init", action="store_true",

@@ -38,7 +38,7 @@ def timed_job(args, workdir, cache_dir):
 
 
 def main():
-  parser = cli.argument_parser("bench/compile_cache.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/compile_cache.py", description=__doc__.splitlines()[0])
   parser.add_argument("--data", required=True, help="data.source, e.g. folder:../shared/data/cifar10")
   parser.add_argument("--config", default="configs/cifar10.py:cpu")
   parser.add_argument("extra", nargs="*", help="config overrides after --, added to the small job's")

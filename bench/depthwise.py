@@ -57,7 +57,7 @@ def torch_seconds(x_BxHxWxC, k_3x3x1xC, repeats):
 
 
 def main():
-  parser = cli.argument_parser("bench/depthwise.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/depthwise.py", description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=cli.positive(int), default=128)
   parser.add_argument("--size", type=cli.positive(int), default=16, help="height and width of the feature map")
   parser.add_argument("--channels", type=cli.positive(int), default=64)

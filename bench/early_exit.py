@@ -44,7 +44,7 @@ def untrained(name, n, num_classes=10):
 
 
 def main():
-  parser = cli.argument_parser("bench/early_exit.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/early_exit.py", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir")
   parser.add_argument("--model", default="resnet18")
   parser.add_argument("--batch-size", type=cli.positive(int), default=1000)

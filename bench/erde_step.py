@@ -38,7 +38,7 @@ def step_seconds(chunk, state, data, keys, frozen, steps, per_call):
 
 
 def main():
-  parser = cli.argument_parser("bench/erde_step.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/erde_step.py", description=__doc__.splitlines()[0])
   parser.add_argument("--teacher", default="resnet20")
   parser.add_argument("--student", default="resnet20")
   parser.add_argument("--student-width", type=cli.positive(float), default=0.5)

@@ -23,7 +23,7 @@ from eejax.state import init_state, make_optimizer, make_schedule
 
 
 def main():
-  parser = cli.argument_parser("bench/input_pipeline.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/input_pipeline.py", description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--batch", type=cli.positive(int), default=128)
   parser.add_argument("--images", type=cli.positive(int), default=50_000)

@@ -36,7 +36,7 @@ def commands(workdir, data=None):
 
 
 def main():
-  parser = cli.argument_parser("bench/run_all.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/run_all.py", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", help="a finished run (its logits.npz and checkpoint)")
   parser.add_argument("--data", help="data.source of bench/compile_cache.py's jobs (skipped without)")
   parser.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))

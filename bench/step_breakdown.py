@@ -50,7 +50,7 @@ def top_events(trace_dir, count=25):
 
 
 def main():
-  parser = cli.argument_parser("bench/step_breakdown.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/step_breakdown.py", description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--model", default="resnet18")
   parser.add_argument("--width", type=cli.positive(float), default=0.25 if on_cpu else 1.0)

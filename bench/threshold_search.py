@@ -69,7 +69,7 @@ def synthetic(n=10_000, exits=4, classes=10, seed=0):
 
 
 def main():
-  parser = cli.argument_parser("bench/threshold_search.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/threshold_search.py", description=__doc__.splitlines()[0])
   parser.add_argument("--logits", help="a run's logits.npz (test split is used)")
   parser.add_argument("--settings", type=cli.positive(int), default=100, help="per-exit threshold settings K")
   args = parser.parse_args()

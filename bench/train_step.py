@@ -159,7 +159,7 @@ def _same_function(arch, width, batch):
 
 
 def main():
-  parser = cli.argument_parser("bench/train_step.py", description=__doc__.splitlines()[0])
+  parser = cli.ArgumentParser("bench/train_step.py", description=__doc__.splitlines()[0])
   on_cpu = jax.default_backend() == "cpu"
   parser.add_argument("--models", default="resnet18,resnet56")
   parser.add_argument("--width", type=cli.positive(float), default=0.25 if on_cpu else 1.0, help="width multiplier of the wide models (ResNet-18/34/50, MobileNet, VGG-16, WRN-32-4)")

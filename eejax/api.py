@@ -64,10 +64,8 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
   threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy,
                                        budget_macs=None if budget is None else budget * macs.full,
                                        target_accuracy=target_accuracy)
-  missed = calibration.missed_goal(fit, macs.full, budget, target_accuracy)
   print(f"{policies.get(policy).name} thresholds {np.round(threshold_ExC[:-1, 0], 4).tolist()}: validation accuracy "
-        f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs"
-        + (f"; {missed}" if missed else ""))
+        f"{calibration.fit_summary(fit, macs.full, budget, target_accuracy)}")
   if save:
     goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}
     entries = [e for e in thresholds.load(run.workdir, run.model.num_exits, run.model.num_classes, step=run.step)
@@ -96,14 +94,10 @@ def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_si
   if images_NxHxWx3.dtype != np.uint8 or images_NxHxWx3.shape[1:] != tuple(run.spec.image_shape):
     raise UserError(f"images of shape {images_NxHxWx3.shape} and type {images_NxHxWx3.dtype}; this run takes uint8 "
                     f"Nx{'x'.join(map(str, run.spec.image_shape))} images, as the dataset stores them (0 to 255)")
-  if not len(images_NxHxWx3):  # the same checks, and the same types, as for images
-    inference.check_threshold(threshold_ExC, run.model.num_exits)
-    policies.get(policy)
-    return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
   mean_C, std_C = run.spec.stats
   cost_E = exit_macs(run.model, run.spec.image_shape).cumulative
   runner = inference.BatchedEarlyExit(run.model, run.variables, mean_C, std_C, cost_E,
-                                      min(batch_size, len(images_NxHxWx3)))
+                                      max(1, min(batch_size, len(images_NxHxWx3))))
   return runner(images_NxHxWx3, threshold_ExC, policy)
 
 

@@ -147,14 +147,15 @@ def check_goal(budget: float | None = None, target_accuracy: float | None = None
     raise UserError(f"target_accuracy={target_accuracy!r} must be a fraction between 0 and 1 (0.7 is 70%)")
 
 
-def missed_goal(fit_out: dict, full_macs: float, budget: float | None = None,
+def fit_summary(fit_out: dict, full_macs: float, budget: float | None = None,
                 target_accuracy: float | None = None) -> str:
-  """'' where `fit`'s setting meets its goal, else what that setting is instead (its fallback)."""
+  """"A% at M% of the MACs" of `fit`'s setting on validation, and where it misses its goal, what it is instead."""
+  summary = f"{100 * fit_out['val_accuracy']:.2f}% at {100 * fit_out['val_macs'] / full_macs:.1f}% of the MACs"
   if budget is not None and fit_out["val_macs"] > budget * full_macs * (1 + 1e-6):
-    return f"no setting is within the budget of {100 * budget:g}%: this is the cheapest"
+    return f"{summary}; no setting is within the budget of {100 * budget:g}%: this is the cheapest"
   if target_accuracy is not None and fit_out["val_accuracy"] < target_accuracy - 1e-9:
-    return f"no setting reaches {100 * target_accuracy:g}%: this is the most accurate"
-  return ""
+    return f"{summary}; no setting reaches {100 * target_accuracy:g}%: this is the most accurate"
+  return summary
 
 
 def fit(logits_ExNxC, labels_N, cost_E, policy, budget_macs: float | None = None,

@@ -64,19 +64,16 @@ def parse_flags(argv, program: str = "eejax"):
     interrupted(program)
 
 
-class _OneLineParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser for a script's flags, whose mistakes (an unknown flag, a bad value) end as one line,
+  `PROGRAM: error: ...`, status 2, as every other mistake does."""
+
   def __init__(self, program: str, **kwargs):
     super().__init__(**kwargs)
     self.program = program
 
   def error(self, message: str):
     fail(message, self.program)
-
-
-def argument_parser(program: str, **kwargs) -> argparse.ArgumentParser:
-  """argparse's parser for a script's flags, whose mistakes (an unknown flag, a bad value) end as one line,
-  `PROGRAM: error: ...`, status 2, as every other mistake does."""
-  return _OneLineParser(program, **kwargs)
 
 
 def positive(kind):

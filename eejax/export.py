@@ -111,10 +111,8 @@ def run_threshold(run, policy, budget: float):
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
   threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy, budget_macs=budget * macs.full)
-  missed = calibration.missed_goal(fit, macs.full, budget)
   return threshold_ExC, (f"fitted now on validation ({policies.get(policy).name}, budget {budget:g}: "
-                         f"{100 * fit['val_accuracy']:.2f}% at {100 * fit['val_macs'] / macs.full:.1f}% of the MACs"
-                         + (f"; {missed}" if missed else "") + ")")
+                         f"{calibration.fit_summary(fit, macs.full, budget)})")
 
 
 def plain_fn(model, variables, mean_C, std_C):

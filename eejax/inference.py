@@ -74,6 +74,8 @@ class BatchedEarlyExit:
     policy = policies.get(policy)
     outs = [self._window(x_NxHxWx3[i:i + self.window], threshold_ExC, policy)
             for i in range(0, x_NxHxWx3.shape[0], self.window)]
+    if not outs:  # no images: the same three arrays, empty
+      return np.zeros(0, np.int64), np.zeros(0, np.int64), self.cost_E[:0]
     return tuple(np.concatenate(parts) for parts in zip(*outs))
 
   def _window(self, x_NxHxWx3, threshold_ExC, policy):
