@@ -109,6 +109,10 @@ def check_numbers(config) -> None:
     value = config[section].get(name) if section in config else None
     if value is not None and not all(_is_number(v) and ok(v) for v in _entries(value)):
       raise UserError(f"{key}={_shown(value)} must be {what}")
+  seed = config.get("seed", 0)
+  if not (_is_number(seed) and seed == int(seed) and 0 <= seed < 2 ** 32):
+    # jax's keys take the seed modulo 2**32: seed 2**32 + 5 would silently repeat seed 5's run, and -1 seed 2**32 - 1.
+    raise UserError(f"seed={seed!r} must be a whole number from 0 to {2 ** 32 - 1}")
   if config.get("compile_cache_max_gb", 0.0) < 0:
     raise UserError(f"compile_cache_max_gb={config.compile_cache_max_gb!r} must be 0 (no limit) or more gigabytes")
   if config.model.exit_after is not None and not len(config.model.exit_after):

@@ -56,6 +56,8 @@ from eejax.errors import UserError
     ("bts.distill_temperature", 0.0, "bts.distill_temperature=0.0 must be a positive temperature"),
     ("sdn.max_weights", (0.5, -0.1), "sdn.max_weights=(0.5, -0.1) must be weights, each 0 or more"),
     ("compile_cache_max_gb", -1.0, "compile_cache_max_gb=-1.0 must be 0 (no limit) or more gigabytes"),
+    ("seed", -1, "seed=-1 must be a whole number from 0 to 4294967295"),
+    ("seed", 2 ** 32 + 5, "seed=4294967301 must be a whole number from 0 to 4294967295"),  # jax's key: seed 5's
 ])
 def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
   config = cifar10.get_config("smoke")
@@ -98,6 +100,7 @@ def test_the_edges_of_every_range_pass_and_numpys_numbers_are_numbers():
   config.data.update(max_images=0, crop_pad=0, image_size=1)
   config.eval.update(budgets=(1.0,), num_thresholds=1, every_epochs=0.0)
   config.mate.primary_weight, config.bts.margins, config.bts.num_thresholds = 1.0, (0.0,), 2
+  config.seed = 2 ** 32 - 1
   validate.check_config(config)
   config.eval.budgets = (np.float32(0.5), np.float64(1.0))  # a sequence's entries are not cast to float
   validate.check_config(config)
