@@ -119,7 +119,7 @@ def peer_model(config, num_classes: int, zero_init_residual: bool = False, flax_
 def peer_optimizer(model, train_cfg):
   """SGD with (Nesterov) momentum and coupled weight decay on kernels only (ndim > 1), or on every parameter with
   train.weight_decay_on=all (PyTorch's default, SDN's code); the rate is set per step."""
-  everything = train_cfg.get("weight_decay_on", "kernels") == "all"
+  everything = train_cfg.weight_decay_on == "all"
   decay = [p for p in model.parameters() if everything or p.ndim > 1]
   rest = [p for p in model.parameters() if not everything and p.ndim <= 1]
   return torch.optim.SGD([{"params": decay, "weight_decay": train_cfg.weight_decay},

@@ -29,7 +29,7 @@ from eejax.writers import on_main_process
 LATER_KEYS = {"model.head_dropout": 0.0, "model.exit_grad_scale": 1.0, "train.grad_clip": 0.0,
               "train.transfer_guard": "disallow", "data.test_split": "test",
               "data.mirror": "", "eval.every_epochs": 0.0, "train.init": "flax",
-              "train.optimizer": "sgd"}
+              "train.optimizer": "sgd", "train.weight_decay_on": "kernels"}
 
 
 def model_settings(model_cfg, ensemble_teachers: bool = False) -> dict:

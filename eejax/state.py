@@ -74,7 +74,7 @@ def make_optimizer(train_cfg, schedule) -> optax.GradientTransformation:
     last = optax.sgd(schedule, momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)
   return optax.chain(
       *([optax.clip_by_global_norm(clip)] if clip > 0 else []),
-      optax.add_decayed_weights(train_cfg.weight_decay, mask=DECAY_MASKS[train_cfg.get("weight_decay_on", "kernels")]),
+      optax.add_decayed_weights(train_cfg.weight_decay, mask=DECAY_MASKS[train_cfg.weight_decay_on]),
       last)
 
 

@@ -32,7 +32,7 @@ def check_config(config) -> None:
     raise unknown_name("train.optimizer", config.train.optimizer, state.OPTIMIZERS)
   if config.train.init not in state.INITS:
     raise unknown_name("train.init", config.train.init, state.INITS)
-  if config.train.get("weight_decay_on", "kernels") not in state.DECAY_MASKS:
+  if config.train.weight_decay_on not in state.DECAY_MASKS:
     raise unknown_name("train.weight_decay_on", config.train.weight_decay_on, state.DECAY_MASKS)
   for name in (*config.eval.policies, *config.eval.fit_policies):
     policies.get(name)

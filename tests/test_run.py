@@ -56,3 +56,24 @@ def test_not_a_workdir_and_a_mismatched_run_are_one_line(smoke_run, tmp_path):
   with pytest.raises(UserError, match=r"teacher in W was trained on 3 classes of \[16, 16, 3\] images; this run has "
                                       r"10 classes of \[32, 32, 3\]"):
     spec.check_matches(10, (32, 32, 3), "teacher", "W")
+
+
+def test_an_older_config_json_gets_every_later_key_with_its_neutral_value(tmp_path):
+  """A setting added since a run was saved reads as its neutral value, and the filled config is whole again."""
+  from configs import cifar10
+  from eejax import state, validate
+  config = cifar10.get_config("smoke")
+  older = json.loads(config.to_json_best_effort())
+  for key in run.LATER_KEYS:
+    section, name = key.split(".")
+    del older[section][name]
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  (tmp_path / "run.json").write_text("{}")
+  loaded = run.load_config(str(tmp_path))
+  for key, value in run.LATER_KEYS.items():
+    section, name = key.split(".")
+    assert loaded[section][name] == value, key
+  # Every key of today's config is back, so everything that reads one (the optimizer, the checks) runs.
+  assert set(loaded.train.keys()) == set(config.train.keys()) and set(loaded.model.keys()) == set(config.model.keys())
+  validate.check_config(loaded)
+  state.make_optimizer(loaded.train, state.make_schedule(loaded.train, steps_per_epoch=4))
