@@ -16,6 +16,13 @@ __version__ = "0.1.0"
 _API = ("train_and_evaluate", "load_run", "fit_thresholds", "certify_thresholds", "predict", "export_run", "Run")
 
 
+__all__ = list(_API)
+
+
+def __dir__():  # tab completion in IPython and Colab lists the API before it is imported
+  return sorted({*globals(), *_API})
+
+
 def __getattr__(name):
   if name in _API:
     from eejax import api  # pylint: disable=g-import-not-at-top

@@ -1,13 +1,15 @@
 """The public API: a notebook's cells, one call each, on a finished smoke run."""
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import eejax
-from eejax import calibration, data, policies, thresholds
+from eejax import api, calibration, data, policies, thresholds
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 
@@ -105,3 +107,15 @@ def test_predict_on_no_images_is_empty_and_an_unreachable_goal_says_so(smoke_run
   eejax.fit_thresholds(run, target_accuracy=1.0)
   out = capsys.readouterr().out
   assert ("no setting reaches 100%: this is the most accurate" in out) == ("validation accuracy 100.00%" not in out)
+
+
+def test_the_package_lists_its_api_before_importing_it():
+  """`import eejax` stays light (the API loads on first use), yet dir() and tab completion name every call."""
+  out = subprocess.run([sys.executable, "-c", "import sys, eejax; print(dir(eejax)); print('eejax.api' in sys.modules)"],
+                       capture_output=True, text=True, check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+  listed, api_loaded = out.stdout.splitlines()
+  names = ("train_and_evaluate", "load_run", "fit_thresholds", "certify_thresholds", "predict", "export_run", "Run")
+  assert all(repr(n) in listed for n in names) and api_loaded == "False"
+  assert sorted(eejax.__all__) == sorted(names) and all(getattr(eejax, n) is getattr(api, n) for n in names)
+  with pytest.raises(AttributeError, match="no attribute 'nope'"):
+    eejax.nope  # pylint: disable=pointless-statement
