@@ -32,6 +32,29 @@ def say(message: str, stream=None) -> None:
     print(message, file=stream or sys.stdout, flush=True)
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without PyTorch where PyTorch is installed and not yet loaded.
+
+  tensorboardX imports torch when it can, for its graph and tensor helpers; eejax writes scalars only, and a job
+  would pay the import (1.5 to 2 s with a CPU build, more with CUDA) on every run. A tensorboardX that needs torch
+  after all is imported again as it is.
+  """
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX takes for "not installed"
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    for name in [m for m in sys.modules if m == "tensorboardX" or m.startswith("tensorboardX.")]:
+      del sys.modules[name]
+    del sys.modules["torch"]
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    return SummaryWriter
+  del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """`write(step, {name: scalar})` to workdir/metrics.jsonl and workdir/tb/."""
 
@@ -43,7 +66,7 @@ class MetricWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       if tensorboard:
         try:
-          from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+          SummaryWriter = _summary_writer()  # pylint: disable=invalid-name
         except ImportError:
           print("tensorboardX is not installed: metrics go to metrics.jsonl only (pip install tensorboardX "
                 "for TensorBoard files)", file=sys.stderr)

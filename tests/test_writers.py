@@ -111,3 +111,30 @@ def test_progress_leaves_paused_time_out_of_the_rate_and_ends_with_its_note(monk
   progress.note, progress.every_s = "val 60.00%", 1e9  # a new validation: the same line again, at once, with it
   progress.refresh()
   assert out.getvalue().splitlines()[-1] == "step 10/40 (25%) loss 0.5000 40 img/s ETA 0m06s val 60.00%"
+
+
+def test_tensorboard_files_without_importing_pytorch(tmp_path):
+  """tensorboardX imports torch where it can; eejax's scalars do not need it, and torch still imports afterwards.
+
+  A stand-in `torch` package on the path says whether it was imported (the real one need not be installed).
+  """
+  fake = tmp_path / "site" / "torch"
+  fake.mkdir(parents=True)
+  (fake / "__init__.py").write_text("import sys\nsys.stderr.write('torch imported\\n')\nTensor = object\n")
+  code = ("import sys; from eejax import writers; w = writers.MetricWriter(sys.argv[1]); "
+          "w.write(2, {'train/loss': 0.5}); w.close(); print('torch' in sys.modules); "
+          "import torch; print(torch.Tensor is object)")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w")], cwd=REPO, capture_output=True, text=True,
+                     timeout=120, check=False, env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}:{REPO}"))
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.split() == ["False", "True"] and r.stderr.count("torch imported") == 1, (r.stdout, r.stderr)
+  assert read_events(tmp_path / "w" / "tb") == [(2, "train/loss", 0.5)]
+  # A tensorboardX that cannot do without torch is imported again, with it.
+  needy = tmp_path / "site" / "tensorboardX"
+  needy.mkdir()
+  (needy / "__init__.py").write_text("import torch\nclass SummaryWriter:\n  def __init__(self, *a, **k):\n"
+                                     "    print('needy writer', torch.Tensor is object)\n")
+  code = "import sys; from eejax import writers; writers.MetricWriter(sys.argv[1])"
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "n")], cwd=REPO, capture_output=True, text=True,
+                     timeout=120, check=False, env=dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}:{REPO}"))
+  assert r.returncode == 0 and r.stdout.strip() == "needy writer True", (r.stdout, r.stderr)
