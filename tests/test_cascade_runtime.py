@@ -1,6 +1,7 @@
 """The standalone cascade driver: its decisions against eejax's policies, and the shipped copy run without JAX."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,6 +41,50 @@ def test_a_cascade_of_made_up_stages_decides_as_the_policy_and_runs_only_images_
   np.testing.assert_array_equal(logits_NxC.argmax(-1), want_pred_N)
   assert [n for _, n in seen] == [40] + [int(np.sum(want_exit_N >= k)) for k in range(1, E)][:len(seen) - 1]
   assert len(set(exit_N.tolist())) > 1
+
+
+def test_the_command_answers_chunk_by_chunk_says_how_far_it_is_and_stops_on_ctrl_c(tmp_path, monkeypatch, capsys):
+  """Lines come as each chunk of images is answered, so a long job shows them and Ctrl-C keeps what was answered."""
+  images = np.random.default_rng(1).integers(0, 256, (300, 4, 4, 3), dtype=np.uint8)
+  np.save(tmp_path / "many.npy", images)
+  np.save(tmp_path / "one.npy", images[7])
+  calls = []
+
+  def stage(h_Bx):  # one exit: class = the image's first byte mod C
+    calls.append(len(h_Bx))
+    if stop_at is not None and len(calls) == stop_at:
+      raise KeyboardInterrupt
+    return h_Bx, np.eye(C, dtype=np.float32)[np.asarray(h_Bx)[:, 0, 0, 0] % C]
+  real = cascade_runtime.Cascade
+
+  def made_up(path):
+    del path
+    cascade = real(stages=[stage], policy="max_prob", threshold_ExC=np.zeros((1, C), np.float32))
+    cascade.image_shape, cascade.class_names = (4, 4, 3), []
+    return cascade
+  monkeypatch.setattr(cascade_runtime, "Cascade", made_up)
+  argv = ["cascade.py", "c.json", str(tmp_path / "many.npy"), str(tmp_path / "one.npy")]
+
+  stop_at = None
+  assert cascade_runtime.main(argv, every_s=0.0, chunk=256) == 0
+  out, err = capsys.readouterr()
+  assert calls == [256, 45]  # 301 images in chunks of 256
+  want = [f"{tmp_path / 'many.npy'}[{i}]\tclass {x[0, 0, 0] % C}\texit 1" for i, x in enumerate(images)]
+  assert out.splitlines() == want + [f"{tmp_path / 'one.npy'}\tclass {images[7, 0, 0, 0] % C}\texit 1"]
+  assert re.fullmatch(r"cascade: 256 of 301 images, \d+ images/s", err.strip()), err
+
+  calls.clear()
+  stop_at = 2
+  assert cascade_runtime.main(argv, every_s=60.0, chunk=256) == 130
+  out, err = capsys.readouterr()
+  assert out.splitlines() == want[:256]
+  assert err.strip() == "cascade: stopped (Ctrl-C) after 256 images; the lines above are their answers"
+
+  np.save(tmp_path / "floats.npy", images / 255.0)  # a wrong array anywhere: refused before the first answer
+  calls.clear()
+  assert cascade_runtime.main([*argv, str(tmp_path / "floats.npy")]) == 2
+  out, err = capsys.readouterr()
+  assert not calls and not out and err.startswith("cascade: error: ") and "floats.npy holds float64" in err
 
 
 def test_thresholds_read_back_as_eejax_reads_them():
