@@ -13,18 +13,15 @@ bins, P epochs of a BTS-EE stage.
 
 __version__ = "0.1.0"
 
-_API = ("train_and_evaluate", "load_run", "fit_thresholds", "certify_thresholds", "predict", "export_run", "Run")
-
-
-__all__ = list(_API)
+__all__ = ("train_and_evaluate", "load_run", "fit_thresholds", "certify_thresholds", "predict", "export_run", "Run")
 
 
 def __dir__():  # tab completion in IPython and Colab lists the API before it is imported
-  return sorted({*globals(), *_API})
+  return sorted({*globals(), *__all__})
 
 
 def __getattr__(name):
-  if name in _API:
+  if name in __all__:
     from eejax import api  # pylint: disable=g-import-not-at-top
     return getattr(api, name)
   raise AttributeError(f"module 'eejax' has no attribute {name!r}")

@@ -172,14 +172,18 @@ def image_chunks(paths, image_shape, chunk=1024):
       pending.append(image_HxWx3)
       names.append(name)
       if chunk and len(pending) == chunk:
-        yield np.stack(pending).astype(np.uint8), names
+        yield np.stack(pending), names
         pending, names = [], []
   if pending:
-    yield np.stack(pending).astype(np.uint8), names
+    yield np.stack(pending), names
 
 
 def count_images(paths, image_shape) -> int:
-  """How many images the paths hold, every .npy checked from its header (its data is not read)."""
+  """How many images the paths hold: each must be a file, and each .npy the model's images (read from its header,
+  not its data)."""
+  for path in paths:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"no such file: {path!r}")
   return sum(len(_npy(p, image_shape)[0]) if p.endswith(".npy") else 1 for p in paths)
 
 
@@ -218,11 +222,8 @@ def main(argv, every_s: float = 10.0, chunk: int = 1024) -> int:
     return 2
   done = 0
   try:
-    for path in argv[2:]:  # every input found and every array checked before the first answer
-      if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path!r}")
     cascade = Cascade(argv[1])
-    total = count_images(argv[2:], cascade.image_shape)
+    total = count_images(argv[2:], cascade.image_shape)  # every input found and checked before the first answer
     start = last = time.monotonic()
     for x_BxHxWx3, names in image_chunks(argv[2:], cascade.image_shape, chunk):
       logits_BxC, exit_B = cascade(x_BxHxWx3)

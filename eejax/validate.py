@@ -100,19 +100,17 @@ NUMBERS = (("train.batch_size", at_least_1, "a positive number of images"),
            ("bts.num_thresholds", lambda v: v >= 2, "2 or more candidate thresholds"),
            ("bts.steps_per_call", at_least_1, "1 or more"),
            ("sdn.start_weight", at_least_0, "0 or more"),
-           ("sdn.max_weights", at_least_0, "weights, each 0 or more"))
+           ("sdn.max_weights", at_least_0, "weights, each 0 or more"),
+           # jax's keys take the seed modulo 2**32: seed 2**32 + 5 would silently repeat seed 5's run.
+           ("seed", lambda v: 0 <= v < 2 ** 32 and v == int(v), f"a whole number from 0 to {2 ** 32 - 1}"))
 
 
 def check_numbers(config) -> None:
   for key, ok, what in NUMBERS:
-    section, name = key.split(".")
-    value = config[section].get(name) if section in config else None
+    *section, name = key.split(".")  # "section.name", or "name" at the config's top
+    value = (config[section[0]].get(name) if section[0] in config else None) if section else config.get(name)
     if value is not None and not all(_is_number(v) and ok(v) for v in _entries(value)):
       raise UserError(f"{key}={_shown(value)} must be {what}")
-  seed = config.get("seed", 0)
-  if not (_is_number(seed) and seed == int(seed) and 0 <= seed < 2 ** 32):
-    # jax's keys take the seed modulo 2**32: seed 2**32 + 5 would silently repeat seed 5's run, and -1 seed 2**32 - 1.
-    raise UserError(f"seed={seed!r} must be a whole number from 0 to {2 ** 32 - 1}")
   if config.get("compile_cache_max_gb", 0.0) < 0:
     raise UserError(f"compile_cache_max_gb={config.compile_cache_max_gb!r} must be 0 (no limit) or more gigabytes")
   if config.model.exit_after is not None and not len(config.model.exit_after):

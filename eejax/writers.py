@@ -45,13 +45,13 @@ def _summary_writer():
   sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX takes for "not installed"
   try:
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-  except ImportError:
+    return SummaryWriter
+  except ImportError:  # forget the half-imported package, so the import below starts afresh
     for name in [m for m in sys.modules if m == "tensorboardX" or m.startswith("tensorboardX.")]:
       del sys.modules[name]
+  finally:
     del sys.modules["torch"]
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    return SummaryWriter
-  del sys.modules["torch"]
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   return SummaryWriter
 
 

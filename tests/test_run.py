@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from eejax import data, input_pipeline, run
+from configs import cifar10
+from eejax import data, input_pipeline, run, state, validate
 from eejax.errors import UserError
 
 
@@ -60,8 +61,6 @@ def test_not_a_workdir_and_a_mismatched_run_are_one_line(smoke_run, tmp_path):
 
 def test_an_older_config_json_gets_every_later_key_with_its_neutral_value(tmp_path):
   """A setting added since a run was saved reads as its neutral value, and the filled config is whole again."""
-  from configs import cifar10
-  from eejax import state, validate
   config = cifar10.get_config("smoke")
   older = json.loads(config.to_json_best_effort())
   for key in run.LATER_KEYS:
