@@ -101,6 +101,7 @@ NUMBERS = (("train.batch_size", at_least_1, "a positive number of images"),
            ("bts.steps_per_call", at_least_1, "1 or more"),
            ("sdn.start_weight", at_least_0, "0 or more"),
            ("sdn.max_weights", at_least_0, "weights, each 0 or more"),
+           ("compile_cache_max_gb", at_least_0, "0 (no limit) or more gigabytes"),
            # jax's keys take the seed modulo 2**32: seed 2**32 + 5 would silently repeat seed 5's run.
            ("seed", lambda v: 0 <= v < 2 ** 32 and v == int(v), f"a whole number from 0 to {2 ** 32 - 1}"))
 
@@ -111,8 +112,6 @@ def check_numbers(config) -> None:
     value = (config[section[0]].get(name) if section[0] in config else None) if section else config.get(name)
     if value is not None and not all(_is_number(v) and ok(v) for v in _entries(value)):
       raise UserError(f"{key}={_shown(value)} must be {what}")
-  if config.get("compile_cache_max_gb", 0.0) < 0:
-    raise UserError(f"compile_cache_max_gb={config.compile_cache_max_gb!r} must be 0 (no limit) or more gigabytes")
   if config.model.exit_after is not None and not len(config.model.exit_after):
     raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
                     "(an exit after each stage)")
