@@ -191,7 +191,7 @@ def train_branch(head: Conv1dHead, features_NxD, labels_N, teacher_NxC, in_play_
   in_play_N = np.asarray(in_play_N, bool)
   count = int(in_play_N.sum())
   init_key, data_key, dropout_key = jax.random.split(key, 3)
-  params = head.init(init_key, jnp.zeros((1, 1, 1, features_NxD.shape[1])))["params"]
+  params = _init_fn(head, features_NxD.shape[1])(init_key)
   info = {"train_images": count, "steps": 0}
   if count == 0:
     return params, {**info, "seen": np.zeros(0, np.int64)} if record else info
@@ -217,8 +217,28 @@ def train_branch(head: Conv1dHead, features_NxD, labels_N, teacher_NxC, in_play_
 
 
 @functools.lru_cache(maxsize=None)
+def _init_fn(head: Conv1dHead, num_features: int):
+  return jax.jit(lambda key: head.init(key, jnp.zeros((1, 1, 1, num_features)))["params"])
+
+
+@functools.lru_cache(maxsize=None)
 def _apply_fn(head: Conv1dHead):
   return jax.jit(lambda p, f_NxD: head.apply({"params": p}, f_NxD[:, None, None, :]))
+
+
+@functools.lru_cache(maxsize=None)
+def _max_prob_fn(head: Conv1dHead):
+  """(conf_N, pred_N) of one branch, in one program (op by op, each small step would compile on its own)."""
+  return jax.jit(lambda p, f_NxD: tuple(a[0] for a in policies.max_prob(_apply_fn(head)(p, f_NxD)[None])))
+
+
+@jax.jit
+def _cpm_decisions(logits_ExNxC, threshold_ExC, labels_N, cost_E):
+  """(pred_ExN, exit_N, accuracy, macs) under per-exit, per-class thresholds."""
+  conf_ExN, pred_ExN = policies.max_prob(logits_ExNxC)
+  exit_1xN = policies.first_exit(conf_ExN, pred_ExN, threshold_ExC[None])
+  accuracy_K, macs_K, _ = policies.outcome(exit_1xN, pred_ExN, labels_N, cost_E)
+  return pred_ExN, exit_1xN[0], accuracy_K[0], macs_K[0]
 
 
 def fit_branches(train: Features, val: Features, positions, head_width: int, margin: float, boosted: bool,
@@ -249,14 +269,14 @@ def fit_branches(train: Features, val: Features, positions, head_width: int, mar
                                   jax.random.fold_in(jax.random.key(settings.seed), pos), record=record)
       if memo is not None:
         memo[memo_key] = (params, info)
-    apply = _apply_fn(head)
-    conf_1xN, pred_1xN = policies.max_prob(apply(params, val.pooled[pos - 1])[None])
-    threshold_C, val_exits_N = cpm.cpm_branch(conf_1xN[0], pred_1xN[0], reach_N, val.labels_N, val_ref_pred_N,
+    scored = _max_prob_fn(head)
+    conf_N, pred_N = scored(params, val.pooled[pos - 1])
+    threshold_C, val_exits_N = cpm.cpm_branch(conf_N, pred_N, reach_N, val.labels_N, val_ref_pred_N,
                                               settings.candidates_K, margin, num_classes, settings.cpm,
                                               settings.min_support)
     val_exits_N = np.asarray(val_exits_N)
-    conf_1xN, pred_1xN = policies.max_prob(apply(params, device_train["pooled"][pos - 1])[None])
-    train_exits_N = np.asarray(cpm.cpm_exits(conf_1xN[0], pred_1xN[0], threshold_C)) & in_play_N
+    conf_N, pred_N = jax.device_get(scored(params, device_train["pooled"][pos - 1]))
+    train_exits_N = np.asarray(cpm.cpm_exits(conf_N, pred_N, np.asarray(threshold_C))) & in_play_N
     stage = {"branch": b + 1, "after_block": pos, **{k: v for k, v in info.items() if k != "seen"},
              "val_reaching": int(reach_N.sum()), "val_exits": int(val_exits_N.sum()),
              "train_exits": int(train_exits_N.sum()),
@@ -281,13 +301,11 @@ def evaluate_split(params_list, positions, head_width: int, split: Features, thr
   apply = _apply_fn(head)
   logits_ExNxC = jnp.stack([apply(p, split.pooled[pos - 1]) for p, pos in zip(params_list, positions)]
                            + [jnp.asarray(split.final_logits_NxC)])
-  conf_ExN, pred_ExN = policies.max_prob(logits_ExNxC)
-  exit_1xN = policies.first_exit(conf_ExN, pred_ExN, np.asarray(threshold_ExC)[None])
-  accuracy_K, macs_K, _ = policies.outcome(exit_1xN, pred_ExN, split.labels_N, cost_E)
-  exit_N = np.asarray(exit_1xN)[0]
-  correct_ExN = np.asarray(pred_ExN) == split.labels_N[None]
+  pred_ExN, exit_N, accuracy, macs = jax.device_get(_cpm_decisions(
+      logits_ExNxC, np.asarray(threshold_ExC, np.float32), split.labels_N, np.asarray(cost_E, np.float32)))
+  correct_ExN = pred_ExN == split.labels_N[None]
   shares = np.bincount(exit_N, minlength=len(cost_E)) / len(exit_N)
-  return {"accuracy": float(accuracy_K[0]), "macs": float(macs_K[0]), "exit_share": shares.tolist(),
+  return {"accuracy": float(accuracy), "macs": float(macs), "exit_share": shares.tolist(),
           "exit_accuracy": correct_ExN.mean(-1).tolist(),
           "accuracy_where_taken": [float(correct_ExN[e][exit_N == e].mean()) if (exit_N == e).any() else None
                                    for e in range(len(cost_E))]}

@@ -161,7 +161,7 @@ def calibration_error_report(val, test) -> dict:
   (val_logits, val_labels), (test_logits, test_labels) = val, test
   temperature_E = calibration.fit_temperature(jnp.asarray(val_logits), jnp.asarray(val_labels))
   before = calibration.expected_calibration_error(jnp.asarray(test_logits), jnp.asarray(test_labels))
-  after = calibration.expected_calibration_error(jnp.asarray(test_logits) / temperature_E[:, None, None],
+  after = calibration.expected_calibration_error(np.asarray(test_logits) / np.asarray(temperature_E)[:, None, None],
                                                  jnp.asarray(test_labels))
   return {"temperature": np.asarray(temperature_E).tolist(), "test_ece": np.asarray(before).tolist(),
           "test_ece_scaled": np.asarray(after).tolist()}

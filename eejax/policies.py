@@ -22,6 +22,7 @@ The cost of an image is the cumulative MACs of its answering exit
 (`eejax.flops.ExitMacs.cumulative`), every head tried on the way included.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -77,8 +78,9 @@ class Policy:
   uses_run: bool = False  # the score needs the earlier exits' predictions (patience)
 
   def scores(self, logits_ExBxC):
-    """(score_ExB float32, pred_ExB) of every exit at once."""
-    return self.all_exits(logits_ExBxC)
+    """(score_ExB float32, pred_ExB) of every exit at once: one compiled program per policy and shape where the
+    logits are concrete (op by op, a dozen small programs, each traced and compiled on its own)."""
+    return _scores(self.all_exits, logits_ExBxC)
 
   def exit_score(self, logits_BxC, run_B, prev_pred_B):
     """(score_B, pred_B, run_B) of one exit, given the agreement run and prediction of the exit before."""
@@ -99,6 +101,11 @@ class Policy:
   @property
   def never(self) -> float:
     return float("inf") if self.higher_passes else float("-inf")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _scores(all_exits, logits_ExBxC):
+  return all_exits(logits_ExBxC)
 
 
 MAX_PROB = Policy("max_prob", cascade_runtime.HIGHER_PASSES["max_prob"], max_prob)

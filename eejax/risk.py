@@ -88,7 +88,7 @@ def per_exit_family(score_ExN, hits_ExN, cost_E, policy, num: int = 40) -> np.nd
   policy = policies.get(policy)
   candidates_KxE = calibration.per_exit_candidates(score_ExN, policy.name)
   kept_K, macs_K = (np.asarray(a) for a in jax.device_get(calibration.search(
-      score_ExN, jnp.zeros(score_ExN.shape, jnp.int32), jnp.zeros(score_ExN.shape[1], jnp.int32), cost_E,
+      score_ExN, np.zeros(score_ExN.shape, np.int32), np.zeros(score_ExN.shape[1], np.int32), cost_E,
       candidates_KxE, policy=policy.name, hits_ExB=hits_ExN)))
   never_E = np.full(candidates_KxE.shape[1], policy.never, np.float32)
   budgets = [b for b in np.linspace(1.0, 0.0, num) * float(np.asarray(cost_E)[-1]) if (macs_K <= b).any()]
@@ -114,8 +114,8 @@ def certify_each(logits_ExNxC, labels_N, cost_E, epsilons, delta: float = 0.1, r
   if not 0 < delta < 1 or not all(0 < e < 1 for e in epsilons):
     raise UserError(f"risk tolerances {', '.join(f'{e:g}' for e in epsilons)} and delta {delta:g}: each must lie "
                     "strictly between 0 and 1 (fractions: 0.05 is 5%)")
-  score_ExN, pred_ExN = policy.scores(jnp.asarray(logits_ExNxC))
-  labels_N = jnp.asarray(labels_N)
+  score_ExN, pred_ExN = jax.device_get(policy.scores(jnp.asarray(logits_ExNxC)))  # sliced and compared on the host
+  labels_N = np.asarray(labels_N)
   num_exits, num_classes = np.shape(logits_ExNxC)[0], np.shape(logits_ExNxC)[-1]
   cost_E = np.asarray(cost_E, np.float32)
   test_idx = np.arange(len(labels_N))
@@ -153,9 +153,9 @@ def certify_each(logits_ExNxC, labels_N, cost_E, epsilons, delta: float = 0.1, r
 def risk_of(threshold_ExC, logits_ExNxC, labels_N, cost_E, risk: str, policy="max_prob") -> tuple[float, float]:
   """(risk, mean MACs) of one setting on a split (e.g. test)."""
   policy = policies.get(policy)
-  score_ExN, pred_ExN = policy.scores(jnp.asarray(logits_ExNxC))
-  labels_N = jnp.asarray(labels_N)
-  kept, macs = calibration.search(score_ExN, pred_ExN, labels_N, np.asarray(cost_E, np.float32),
-                                  np.asarray(threshold_ExC)[None], policy=policy.name,
-                                  hits_ExB=hits(pred_ExN, labels_N, risk))
+  score_ExN, pred_ExN = jax.device_get(policy.scores(jnp.asarray(logits_ExNxC)))
+  labels_N = np.asarray(labels_N)
+  kept, macs = jax.device_get(calibration.search(score_ExN, pred_ExN, labels_N, np.asarray(cost_E, np.float32),
+                                                np.asarray(threshold_ExC)[None], policy=policy.name,
+                                                hits_ExB=hits(pred_ExN, labels_N, risk)))
   return 1.0 - float(kept[0]), float(macs[0])
