@@ -20,7 +20,7 @@ import optax
 from eejax import checkpoint, collectives, data, evaluate, history, input_pipeline, run, schemes, sharding, workdirs
 from eejax.errors import UserError
 from eejax.flops import exit_macs
-from eejax.state import TrainState, init_state, make_optimizer, make_schedule, scan_chunk
+from eejax.state import TrainState, compile_ahead, init_state, make_optimizer, make_schedule, scan_chunk
 from eejax.writers import MetricWriter, Progress, on_main_process, say
 
 
@@ -199,7 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               crop_pad=config.data.crop_pad, flip=config.data.flip, batch_sharding=batch_sharded,
                               teacher=None if teacher is None else teacher.forward, schedule=schedule,
                               fixed=fixed)
-  chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last)
+  chunks = {}  # scan length -> jitted function; at most two lengths (the usual and the last, compiled ahead)
   # The validation split is scored at the first chunk boundary on or after every eval.every_epochs epochs.
   eval_every = max(1, round(config.eval.every_epochs * steps_per_epoch)) if config.eval.every_epochs else 0
   predict_fn = evaluate.make_predict_fn(model, mesh)  # one compilation for validation and the final evaluation
@@ -215,6 +215,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     say(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
           f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
     pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
+    tail = (total_steps - step) % per_call  # the last call's length where it is shorter, compiled ahead (or 0)
 
     def pull(pending):  # the metrics of a chunk that has run, if any, to the writer and the progress line
       if pending is None:
@@ -247,6 +248,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         # The steady-state loop never copies from the host: everything the step reads is on the device.
         with jax.transfer_guard_host_to_device(config.train.transfer_guard):
           state, metrics = chunks[n](state, data_dev, keys, frozen)
+        if tail and tail not in chunks:  # while the device runs the chunks before it
+          chunks[tail] = compile_ahead(make_train_chunk(step_fn, tail, replicated), state, data_dev, keys, frozen)
         pull(pending)
         pending, step = (step, metrics), step + n
         stop_now = collectives.any_process(stop.signum is not None)  # every process stops at the same step

@@ -107,3 +107,33 @@ def test_pytorch_init_draws_kernels_and_their_biases_as_pytorch_and_keeps_the_re
   # Same key, same draw; the optimizer state starts from the redrawn parameters.
   again = state.init_state(model, tx, jax.random.key(0), (32, 32, 3), init="pytorch")
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again.params), jax.tree.leaves(torch_state.params)))
+
+
+def test_compile_ahead_compiles_on_another_thread_and_runs_as_the_jitted_chunk_does():
+  import threading  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  threads = []
+
+  def step(carry, x):
+    threads.append(threading.current_thread().name)  # runs while tracing: which thread traced the chunk
+    return carry * 2.0 + x, carry.sum()
+
+  chunk = state.scan_chunk(step, 3, unroll=1)
+  carry, x = jnp.arange(4.0), jnp.float32(1.0)
+  ahead = state.compile_ahead(chunk, carry, x)
+  got_carry, got_metrics = ahead(carry, x)
+  want_carry, want_metrics = chunk(jnp.arange(4.0), x)
+  assert threads == ["eejax-compile-ahead"]  # traced once, on the compiling thread
+  np.testing.assert_array_equal(np.asarray(got_carry), np.arange(4.0) * 8 + 7)  # c -> 2c + 1, three times
+  np.testing.assert_array_equal(np.asarray(got_carry), np.asarray(want_carry))
+  np.testing.assert_array_equal(np.asarray(got_metrics), np.asarray(want_metrics))
+  assert carry.is_deleted()  # donated, as the jitted chunk's carry is
+
+
+def test_compile_ahead_of_a_chunk_that_cannot_compile_raises_its_error_at_the_call():
+  def step(carry, x):
+    raise ValueError("no such step")
+
+  ahead = state.compile_ahead(state.scan_chunk(step, 2, unroll=1), np.zeros(3, np.float32), np.float32(1.0))
+  with pytest.raises(ValueError, match="no such step"):
+    ahead(np.zeros(3, np.float32), np.float32(1.0))
