@@ -229,7 +229,7 @@ def _apply_fn(head: Conv1dHead):
 @functools.lru_cache(maxsize=None)
 def _max_prob_fn(head: Conv1dHead):
   """(conf_N, pred_N) of one branch, in one program (op by op, each small step would compile on its own)."""
-  return jax.jit(lambda p, f_NxD: tuple(a[0] for a in policies.max_prob(_apply_fn(head)(p, f_NxD)[None])))
+  return jax.jit(lambda p, f_NxD: policies.max_prob(_apply_fn(head)(p, f_NxD)))
 
 
 @jax.jit
@@ -275,8 +275,7 @@ def fit_branches(train: Features, val: Features, positions, head_width: int, mar
                                               settings.candidates_K, margin, num_classes, settings.cpm,
                                               settings.min_support)
     val_exits_N = np.asarray(val_exits_N)
-    conf_N, pred_N = jax.device_get(scored(params, device_train["pooled"][pos - 1]))
-    train_exits_N = np.asarray(cpm.cpm_exits(conf_N, pred_N, np.asarray(threshold_C))) & in_play_N
+    train_exits_N = np.asarray(cpm.cpm_exits(*scored(params, device_train["pooled"][pos - 1]), threshold_C)) & in_play_N
     stage = {"branch": b + 1, "after_block": pos, **{k: v for k, v in info.items() if k != "seen"},
              "val_reaching": int(reach_N.sum()), "val_exits": int(val_exits_N.sum()),
              "train_exits": int(train_exits_N.sum()),
