@@ -16,6 +16,10 @@ longest ago go first. A job can add to it while it runs; the next job trims it a
 The commands that read a finished run (`eejax.export`, `eejax.certify`) use that run's folder too
 (`enable_for_run`), where it can be written.
 
+A multi-process job on CPUs runs without the cache where JAX cannot run what it loads from it
+(`cached_collectives_hang`): with jax 0.12.1, a program with cross-process collectives loaded from the cache
+never returns.
+
 JAX writes an entry in place, so a write cut short (a full disk, a killed process) leaves half a file, which
 JAX would then fail to read on every later job, with a warning each time, and never write again. In eejax's
 folder such an entry is removed when JAX reports it, with one line; the job compiles the program and saves
@@ -55,6 +59,8 @@ def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
   current = jax_folder()
   folder = os.path.abspath(os.path.expanduser(path)) if path and not current else None
   trim(folder, max_gb)  # every process of a job comes here, whatever its own folder, for trim's barrier
+  if not jax.config.jax_enable_compilation_cache:  # off by JAX's setting, or by `off_where_loads_hang`
+    return None
   if current:
     return current
   if folder is None:
@@ -68,6 +74,33 @@ def enable(path: str, max_gb: float = DEFAULT_MAX_GB) -> str | None:
     warnings.showwarning = _repairing(warnings.showwarning)
   _repaired_folders.add(folder)
   return folder
+
+
+def cached_collectives_hang(version: str, platform: str, processes: int) -> bool:
+  """Whether a program with cross-process collectives hangs when loaded from the cache: with jax 0.12.1 on CPUs
+  (Gloo), a 2-process job's training step loaded from it never returns, the same job compiling its programs
+  runs; jax 0.10.2 and 0.12.0.1 run both. Releases after 0.12.1 are taken to hang until one is seen not to.
+
+  >>> cached_collectives_hang("0.12.1", "cpu", 2), cached_collectives_hang("0.12.0.1", "cpu", 2)
+  (True, False)
+  """
+  release = tuple(int(part) for part in re.findall(r"\d+", version)[:4])
+  return processes > 1 and platform == "cpu" and release >= (0, 12, 1)
+
+
+def off_where_loads_hang() -> bool:
+  """Switches JAX's persistent cache off for this process where `cached_collectives_hang` (call it once the job
+  is joined, before it compiles); process 0 says so in one line. Returns whether it did."""
+  if not cached_collectives_hang(jax.__version__, jax.default_backend(), jax.process_count()):
+    return False
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()
+  if jax.process_index() == 0:
+    print(f"compile cache off for this job: with jax {jax.__version__}, a multi-process job on CPUs hangs in the "
+          "collectives of programs loaded from the cache; every process compiles its programs", file=sys.stderr,
+          flush=True)
+  return True
 
 
 def trim(folder: str | None, max_gb: float) -> None:

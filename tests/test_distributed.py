@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
 from conftest import REPO, run_main, smoke_args
-from eejax import distributed, workdirs
+from eejax import distributed, workdirs, xla_cache
 from test_faults import _flip_in_latest
 from test_train import _wait_for_checkpoint, params_of
 
@@ -321,10 +322,13 @@ def test_processes_that_share_a_compile_cache_trim_it_once_and_say_so_once(tiny_
   check_finished(results)
   said = [[line for line in err.splitlines() if "compile cache" in line] for _, _, err in results]
   limit = "removed (3.0 MB), to keep it under config.compile_cache_max_gb=0.002"
-  assert said == [[f"compile cache {shared}: the 1 file(s) used longest ago {limit}"], [],
+  off = xla_cache.cached_collectives_hang(jax.__version__, "cpu", 3)  # trimmed all the same, then not used
+  off_line = (f"compile cache off for this job: with jax {jax.__version__}, a multi-process job on CPUs hangs in "
+              "the collectives of programs loaded from the cache; every process compiles its programs")
+  assert said == [[off_line] * off + [f"compile cache {shared}: the 1 file(s) used longest ago {limit}"], [],
                   [f"process 2: compile cache {own}: the 1 file(s) used longest ago {limit}"]], said
   names = os.listdir(shared)
-  assert not any(n.startswith("jit_old") for n in names) and any(n.startswith("jit_") for n in names), names
+  assert not any(n.startswith("jit_old") for n in names) and any(n.startswith("jit_") for n in names) != off, names
   assert os.listdir(own) == []  # JAX writes compiled programs from process 0 only
 
 

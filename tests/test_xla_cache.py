@@ -188,3 +188,25 @@ def test_export_and_certify_use_the_runs_compile_cache_where_it_can_be_written(s
   set_folder("")  # off
   run("eejax.certify")
   assert not folder.exists()
+
+
+def test_the_cache_is_off_only_where_cached_collectives_hang():
+  hang = xla_cache.cached_collectives_hang
+  assert hang("0.12.1", "cpu", 2) and hang("0.12.1", "cpu", 3) and hang("0.13.0", "cpu", 2)
+  assert hang("0.12.1.dev20261201", "cpu", 2)
+  assert not hang("0.12.0.1", "cpu", 2) and not hang("0.12.0", "cpu", 2) and not hang("0.10.2", "cpu", 2)
+  assert not hang("0.12.1", "cpu", 1)  # one process: no collective across processes
+  assert not hang("0.12.1", "gpu", 2) and not hang("0.12.1", "tpu", 4)
+
+
+def test_a_job_with_jaxs_cache_switched_off_leaves_the_folder_alone(tmp_path):
+  """`enable` after JAX's cache was switched off (as `off_where_loads_hang` does) uses no folder and writes none."""
+  folder = str(tmp_path / "c")
+  program = ("import sys, jax; jax.config.update('jax_enable_compilation_cache', False); "
+             "from eejax import xla_cache; print(xla_cache.enable(sys.argv[1])); "
+             "jax.jit(lambda x: x + 1)(1.0).block_until_ready()")
+  r = subprocess.run([sys.executable, "-c", program, folder], capture_output=True, text=True, check=False,
+                     env={**{k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"},
+                          "PYTHONPATH": REPO}, timeout=120)
+  assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr[-2000:]
+  assert not os.path.exists(folder) or os.listdir(folder) == []
