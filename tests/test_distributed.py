@@ -35,6 +35,20 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+_STARTED = []  # every Job's processes, killed after each test where still running
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left():
+  """A test that fails before its job ends (a hung job, say) leaves none of its processes running."""
+  yield
+  while _STARTED:
+    for p in _STARTED.pop():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+
+
 class Job:
   """N processes of `python -m eejax.main ARGS` joined over 127.0.0.1, their output in files."""
 
@@ -47,6 +61,7 @@ class Job:
     port = free_port()
     self.paths = [(os.path.join(logs, f"{i}.out"), os.path.join(logs, f"{i}.err")) for i in range(num_processes)]
     self.procs = []
+    _STARTED.append(self.procs)
     for i, (out, err) in enumerate(self.paths):
       with open(out, "w", encoding="utf-8") as o, open(err, "w", encoding="utf-8") as e:
         self.procs.append(subprocess.Popen(
