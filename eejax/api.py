@@ -32,6 +32,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from eejax import train as loop  # pylint: disable=g-import-not-at-top  # keeps `import eejax` light
     job = loop.train_and_evaluate
   distributed.initialize(distributed.Cluster(from_environment=config.distributed))  # unless the command line did
+  xla_cache.off_where_loads_hang()  # before the first collective, whoever joined the job
   with distributed.watch_peers(workdir):  # a process that fails or goes silent ends the others with one line
     collectives.agree(_paths_problem(config, workdir))
     workdirs.check_shared(workdir)

@@ -28,7 +28,7 @@ import time
 
 import jax
 
-from eejax import checkpoint, writers, xla_cache
+from eejax import checkpoint, writers
 from eejax.errors import UserError, first_line
 
 LOST_PEER_EXIT = 3
@@ -97,7 +97,6 @@ def initialize(cluster: Cluster) -> None:
                     f"--process_id, or run under SLURM, Open MPI or on a TPU pod") from None
   finally:
     watchdog.cancel()
-  xla_cache.off_where_loads_hang()
 
 
 _JOB = {"peer_timeout_s": Cluster.peer_timeout_s, "watches": 0}  # the job this process joined

@@ -88,11 +88,11 @@ def cached_collectives_hang(version: str, platform: str, processes: int) -> bool
   return processes > 1 and platform == "cpu" and release >= (0, 12, 1)
 
 
-def off_where_loads_hang() -> bool:
+def off_where_loads_hang() -> None:
   """Switches JAX's persistent cache off for this process where `cached_collectives_hang` (call it once the job
-  is joined, before it compiles); process 0 says so in one line. Returns whether it did."""
+  is joined, before it compiles); process 0 says so in one line."""
   if not cached_collectives_hang(jax.__version__, jax.default_backend(), jax.process_count()):
-    return False
+    return
   from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
   compilation_cache.reset_cache()
@@ -100,7 +100,6 @@ def off_where_loads_hang() -> bool:
     print(f"compile cache off for this job: with jax {jax.__version__}, a multi-process job on CPUs hangs in the "
           "collectives of programs loaded from the cache; every process compiles its programs", file=sys.stderr,
           flush=True)
-  return True
 
 
 def trim(folder: str | None, max_gb: float) -> None:
