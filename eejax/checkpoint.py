@@ -15,11 +15,14 @@ single-process run, so `StopSignal` records the signal and the training loop
 saves and leaves at the next chunk boundary.
 """
 import contextlib
+import functools
 import hashlib
 import json
+import logging as std_logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -58,10 +61,47 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
   started = set(threading.enumerate())
   with _quiet():
     try:
-      _save(mngr, step, state, folder)
+      with _stray_writes_dropped():
+        _save(mngr, step, state, folder)
     except UserError:
       _wind_down(started)
       raise
+
+
+@contextlib.contextmanager
+def _stray_writes_dropped():
+  """What the writes of a failed save say as they end, after the save has failed, is dropped: with
+  orbax-checkpoint 0.12, each write still in flight when the save's event loop closed ends in an unraisable
+  `RuntimeError: Event loop is closed` (a traceback each, before eejax's one line), and each failed write that
+  nobody awaited is logged by asyncio as the process exits ("Task exception was never retrieved", or Future's,
+  or _GatheringFuture's), after it.
+  The hook is undone after a save that succeeds; after one that fails it stays, since the writes end later."""
+  previous = sys.unraisablehook
+  if getattr(previous, "func", None) is not _unraisable_unless_closed_loop:  # not already there from a failed save
+    sys.unraisablehook = functools.partial(_unraisable_unless_closed_loop, previous)
+  hook = sys.unraisablehook
+  try:
+    yield
+  except BaseException:
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if _unretrieved_failed_write not in asyncio_logger.filters:
+      asyncio_logger.addFilter(_unretrieved_failed_write)
+    raise
+  if sys.unraisablehook is hook:  # (unless the caller set another meanwhile)
+    sys.unraisablehook = previous
+
+
+def _unraisable_unless_closed_loop(previous, unraisable) -> None:
+  e = unraisable.exc_value
+  if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+    previous(unraisable)
+
+
+def _unretrieved_failed_write(record: std_logging.LogRecord) -> bool:
+  """False (drop it) for asyncio's line on a task whose failed write, an OS error, nobody awaited."""
+  e = record.exc_info[1] if record.exc_info else None
+  first = str(record.msg).split("\n", 1)[0]
+  return not (first.endswith(" exception was never retrieved") and e is not None and _is_os_error(e))
 
 
 def _wind_down(started: set, timeout_s: float = 10.0) -> None:

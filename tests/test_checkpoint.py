@@ -1,6 +1,10 @@
 """Checkpoint save/restore, corrupt checkpoints, and the signal guard."""
+import asyncio
+import gc
+import logging
 import os
 import signal
+import sys
 import time
 
 import jax.numpy as jnp
@@ -154,6 +158,66 @@ def test_a_failed_saves_own_threads_end_quiet_before_the_error(tmp_path, monkeyp
   assert not stragglers[0].is_alive()  # joined before the error left save()
   time.sleep(0.2)
   assert "straggler" not in capfd.readouterr().err
+
+
+def test_the_writes_a_failed_save_leaves_in_flight_end_without_a_word(tmp_path, monkeypatch, caplog):
+  """As orbax-checkpoint 0.12 fails on a full disk: writes still in flight end on the save's closed event loop
+  (an unraisable `RuntimeError: Event loop is closed` each), and failed writes that nobody awaited are logged by
+  asyncio when collected, at the process's exit. Neither shows; any other unraisable or asyncio line still does."""
+  unraisable = []
+  monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+  loop = asyncio.new_event_loop()
+  unawaited = []
+
+  class Write:
+    def __init__(self, error):
+      self.error = error
+
+    def __del__(self):  # raising here is what Python hands to sys.unraisablehook
+      if self.error is None:
+        loop.call_soon_threadsafe(print)  # the loop is closed: RuntimeError('Event loop is closed')
+      raise self.error
+
+  def fails(error):
+    future = loop.create_future()
+    future.set_exception(error)
+    return future
+
+  def full(step, args, force):
+    del step, args, force
+    loop.close()
+    Write(None)  # ends at once, on the closed loop
+    unawaited.extend([fails(ValueError("RESOURCE_EXHAUSTED: No space left on device [os_error_code='28']")),
+                      fails(OSError(28, "No space left on device"))])
+    raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device [os_error_code='28']")
+  mngr = checkpoint.manager(str(tmp_path))
+  monkeypatch.setattr(mngr, "save", full)
+  try:
+    with pytest.raises(UserError, match="No space left on device"):
+      checkpoint.save(mngr, 10, {"w": jnp.arange(8.0)})
+    hook = sys.unraisablehook
+    with pytest.raises(UserError):  # a second failed save in the same process keeps the one hook
+      checkpoint.save(mngr, 11, {"w": jnp.arange(8.0)})
+    assert sys.unraisablehook is hook
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      unawaited.clear()  # collected after the error, as at the exit
+      gc.collect()
+      assert not unraisable and not caplog.records
+      Write(KeyError("anything else"))
+      unawaited.append(fails(RuntimeError("not a full disk")))
+      unawaited.clear()
+      gc.collect()
+    assert [type(u.exc_value) for u in unraisable] == [KeyError]
+    assert [r.getMessage().splitlines()[0] for r in caplog.records] == ["Future exception was never retrieved"]
+    assert "not a full disk" in str(caplog.records[0].exc_info[1])
+  finally:
+    logging.getLogger("asyncio").removeFilter(checkpoint._unretrieved_failed_write)  # pylint: disable=protected-access
+
+
+def test_a_save_that_succeeds_leaves_the_unraisable_hook_as_it_was(tmp_path):
+  before = sys.unraisablehook
+  checkpoint.save(checkpoint.manager(str(tmp_path)), 1, {"w": jnp.arange(8.0)})
+  assert sys.unraisablehook is before
 
 
 def test_restore_from_a_folder_without_checkpoints(tmp_path):
