@@ -8,8 +8,14 @@ import numpy as np
 import pytest
 
 from configs import cifar10
-from eejax import data, input_pipeline, run, state, validate
+from conftest import make_tree, run_main, smoke_args
+from eejax import data, evaluate, input_pipeline, run, sharding, state, validate
 from eejax.errors import UserError
+
+# A finished run written by an earlier release (tests/data/write_old_run.py; versions.json says which jax, flax and
+# orbax-checkpoint wrote it), with the logits it gave on its tree's test images then.
+OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old_run")
+OLD_TREE = {"per_class": (32, 8), "size": 16}  # the tree it was trained on: write_old_run.TREE
 
 
 def test_run_json_holds_the_model_and_the_training_images_statistics(smoke_run):
@@ -47,6 +53,33 @@ def test_an_older_workdir_loads_with_its_statistics_computed_once(smoke_run, tmp
   jax.tree.map(np.testing.assert_array_equal, before.variables, after.variables)
   run.load_run(old)
   assert "computing them once" not in capsys.readouterr().out  # saved the first time
+
+
+def test_a_run_an_earlier_release_wrote_loads_and_answers_as_it_did_then(tmp_path):
+  """Its whole training state (parameters, BatchNorm statistics, momentum) restores on this stack, whatever jax,
+  flax and orbax-checkpoint it runs, and its variables give the logits they gave when written."""
+  workdir = shutil.copytree(OLD_RUN, tmp_path / "w")
+  expected = np.load(os.path.join(OLD_RUN, "expected.npz"))
+  test_NxHxWx3 = make_tree(str(tmp_path / "tree"), **OLD_TREE)["test"][0]
+  loaded = run.load_run(str(workdir))
+  mean_C, std_C = loaded.spec.stats
+  logits_ExNxC = evaluate.predict(evaluate.make_predict_fn(loaded.model, sharding.make_mesh()), loaded.variables,
+                                  test_NxHxWx3, mean_C, std_C, batch_size=len(test_NxHxWx3))
+  assert loaded.step == int(expected["step"]) and logits_ExNxC.shape == expected["logits_ExNxC"].shape
+  np.testing.assert_allclose(logits_ExNxC, expected["logits_ExNxC"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_run_an_earlier_release_wrote_resumes_where_it_stopped(tmp_path):
+  """Its identity still matches the same command's, so an upgrade never turns a run into 'a different run'."""
+  workdir = str(shutil.copytree(OLD_RUN, tmp_path / "w"))
+  tree = str(tmp_path / "tree")
+  make_tree(tree, **OLD_TREE)
+  step = int(np.load(os.path.join(OLD_RUN, "expected.npz"))["step"])
+  r = run_main(smoke_args(tree, workdir, "", "--config.eval.real_inference=False", "--config.log.tensorboard=False",
+                          "--config.train.epochs=2"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resuming from {workdir} at step {step}" in r.stdout
+  assert run.load_run(workdir).step == 2 * step
 
 
 def test_not_a_workdir_and_a_mismatched_run_are_one_line(smoke_run, tmp_path):
