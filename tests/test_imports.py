@@ -1,5 +1,6 @@
 """No import cycle: the package's import graph (function-level imports included) is acyclic, and every module
-imports on its own in dependency order, each in a fresh interpreter state."""
+imports on its own in dependency order, each in a fresh interpreter state; the accelerator extras install JAX's
+build for their accelerator."""
 import ast
 import os
 import subprocess
@@ -55,3 +56,17 @@ def test_the_import_graph_has_no_cycle_and_every_module_imports_in_that_order():
   code = "import importlib, sys\nfor m in sys.argv[1:]:\n  importlib.import_module(m)\nprint('ok', len(sys.argv) - 1)"
   r = subprocess.run([sys.executable, "-c", code, *order], cwd=REPO, capture_output=True, text=True, check=False)
   assert r.returncode == 0 and r.stdout.startswith("ok"), r.stderr[-2000:]
+
+
+def test_the_accelerator_extras_name_extras_this_jax_declares():
+  """`pip install -e '.[cuda13]'` (or cuda12, tpu) installs JAX's build for that accelerator: each is jax[NAME], and
+  the installed jax declares NAME. pip only warns on an extra a package lacks and installs plain, CPU-only jax."""
+  import tomllib  # pylint: disable=g-import-not-at-top
+  from importlib import metadata  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+    extras = tomllib.load(f)["project"]["optional-dependencies"]
+  accelerators = {name: reqs for name, reqs in extras.items() if any(r.startswith("jax[") for r in reqs)}
+  assert sorted(accelerators) == ["cuda12", "cuda13", "tpu"]
+  declared = set(metadata.metadata("jax").get_all("Provides-Extra"))
+  for name, reqs in accelerators.items():
+    assert reqs == [f"jax[{name}]"] and name in declared, (name, reqs)
