@@ -217,9 +217,21 @@ def _restore_step(mngr, step: int, abstract_state):
   except Exception as e:  # orbax raises many types for corrupt or mismatched checkpoints
     where = os.path.join(str(mngr.directory), str(step))
     raise UserError(
-        f"cannot restore the checkpoint {where} ({e.__class__.__name__}: {first_line(e)}). "
+        f"cannot restore the checkpoint {where} ({e.__class__.__name__}: {_restore_problem(e)}). "
         f"It is corrupt or was written by a different model config; move that folder away to resume "
         f"from an earlier checkpoint, or use a new --workdir") from None
+
+
+def _restore_problem(e: Exception, limit: int = 400) -> str:
+  """The error's first line; for orbax's tree mismatch also where the trees differ, on the same line, e.g.
+  'tree structures do not match: opt_state: this config builds (<class 'list'>, 3) against the checkpoint's ...'."""
+  lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+  if "structures do not match" not in (lines or [""])[0]:
+    return first_line(e)
+  where = [line.replace("- Source:", "this config builds").replace("- Target:", "against the checkpoint's")
+           for line in lines[1:] if not line.startswith("If this mismatch")]
+  text = " ".join(lines[:1] + where)
+  return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def restore_from_workdir(workdir: str, abstract_state):

@@ -220,6 +220,19 @@ def test_a_save_that_succeeds_leaves_the_unraisable_hook_as_it_was(tmp_path):
   assert sys.unraisablehook is before
 
 
+def test_a_checkpoint_of_another_shape_says_where_it_differs(tmp_path):
+  """An optimizer or model changed since the save: the one line names the part that differs and both shapes."""
+  rep = sharding.replicated(sharding.make_mesh())
+  saved = {"params": {"w": jnp.arange(8.0)}, "opt_state": [jnp.zeros(2), jnp.zeros(3)]}
+  checkpoint.save(checkpoint.manager(str(tmp_path)), 5, saved)
+  grown = {"params": {"w": jnp.arange(8.0)}, "opt_state": [jnp.zeros(2), jnp.zeros(3), jnp.zeros(1)]}
+  with pytest.raises(UserError) as e:
+    checkpoint.restore(checkpoint.manager(str(tmp_path)), checkpoint.as_abstract(grown, rep))
+  assert ("tree structures do not match: opt_state: this config builds (<class 'list'>, 3) against the "
+          "checkpoint's (<class 'list'>, 2)). It is corrupt or was written by a different model config") in str(e.value)
+  assert "\n" not in str(e.value) and "partial_restore" not in str(e.value)
+
+
 def test_restore_from_a_folder_without_checkpoints(tmp_path):
   with pytest.raises(UserError, match="no checkpoints"):
     checkpoint.restore_from_workdir(str(tmp_path), {})
