@@ -65,10 +65,14 @@ def val_logits(run) -> tuple[np.ndarray, np.ndarray]:
     say(f"{path} holds the logits of step {step}, not of the checkpoint loaded (step {run.step}): computing them "
         f"again")
   ds = data.from_config(run.config.data)
+  return run_logits(run, ds.val.images_NxHxWx3, what="validation logits"), ds.val.labels_N
+
+
+def run_logits(run, images_NxHxWx3, batch_size: int | None = None, what: str = "evaluating") -> np.ndarray:
+  """logits_ExNxC of a loaded run's variables on uint8 images, in batches of its eval.batch_size by default."""
   mean_C, std_C = run.spec.stats
-  predict_fn = make_predict_fn(run.model, sharding.make_mesh())
-  return predict(predict_fn, run.variables, ds.val.images_NxHxWx3, mean_C, std_C, run.config.eval.batch_size,
-                 "validation logits"), ds.val.labels_N
+  return predict(make_predict_fn(run.model, sharding.make_mesh()), run.variables, images_NxHxWx3, mean_C, std_C,
+                 batch_size or run.config.eval.batch_size, what)
 
 
 def exit_accuracy(logits_ExNxC, labels_N) -> np.ndarray:

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax import (calibration, cascade_runtime, data, evaluate, export_onnx, export_tflite, export_verify, inference,
-                   input_pipeline, latex, policies, sharding, thresholds, workdirs, xla_cache)
+                   input_pipeline, latex, policies, thresholds, workdirs, xla_cache)
 from eejax.cli import fail, guarded, parse_flags
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -140,8 +140,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   calibration_NxHxWx3 = None  # read first, so a missing training split fails before any export
   if any(f in CALIBRATED for f in formats) and export_tflite.available() is None:
     calibration_NxHxWx3 = data.sample_images(run.config.data, calibration_images, "train")
-  reference_NxExC = evaluate.predict(evaluate.make_predict_fn(model, sharding.make_mesh()), variables, images, mean_C,
-                                     std_C, run.config.eval.batch_size).transpose(1, 0, 2)
+  reference_NxExC = evaluate.run_logits(run, images).transpose(1, 0, 2)
   images = images[:, None]
   if threshold_ExC is None:
     threshold_ExC, source = run_threshold(run, policy, budget)

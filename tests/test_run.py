@@ -9,13 +9,18 @@ import pytest
 
 from configs import cifar10
 from conftest import make_tree, run_main, smoke_args
-from eejax import data, evaluate, input_pipeline, run, sharding, state, validate
+from eejax import data, evaluate, input_pipeline, run, state, validate
 from eejax.errors import UserError
 
 # A finished run written by an earlier release (tests/data/write_old_run.py; versions.json says which jax, flax and
 # orbax-checkpoint wrote it), with the logits it gave on its tree's test images then.
 OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old_run")
-OLD_TREE = {"per_class": (32, 8), "size": 16}  # the tree it was trained on: write_old_run.TREE
+
+
+def old_run_tree(root: str):
+  """expected.npz of the old run, and the tree it was trained on made again at `root` ({split: (images, labels)})."""
+  expected = np.load(os.path.join(OLD_RUN, "expected.npz"))
+  return expected, make_tree(root, per_class=tuple(int(n) for n in expected["per_class"]), size=int(expected["size"]))
 
 
 def test_run_json_holds_the_model_and_the_training_images_statistics(smoke_run):
@@ -59,12 +64,10 @@ def test_a_run_an_earlier_release_wrote_loads_and_answers_as_it_did_then(tmp_pat
   """Its whole training state (parameters, BatchNorm statistics, momentum) restores on this stack, whatever jax,
   flax and orbax-checkpoint it runs, and its variables give the logits they gave when written."""
   workdir = shutil.copytree(OLD_RUN, tmp_path / "w")
-  expected = np.load(os.path.join(OLD_RUN, "expected.npz"))
-  test_NxHxWx3 = make_tree(str(tmp_path / "tree"), **OLD_TREE)["test"][0]
+  expected, splits = old_run_tree(str(tmp_path / "tree"))
+  test_NxHxWx3 = splits["test"][0]
   loaded = run.load_run(str(workdir))
-  mean_C, std_C = loaded.spec.stats
-  logits_ExNxC = evaluate.predict(evaluate.make_predict_fn(loaded.model, sharding.make_mesh()), loaded.variables,
-                                  test_NxHxWx3, mean_C, std_C, batch_size=len(test_NxHxWx3))
+  logits_ExNxC = evaluate.run_logits(loaded, test_NxHxWx3, batch_size=len(test_NxHxWx3))
   assert loaded.step == int(expected["step"]) and logits_ExNxC.shape == expected["logits_ExNxC"].shape
   np.testing.assert_allclose(logits_ExNxC, expected["logits_ExNxC"], rtol=1e-4, atol=1e-4)
 
@@ -73,8 +76,8 @@ def test_a_run_an_earlier_release_wrote_resumes_where_it_stopped(tmp_path):
   """Its identity still matches the same command's, so an upgrade never turns a run into 'a different run'."""
   workdir = str(shutil.copytree(OLD_RUN, tmp_path / "w"))
   tree = str(tmp_path / "tree")
-  make_tree(tree, **OLD_TREE)
-  step = int(np.load(os.path.join(OLD_RUN, "expected.npz"))["step"])
+  expected, _ = old_run_tree(tree)
+  step = int(expected["step"])
   r = run_main(smoke_args(tree, workdir, "", "--config.eval.real_inference=False", "--config.log.tensorboard=False",
                           "--config.train.epochs=2"))
   assert r.returncode == 0, r.stderr[-3000:]

@@ -5,7 +5,7 @@ later jax, flax and orbax-checkpoint) is checked to load it, answer as it did, a
 
 The run is the smoke preset on the tests' own tiny tree (conftest.make_tree, 3 classes, 16x16), one epoch. Kept:
 config.json, run.json, identity.json and the last checkpoint; expected.npz holds the logits its variables gave on
-that tree's test images when it was written, and versions.json what wrote it.
+that tree's test images when it was written, its step and the tree's arguments, and versions.json what wrote it.
 """
 import json
 import os
@@ -19,11 +19,11 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path[:0] = [REPO, os.path.join(REPO, "tests")]
 import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
-from eejax import checkpoint, evaluate, sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from eejax import checkpoint, evaluate  # pylint: disable=g-import-not-at-top,wrong-import-position
 from eejax.run import load_run  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 OUT = os.path.join(REPO, "tests", "data", "old_run")
-TREE = {"per_class": (32, 8), "size": 16}  # conftest.make_tree's arguments, also used by the tests that resume it
+TREE = {"per_class": (32, 8), "size": 16}  # conftest.make_tree's arguments, saved in expected.npz for the tests
 ARGS = ["--config.eval.real_inference=False", "--config.log.tensorboard=False", "--config.train.epochs=1"]
 
 
@@ -48,10 +48,8 @@ def main() -> None:
     last = checkpoint.steps(os.path.join(workdir, "checkpoints"))[-1]
     shutil.copytree(os.path.join(workdir, "checkpoints", str(last)), os.path.join(OUT, "checkpoints", str(last)))
   run = load_run(OUT)
-  mean_C, std_C = run.spec.stats
-  logits_ExNxC = evaluate.predict(evaluate.make_predict_fn(run.model, sharding.make_mesh()), run.variables,
-                                  test_NxHxWx3, mean_C, std_C, batch_size=len(test_NxHxWx3))
-  np.savez(os.path.join(OUT, "expected.npz"), logits_ExNxC=logits_ExNxC, step=run.step)
+  logits_ExNxC = evaluate.run_logits(run, test_NxHxWx3, batch_size=len(test_NxHxWx3))
+  np.savez(os.path.join(OUT, "expected.npz"), logits_ExNxC=logits_ExNxC, step=run.step, **TREE)
   with open(os.path.join(OUT, "versions.json"), "w", encoding="utf-8") as f:
     json.dump(versions(), f, indent=1)
   print(f"{OUT}: step {run.step}, logits {logits_ExNxC.shape}, {versions()}")
