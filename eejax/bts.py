@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from eejax import boosted, checkpoint, collectives, data, report, thresholds, workdirs
+from eejax import boosted, collectives, data, report, signals, thresholds, workdirs
 from eejax.boosted import Features
 from eejax.errors import UserError
 from eejax.flops import exit_macs
@@ -224,7 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if on_main_process():  # every process of a multi-process job computes the same; process 0 writes
     workdirs.save_config(workdir, config)
   modes = MODES if bts.baseline else MODES[:1]
-  stop = checkpoint.StopSignal()
+  stop = signals.StopSignal()
 
   def save(name, model, variables, threshold_ExC, row):
     path = os.path.join(workdir, "models", name)
@@ -235,7 +235,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if on_main_process():
       workdirs.write_json(os.path.join(path, "row.json"), row, indent=None, default=_plain)  # last: marks it done
     if collectives.any_process(stop.signum is not None):
-      raise checkpoint.Stopped(stop.signum or signal.SIGTERM, 0, workdir, where=f"after saving models/{name}")
+      raise signals.Stopped(stop.signum or signal.SIGTERM, 0, workdir, where=f"after saving models/{name}")
 
   def finished(name):
     path = os.path.join(workdir, "models", name, "row.json")

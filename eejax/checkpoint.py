@@ -1,4 +1,4 @@
-"""Checkpoints (one orbax CheckpointManager per workdir), verified on every restore, and clean stops on signals.
+"""Checkpoints (one orbax CheckpointManager per workdir), verified on every restore.
 
 Every saved step carries `eejax.sha256.json`: the SHA-256 of each file orbax
 wrote. A restore checks them first; a step whose files differ (one flipped
@@ -9,10 +9,7 @@ written before checksums existed is restored as it is.
 
 A save that fails (a full disk, a read-only file system) leaves no half-written
 step behind and ends in one line; the steps saved before it stay whole.
-
-Orbax saves and restores; it does not react to SIGTERM or Ctrl-C in a
-single-process run, so `StopSignal` records the signal and the training loop
-saves and leaves at the next chunk boundary.
+Stopping cleanly on a signal is `eejax.signals`.
 """
 import contextlib
 import functools
@@ -21,7 +18,6 @@ import json
 import logging as std_logging
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -275,44 +271,3 @@ def _is_os_error(e: BaseException) -> bool:
 def as_abstract(tree, sharding):
   """ShapeDtypeStructs of `tree` (arrays or structs) with `sharding`, for restore."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
-
-
-class StopSignal:
-  """Context manager: SIGTERM or the first Ctrl-C sets `.signum` instead of killing.
-
-  A second Ctrl-C raises KeyboardInterrupt as usual. Handlers are only
-  installed from the main thread; elsewhere this is a no-op.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self._previous = {}
-
-  def __enter__(self):
-    try:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-    except ValueError:  # not the main thread
-      pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.signum is not None and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.signum = signum
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
-
-
-class Stopped(Exception):
-  """Training stopped on a signal after saving a checkpoint; rerun to resume."""
-
-  def __init__(self, signum: int, step: int, workdir: str, where: str | None = None):
-    where = where or f"at step {step}; checkpoint saved"
-    super().__init__(f"stopped by {signal.Signals(signum).name} {where} in {workdir}; "
-                     f"run the same command again to resume")
-    self.exit_code = 128 + signum

@@ -212,7 +212,7 @@ def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None
 
 
 def _stopped(e: Exception) -> int | None:
-  """The exit status of a clean stop on a signal (`eejax.checkpoint.Stopped`), else None."""
+  """The exit status of a clean stop on a signal (`eejax.signals.Stopped`), else None."""
   return getattr(e, "exit_code", None) if e.__class__.__name__ == "Stopped" else None
 
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import checkpoint, collectives, data, evaluate, history, input_pipeline, run, schemes, sharding, workdirs
+from eejax import checkpoint, collectives, data, evaluate, history, input_pipeline, run, schemes, sharding, signals, workdirs
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, compile_ahead, init_state, make_optimizer, make_schedule, scan_chunk
@@ -236,7 +236,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       progress.refresh()
       return val_logits if step == total_steps else None
 
-    with checkpoint.StopSignal() as stop:
+    with signals.StopSignal() as stop:
       # A stop that landed on a validation boundary saved without validating: the resumed run does it first.
       if eval_every and step and collectives.any_process(
           on_main_process() and history.missed(history.read(workdir), step, eval_every, total_steps)):
@@ -267,7 +267,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           # A signal that came during the last save stops the run too, before the evaluation.
           if stop_now or (step == total_steps and collectives.any_process(stop.signum is not None)):
             where = None if stop.signum else f"(sent to another process of the job) at step {step}; checkpoint saved"
-            raise checkpoint.Stopped(stop.signum or signal.SIGTERM, step, workdir, where)
+            raise signals.Stopped(stop.signum or signal.SIGTERM, step, workdir, where)
     progress.close()  # before the evaluation's lines
     images_per_s = progress.images_per_second(step)
 

@@ -1,9 +1,8 @@
-"""Checkpoint save/restore, corrupt checkpoints, and the signal guard."""
+"""Checkpoint save/restore, corrupt checkpoints, failed saves."""
 import asyncio
 import gc
 import logging
 import os
-import signal
 import sys
 import time
 
@@ -236,21 +235,3 @@ def test_a_checkpoint_of_another_shape_says_where_it_differs(tmp_path):
 def test_restore_from_a_folder_without_checkpoints(tmp_path):
   with pytest.raises(UserError, match="no checkpoints"):
     checkpoint.restore_from_workdir(str(tmp_path), {})
-
-
-def test_stop_signal_records_sigterm_and_restores_handlers():
-  before = signal.getsignal(signal.SIGTERM)
-  with checkpoint.StopSignal() as stop:
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert stop.signum == signal.SIGTERM
-  assert signal.getsignal(signal.SIGTERM) is before
-  err = checkpoint.Stopped(signal.SIGTERM, 12, "/w")
-  assert err.exit_code == 143 and "step 12" in str(err) and "again to resume" in str(err)
-
-
-def test_second_ctrl_c_interrupts():
-  with checkpoint.StopSignal() as stop:
-    os.kill(os.getpid(), signal.SIGINT)
-    assert stop.signum == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
-      os.kill(os.getpid(), signal.SIGINT)

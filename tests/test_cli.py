@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from eejax import checkpoint, cli
+from eejax import cli, signals
 from eejax.errors import UserError
 
 
@@ -42,7 +42,7 @@ def test_each_expected_failure_is_one_line_with_its_status(capsys, monkeypatch):
   assert code == 2 and err.startswith("eejax: error: Permission denied: /w. Fix its permissions or choose a writable")
   code, err = ends(_raise(KeyboardInterrupt()), capsys, monkeypatch=monkeypatch)
   assert code == 130 and "interrupted (Ctrl-C)" in err
-  code, err = ends(_raise(checkpoint.Stopped(15, 40, "/w")), capsys)
+  code, err = ends(_raise(signals.Stopped(15, 40, "/w")), capsys)
   assert code == 143 and err == "eejax: stopped by SIGTERM at step 40; checkpoint saved in /w; run the same command again to resume"
 
 

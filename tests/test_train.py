@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, read_events, run_main, smoke_args
 from configs import cifar10
-from eejax import checkpoint, history, run, state, train
+from eejax import history, run, signals, state, train
 from eejax.errors import UserError
 
 
@@ -129,7 +129,7 @@ def test_a_stop_at_a_validation_boundary_validates_first_on_resume(tiny_tree, tm
 
   monkeypatch.setattr(train, "make_train_chunk", stopping)
   config, workdir = smoke_config(tiny_tree, str(tmp_path / "c")), str(tmp_path / "w")
-  with pytest.raises(checkpoint.Stopped, match="stopped by SIGTERM at step 6"):
+  with pytest.raises(signals.Stopped, match="stopped by SIGTERM at step 6"):
     train.train_and_evaluate(config, workdir)
   assert history.series(history.read(workdir), "val/epoch")[0].tolist() == []
   monkeypatch.undo()
