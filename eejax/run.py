@@ -11,6 +11,7 @@ training data, with a line saying so, and saved.
 """
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -23,13 +24,48 @@ from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.models import resnet
 from eejax.models.multi_exit import DTYPES
-from eejax.writers import on_main_process
+from eejax.writers import on_main_process, say
 
 # Config keys added after the first runs were saved: an older config.json gets them with their neutral value.
 LATER_KEYS = {"model.head_dropout": 0.0, "model.exit_grad_scale": 1.0, "train.grad_clip": 0.0,
               "train.transfer_guard": "disallow", "data.test_split": "test",
               "data.mirror": "", "eval.every_epochs": 0.0, "train.init": "flax",
               "train.optimizer": "sgd", "train.weight_decay_on": "kernels"}
+
+
+# What may differ when a run resumes: how the job runs, where it finds its inputs (the data is checked by its
+# fingerprint; a teacher or backbone may have moved), how it evaluates, saves and logs, and how long it trains (a
+# line says so). Never how it trains.
+RESUMES_WITH_ANY = ("train.epochs", "init_from", "distributed", "compile_cache_dir", "compile_cache_max_gb", "data.source",
+                    "data.mirror", "data.cache_dir", "data.tfds_data_dir", "data.download", "train.steps_per_call",
+                    "train.transfer_guard", "erde.teacher", "ic_only.backbone", "eval.", "checkpoint.", "log.")
+SCHEME_SECTIONS = ("erde", "mate", "byot", "sdn", "ic_only", "bts")  # each read by its scheme alone
+
+
+def check_resume(workdir: str, config) -> None:
+  """A run resumes only with the settings it was started with that shape its training (BTS-EE's runs likewise):
+  another batch size, schedule, optimizer, augmentation or loss would train the rest differently from its start,
+  and config.json would then record settings its first steps never had. Another train.epochs goes on to that
+  length, with a line: the schedule is recomputed for it from the saved step. A workdir without checkpoints
+  starts over."""
+  saved = os.path.join(workdir, "config.json")
+  if not (checkpoint.steps(os.path.join(workdir, "checkpoints")) and os.path.exists(saved)):
+    return
+
+  def shapes_training(key: str) -> bool:
+    section = key.split(".")[0]
+    return not (key.startswith(RESUMES_WITH_ANY) or (section in SCHEME_SECTIONS and section != config.scheme))
+
+  before = _with_later_keys(workdirs.read_json(saved))
+  what = workdirs.differences(json.loads(before.to_json_best_effort()), json.loads(config.to_json_best_effort()),
+                              shapes_training)
+  if what:
+    raise UserError(f"{workdir} holds a run started with other training settings ({what}). Nothing in it was "
+                    f"changed: resume it with the settings in its config.json, or train on from its weights with "
+                    f"these in a new --workdir, with --config.init_from={workdir}")
+  if before.train.epochs != config.train.epochs:
+    say(f"train.epochs {before.train.epochs} -> {config.train.epochs}: this run goes on to {config.train.epochs} "
+        f"epochs from its last checkpoint, its learning rate following the schedule of that length from there")
 
 
 def model_settings(model_cfg, ensemble_teachers: bool = False) -> dict:
@@ -130,7 +166,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, "run.json"))):
     raise UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give the --workdir of a run")
-  config = ml_collections.ConfigDict(workdirs.read_json(path))
+  return _with_later_keys(workdirs.read_json(path))
+
+
+def _with_later_keys(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config.json as a ConfigDict, the keys added since it was written given their neutral value."""
+  config = ml_collections.ConfigDict(saved)
   for key, value in LATER_KEYS.items():
     section, name = key.split(".")
     if section in config and name not in config[section]:

@@ -164,6 +164,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   # Nothing in the workdir is touched before it is known to hold this run, or none.
   workdirs.check_identity(workdir, workdirs.identity(config, spec.model, ds.num_classes, workdirs.fingerprint(
       ds.train.images_NxHxWx3, ds.train.labels_N)))
+  run.check_resume(workdir, config)
   if on_main_process():
     run.save_run(workdir, config, spec)
 

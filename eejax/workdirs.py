@@ -129,10 +129,8 @@ def check_identity(workdir: str, mine: dict) -> None:
   path = os.path.join(workdir, IDENTITY)
   theirs = read_json(path) if os.path.exists(path) else _older_identity(workdir)
   if theirs is not None:
-    differences = [f"{key}: {_show(theirs, key)} there, {_show(mine, key)} here"
-                   for key in _keys(mine) if key in _keys(theirs) and _get(theirs, key) != _get(mine, key)]
-    if differences:
-      what = "; ".join(differences[:4]) + ("; ..." if len(differences) > 4 else "")
+    what = differences(theirs, mine)
+    if what:
       raise UserError(f"{workdir} holds another run ({what}). Nothing in it was changed: give this run a new "
                       f"--workdir, or the settings of the run there to resume it")
   if on_main_process() and not os.path.exists(path):
@@ -150,6 +148,13 @@ def _older_identity(workdir: str) -> dict | None:
   return {"scheme": config.get("scheme"), "seed": config.get("seed"),
           "model": {"arch": model.get("name"), "width": model.get("width"), "head": model.get("head")},
           "data": {k: config.get("data", {}).get(k) for k in DATA_KEYS}}
+
+
+def differences(theirs: dict, mine: dict, compared=lambda key: True) -> str:
+  """'key: X there, Y here; ...' for the leaves (dotted keys) both trees hold that differ, at most four; '' if none."""
+  found = [f"{key}: {_show(theirs, key)} there, {_show(mine, key)} here" for key in _keys(mine)
+           if compared(key) and key in _keys(theirs) and _get(theirs, key) != _get(mine, key)]
+  return "; ".join(found[:4]) + ("; ..." if len(found) > 4 else "")
 
 
 def _keys(tree: dict, prefix: str = "") -> list[str]:

@@ -190,7 +190,7 @@ def test_rerunning_a_finished_run_retrains_nothing_and_changes_nothing(smoke_mas
   assert tree_digest(os.path.join(workdir, "checkpoints")) == before
 
 
-def test_another_model_or_dataset_is_refused_and_the_finished_run_stays_whole(finished, tmp_path):
+def test_another_model_dataset_or_recipe_is_refused_and_the_finished_run_stays_whole(finished, tmp_path):
   tree, workdir, exported = finished
   other_tree = str(tmp_path / "other")
   make_tree(other_tree, per_class=(32, 8), size=16, seed=1)
@@ -199,7 +199,10 @@ def test_another_model_or_dataset_is_refused_and_the_finished_run_stays_whole(fi
   for extra, words in ((["--config.model.width=0.5"], "model.width: 0.25 there, 0.5 here"),
                        (["--config.model.head=pool_conv"], 'model.head: "linear" there, "pool_conv" here'),
                        (["--config.train.init=pytorch"], 'init: "flax" there, "pytorch" here'),
-                       (["--config.data.source=folder:" + other_tree], "data_fingerprint")):
+                       (["--config.data.source=folder:" + other_tree], "data_fingerprint"),
+                       (["--config.train.learning_rate=0.1"], "train.learning_rate: 0.05 there, 0.1 here"),
+                       (["--config.train.batch_size=8", "--config.data.crop_pad=0"],
+                        "data.crop_pad: 4 there, 0 here; train.batch_size: 16 there, 8 here")):
     args = smoke_args(tree, workdir, "", NO_INFERENCE, *extra)
     check_clean(run_main(args), 2, words)
     assert tree_digest(workdir) == before

@@ -12,7 +12,7 @@ from conftest import make_tree, run_main, smoke_args
 from eejax import data, evaluate, input_pipeline, run, state, validate
 from eejax.errors import UserError
 
-# A finished run written by an earlier release (tests/data/write_old_run.py; versions.json says which jax, flax and
+# A run stopped part-way, written by an earlier release (tests/data/write_old_run.py; versions.json says which jax, flax and
 # orbax-checkpoint wrote it), with the logits it gave on its tree's test images then.
 OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old_run")
 
@@ -79,10 +79,10 @@ def test_a_run_an_earlier_release_wrote_resumes_where_it_stopped(tmp_path):
   expected, _ = old_run_tree(tree)
   step = int(expected["step"])
   r = run_main(smoke_args(tree, workdir, "", "--config.eval.real_inference=False", "--config.log.tensorboard=False",
-                          "--config.train.epochs=2"))
+                          "--config.train.epochs=2"))  # the settings it was started with (its config.json)
   assert r.returncode == 0, r.stderr[-3000:]
   assert f"resuming from {workdir} at step {step}" in r.stdout
-  assert run.load_run(workdir).step == 2 * step
+  assert step < int(expected["end_step"]) == run.load_run(workdir).step  # where the run that wrote it ended
 
 
 def test_not_a_workdir_and_a_mismatched_run_are_one_line(smoke_run, tmp_path):
@@ -112,3 +112,80 @@ def test_an_older_config_json_gets_every_later_key_with_its_neutral_value(tmp_pa
   assert set(loaded.train.keys()) == set(config.train.keys()) and set(loaded.model.keys()) == set(config.model.keys())
   validate.check_config(loaded)
   state.make_optimizer(loaded.train, state.make_schedule(loaded.train, steps_per_epoch=4))
+
+
+def _started(workdir, config, steps=(5,)) -> str:
+  """A workdir as a run of `config` leaves it once it has saved `steps`."""
+  run.workdirs.save_config(str(workdir), config)
+  for step in steps:
+    os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
+  return str(workdir)
+
+
+def test_a_run_resumes_only_with_the_settings_that_shaped_its_training(tmp_path):
+  workdir = _started(tmp_path / "w", cifar10.get_config("smoke"))
+  again = cifar10.get_config("smoke")
+  again.train.batch_size, again.data.flip = 8, False
+  with pytest.raises(UserError) as e:
+    run.check_resume(workdir, again)
+  assert str(e.value) == (
+      f"{workdir} holds a run started with other training settings (data.flip: true there, false here; "
+      f"train.batch_size: 16 there, 8 here). Nothing in it was changed: resume it with the settings in its "
+      f"config.json, or train on from its weights with these in a new --workdir, with --config.init_from={workdir}")
+  for key, value in (("train.warmup_epochs", 0.5), ("train.learning_rate", 0.1), ("train.schedule", "step"),
+                     ("train.optimizer", "adam"), ("train.label_smoothing", 0.1), ("data.crop_pad", 0),
+                     ("train.exit_weights", (1.0, 1.0, 2.0)), ("model.head_dropout", 0.5)):
+    changed = cifar10.get_config("smoke")
+    changed.update_from_flattened_dict({key: value})
+    with pytest.raises(UserError, match=f"{key}: "):
+      run.check_resume(workdir, changed)
+
+
+def test_how_a_run_is_found_evaluated_saved_and_logged_may_change_when_it_resumes(tmp_path):
+  workdir = _started(tmp_path / "w", cifar10.get_config("smoke"))
+  again = cifar10.get_config("smoke")
+  again.update_from_flattened_dict({
+      "data.source": "folder:/moved/tree", "data.cache_dir": "", "compile_cache_dir": "", "init_from": "/other",
+      "train.steps_per_call": 7, "train.transfer_guard": "log", "eval.batch_size": 8, "eval.every_epochs": 0.0,
+      "eval.budgets": (0.5,), "checkpoint.every_steps": 3, "checkpoint.max_to_keep": 5, "log.every_s": 30.0,
+      "erde.temperature": 1.0, "mate.kd_weight": 2.0, "bts.epochs": 1.0})  # other schemes' settings: not read
+  run.check_resume(workdir, again)
+  erde = cifar10.get_config("erde")
+  erde_workdir = _started(tmp_path / "erde", erde)
+  erde.erde.teacher = "/teacher/moved"  # by path: a teacher that moved is still the teacher
+  run.check_resume(erde_workdir, erde)
+  erde.erde.temperature = 1.0  # the scheme's own settings shape its training
+  with pytest.raises(UserError, match="erde.temperature: 4.0 there, 1.0 here"):
+    run.check_resume(erde_workdir, erde)
+
+
+def test_a_run_resumed_to_another_length_says_so(tmp_path, capsys):
+  workdir = _started(tmp_path / "w", cifar10.get_config("smoke"))
+  run.check_resume(workdir, cifar10.get_config("smoke"))
+  assert capsys.readouterr().out == ""
+  longer = cifar10.get_config("smoke")
+  longer.train.epochs = 5
+  run.check_resume(workdir, longer)
+  assert capsys.readouterr().out == ("train.epochs 2 -> 5: this run goes on to 5 epochs from its last checkpoint, "
+                                     "its learning rate following the schedule of that length from there\n")
+
+
+def test_a_workdir_without_checkpoints_starts_over_with_any_settings(tmp_path):
+  workdir = _started(tmp_path / "w", cifar10.get_config("smoke"), steps=())
+  os.makedirs(os.path.join(workdir, "checkpoints", "5.orbax-checkpoint-tmp-1"))  # a save that never finished
+  again = cifar10.get_config("smoke")
+  again.train.batch_size = 8
+  run.check_resume(workdir, again)
+
+
+def test_an_older_config_json_compares_with_the_neutral_values_of_later_keys(tmp_path):
+  workdir = _started(tmp_path / "w", cifar10.get_config("smoke"))
+  path = os.path.join(workdir, "config.json")
+  saved = json.load(open(path))
+  del saved["train"]["grad_clip"], saved["train"]["optimizer"]  # written before those settings existed
+  json.dump(saved, open(path, "w"))
+  run.check_resume(workdir, cifar10.get_config("smoke"))
+  clipped = cifar10.get_config("smoke")
+  clipped.train.grad_clip = 1.0
+  with pytest.raises(UserError, match="train.grad_clip: 0.0 there, 1.0 here"):
+    run.check_resume(workdir, clipped)
