@@ -50,23 +50,44 @@ def expand(argument: str) -> tuple[str, list[str]]:
 
 
 def load(workdir: str) -> dict:
-  """The run's report.json, with its seed from config.json (None when absent)."""
+  """The run's report.json, with its config.json as "config" and its seed (None when absent)."""
   path = os.path.join(workdir, "report.json")
   if not os.path.exists(path):
     raise UserError(f"{workdir} has no report.json: not a finished run (run it to the end, or leave it out)")
   try:
     with open(path, encoding="utf-8") as f:
       report = json.load(f)
-    seed = None
+    config = None
     if os.path.exists(os.path.join(workdir, "config.json")):
       with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        seed = json.load(f).get("seed")
+        config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise UserError(f"{workdir}: a damaged report.json or config.json ({e}); run its command again to write "
                     "them anew") from None
   if not isinstance(report, dict) or not report.get("exits"):
     raise UserError(f"{path} is not an eejax run report (no per-exit accuracies)")
-  return {**report, "seed": seed, "workdir": workdir}
+  return {**report, "config": config, "seed": None if config is None else config.get("seed"), "workdir": workdir}
+
+
+def check_pooled(label: str, runs: list[dict]) -> None:
+  """A group is one run over seeds: its runs' settings that bear on what they train and report must agree (how
+  each job ran aside, `workdirs.RUNS_ANY_WAY`), and no seed may come twice: the same seed trains the same run, and
+  pooling it twice would narrow the spread."""
+  configured = [r for r in runs if r["config"] is not None]
+  first = configured[0] if configured else None
+  for r in configured[1:]:
+    what = workdirs.differences(first["config"], r["config"],
+                                lambda key: key != "seed" and workdirs.shapes_result(key, r["config"].get("scheme")),
+                                words=(f"in {first['workdir']}", f"in {r['workdir']}"))
+    if what:
+      raise UserError(f"group {label!r} pools runs that differ in more than their seed ({what}); give each its "
+                      f"own group")
+  by_seed = {}
+  for r in runs:
+    if r["seed"] is not None and r["seed"] in by_seed:
+      raise UserError(f"group {label!r} holds seed {r['seed']} twice ({by_seed[r['seed']]} and {r['workdir']}): the "
+                      f"same seed trains the same run, and pooling it twice would narrow the spread; leave one out")
+    by_seed[r["seed"]] = r["workdir"]
 
 
 def figures(report: dict, policy: str) -> dict:
@@ -113,6 +134,7 @@ def compare(groups: list[tuple[str, list[str]]], policy: str = "max_prob") -> di
     if len(kinds) > 1:
       raise UserError(f"group {label!r} pools runs of different models or data: {sorted(kinds, key=str)}; "
                       "give each its own group")
+    check_pooled(label, runs)
     lacking = [r for r in runs if policy not in r.get("policies", {})]
     if lacking:
       raise UserError(f"{lacking[0]['workdir']}'s report has no policy {policy!r}: give --policy one of "

@@ -33,13 +33,9 @@ LATER_KEYS = {"model.head_dropout": 0.0, "model.exit_grad_scale": 1.0, "train.gr
               "train.optimizer": "sgd", "train.weight_decay_on": "kernels"}
 
 
-# What may differ when a run resumes: how the job runs, where it finds its inputs (the data is checked by its
-# fingerprint; a teacher or backbone may have moved), how it evaluates, saves and logs, and how long it trains (a
-# line says so). Never how it trains.
-RESUMES_WITH_ANY = ("train.epochs", "init_from", "distributed", "compile_cache_dir", "compile_cache_max_gb", "data.source",
-                    "data.mirror", "data.cache_dir", "data.tfds_data_dir", "data.download", "train.steps_per_call",
-                    "train.transfer_guard", "erde.teacher", "ic_only.backbone", "eval.", "checkpoint.", "log.")
-SCHEME_SECTIONS = ("erde", "mate", "byot", "sdn", "ic_only", "bts")  # each read by its scheme alone
+# What may differ when a run resumes besides how the job runs (workdirs.RUNS_ANY_WAY): how long it trains (a line
+# says so), where it starts when it has no checkpoint, and how it is evaluated. Never how it trains.
+RESUMES_WITH_ANY = workdirs.RUNS_ANY_WAY + ("train.epochs", "init_from", "eval.")
 
 
 def check_resume(workdir: str, config) -> None:
@@ -51,14 +47,9 @@ def check_resume(workdir: str, config) -> None:
   saved = os.path.join(workdir, "config.json")
   if not (checkpoint.steps(os.path.join(workdir, "checkpoints")) and os.path.exists(saved)):
     return
-
-  def shapes_training(key: str) -> bool:
-    section = key.split(".")[0]
-    return not (key.startswith(RESUMES_WITH_ANY) or (section in SCHEME_SECTIONS and section != config.scheme))
-
   before = _with_later_keys(workdirs.read_json(saved))
   what = workdirs.differences(json.loads(before.to_json_best_effort()), json.loads(config.to_json_best_effort()),
-                              shapes_training)
+                              lambda key: workdirs.shapes_result(key, config.scheme, RESUMES_WITH_ANY))
   if what:
     raise UserError(f"{workdir} holds a run started with other training settings ({what}). Nothing in it was "
                     f"changed: resume it with the settings in its config.json, or train on from its weights with "

@@ -31,6 +31,14 @@ from eejax.writers import on_main_process
 
 IDENTITY = "identity.json"
 DATA_KEYS = ("image_size", "max_images", "val_size", "val_seed", "test_split")
+# Settings (dotted prefixes) that change how a job runs or where it finds its inputs, never what it computes: the
+# data is known by its fingerprint, a teacher or backbone by its path (it may move, and each seed may have its own).
+RUNS_ANY_WAY = ("data.source", "data.mirror", "data.cache_dir", "data.tfds_data_dir", "data.download",
+                "compile_cache_dir", "compile_cache_max_gb", "distributed", "train.steps_per_call",
+                "train.transfer_guard", "erde.teacher", "ic_only.backbone", "bts.backbone", "checkpoint.", "log.",
+                "eval.batch_size", "eval.real_inference")
+SECTION_SCHEMES = {"erde": "erde", "mate": "mate", "byot": "byot", "sdn": "sdn", "ic_only": "ic_only",
+                   "bts": "boosted"}  # a config section read by one scheme alone
 
 
 def check_path(path: str, what: str, flag: str) -> None:
@@ -150,11 +158,18 @@ def _older_identity(workdir: str) -> dict | None:
           "data": {k: config.get("data", {}).get(k) for k in DATA_KEYS}}
 
 
-def differences(theirs: dict, mine: dict, compared=lambda key: True) -> str:
+def differences(theirs: dict, mine: dict, compared=lambda key: True, words=("there", "here")) -> str:
   """'key: X there, Y here; ...' for the leaves (dotted keys) both trees hold that differ, at most four; '' if none."""
-  found = [f"{key}: {_show(theirs, key)} there, {_show(mine, key)} here" for key in _keys(mine)
+  found = [f"{key}: {_show(theirs, key)} {words[0]}, {_show(mine, key)} {words[1]}" for key in _keys(mine)
            if compared(key) and key in _keys(theirs) and _get(theirs, key) != _get(mine, key)]
   return "; ".join(found[:4]) + ("; ..." if len(found) > 4 else "")
+
+
+def shapes_result(key: str, scheme: str, free: tuple = RUNS_ANY_WAY) -> bool:
+  """Whether the setting `key` (dotted) bears on what a run of `scheme` trains and reports, the prefixes in `free`
+  aside; another scheme's section never does."""
+  section = key.split(".")[0]
+  return not (key.startswith(free) or SECTION_SCHEMES.get(section, scheme) != scheme)
 
 
 def _keys(tree: dict, prefix: str = "") -> list[str]:

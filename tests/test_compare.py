@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from configs import cifar10
 from conftest import REPO, TINY_RUN, make_tree
 from eejax import compare
 from eejax.errors import UserError
 
 
-def fake_run(folder, seed, final, model="resnet8", early=0.5, fits_25=False):
-  """A finished run's report.json and config.json, with made-up figures."""
+def fake_run(folder, seed, final, model="resnet8", early=0.5, fits_25=False, config=None):
+  """A finished run's report.json and config.json (`config` and its seed), with made-up figures."""
   os.makedirs(folder)
   fitted = [{"budget": b, "per_exit": {"test_accuracy": final - 0.1 + b / 10, "test_macs_fraction": b + 0.01 * seed,
                                        "fits_budget_on_val": b > 0.25 or fits_25}} for b in (0.25, 0.5)]
@@ -25,7 +26,7 @@ def fake_run(folder, seed, final, model="resnet8", early=0.5, fits_25=False):
   with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
     json.dump(report, f)
   with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-    json.dump({"seed": seed}, f)
+    json.dump({**(config or {}), "seed": seed}, f)
 
 
 def test_figures_summaries_and_the_interval_against_scipy(tmp_path):
@@ -85,6 +86,43 @@ def test_mistakes_are_user_errors(tmp_path):
   (tmp_path / "bad" / "report.json").write_text("{\"exits\": [")
   with pytest.raises(UserError, match="damaged report.json"):
     compare.compare([compare.expand(str(tmp_path / "bad"))])
+
+
+def test_a_group_pools_one_run_over_seeds_and_each_seed_once(tmp_path):
+  smoke = json.loads(cifar10.get_config("smoke").to_json_best_effort())
+
+  def settings(**changes):
+    config = json.loads(json.dumps(smoke))
+    for key, value in changes.items():
+      section, name = key.split("__")
+      config[section][name] = value
+    return config
+
+  fake_run(str(tmp_path / "a" / "0"), 0, 0.8, config=smoke)
+  fake_run(str(tmp_path / "a" / "1"), 1, 0.8, config=settings(
+      data__source="folder:/elsewhere", erde__teacher="/t1", checkpoint__every_steps=7, eval__batch_size=8,
+      train__steps_per_call=5, mate__kd_weight=3.0))  # how each job ran, and settings a joint run never reads
+  assert len(compare.compare([compare.expand(f"a={tmp_path}/a/*")])["groups"][0]["runs"]) == 2
+  fake_run(str(tmp_path / "a" / "2"), 2, 0.8, config=settings(train__epochs=30, train__learning_rate=0.4))
+  with pytest.raises(UserError) as e:
+    compare.compare([compare.expand(f"a={tmp_path}/a/*")])
+  assert str(e.value) == (
+      f"group 'a' pools runs that differ in more than their seed (train.epochs: 2 in {tmp_path}/a/0, 30 in "
+      f"{tmp_path}/a/2; train.learning_rate: 0.05 in {tmp_path}/a/0, 0.4 in {tmp_path}/a/2); give each its own group")
+  for key, value in (("eval__budgets", [0.5]), ("data__val_seed", 1), ("init_from", "/w")):
+    fake_run(str(tmp_path / key / "0"), 0, 0.8, config=smoke)
+    changed = {**smoke, key: value} if "__" not in key else settings(**{key: value})
+    fake_run(str(tmp_path / key / "1"), 1, 0.8, config=changed)
+    with pytest.raises(UserError, match=f"{key.replace('__', '.')}: "):
+      compare.compare([compare.expand(f"g={tmp_path}/{key}/*")])
+  fake_run(str(tmp_path / "twice" / "0"), 3, 0.8, config=smoke)
+  fake_run(str(tmp_path / "twice" / "1"), 3, 0.8, config=smoke)
+  with pytest.raises(UserError, match=rf"group 't' holds seed 3 twice \({tmp_path}/twice/0 and {tmp_path}/twice/1\)"):
+    compare.compare([compare.expand(f"t={tmp_path}/twice/*")])
+  for seed in (0, 1):  # runs written before config.json: nothing to compare, no seed to count
+    fake_run(str(tmp_path / "old" / str(seed)), seed, 0.8)
+    os.remove(tmp_path / "old" / str(seed) / "config.json")
+  assert [r["seed"] for r in compare.compare([compare.expand(f"o={tmp_path}/old/*")])["groups"][0]["runs"]] == [None] * 2
 
 
 def write_history(folder, steps, accuracies, epochs_per_step=0.2):
