@@ -57,6 +57,7 @@ def prepare(config, log=say) -> Backbone:
     raise UserError("scheme=boosted needs --config.bts.backbone=WORKDIR, the workdir of a finished eejax run "
                     "(e.g. one of configs/cifar10.py:cpu); its backbone is frozen and its final exit is the reference")
   bb = load_run(path)
+  bb.check_finished("backbone")
   for key in ("val_size", "val_seed", "max_images", "test_split"):
     ours, theirs = config.data[key], bb.config.data[key]
     if ours != theirs:

@@ -121,6 +121,16 @@ class Run:
   spec: RunSpec
   step: int | None = None  # the checkpoint step the variables come from
 
+  def check_finished(self, role: str) -> None:
+    """A teacher or backbone is a finished run: its report.json is of the step loaded. One stopped part-way, or
+    still training in another job, would otherwise teach from half-trained weights without a word."""
+    path = os.path.join(self.workdir, "report.json")
+    reported = workdirs.read_json(path).get("step", self.step) if os.path.exists(path) else None  # older: no step
+    if reported != self.step:
+      raise UserError(f"the {role} in {self.workdir} has not finished training: its latest checkpoint is step "
+                      f"{self.step}, {'and it has no report' if reported is None else f'its report of step {reported}'}"
+                      f"; run its command to the end first (or wait for the job training it)")
+
 
 def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpec:
   """The spec of a new run on `ds`: the channel statistics come from its training images, once."""

@@ -189,3 +189,32 @@ def test_an_older_config_json_compares_with_the_neutral_values_of_later_keys(tmp
   clipped.train.grad_clip = 1.0
   with pytest.raises(UserError, match="train.grad_clip: 0.0 there, 1.0 here"):
     run.check_resume(workdir, clipped)
+
+
+def test_a_teacher_or_backbone_must_have_finished_training(smoke_run, tmp_path):
+  from eejax import bts  # pylint: disable=g-import-not-at-top
+  from eejax.schemes import erde, ic_only  # pylint: disable=g-import-not-at-top
+  _, _, finished = smoke_run
+  workdir = str(shutil.copytree(finished, tmp_path / "w"))
+  loaded = run.load_run(workdir)
+  loaded.check_finished("teacher")  # its report is of its last step
+  report = os.path.join(workdir, "report.json")
+  saved = json.load(open(report))
+  json.dump({**saved, "step": loaded.step - 4}, open(report, "w"))  # its checkpoint is past its report: training on
+  with pytest.raises(UserError) as e:
+    loaded.check_finished("teacher")
+  assert str(e.value) == (f"the teacher in {workdir} has not finished training: its latest checkpoint is step "
+                          f"{loaded.step}, its report of step {loaded.step - 4}; run its command to the end first "
+                          f"(or wait for the job training it)")
+  os.remove(report)  # stopped before its end
+  config = cifar10.get_config("smoke")
+  config.erde.teacher = config.ic_only.backbone = config.bts.backbone = workdir
+  heads = type("State", (), {"params": {"heads_0": {}, "heads_1": {}}})
+  for role, use in (("teacher", lambda: erde.teacher(config, None, None, None)),
+                    ("backbone", lambda: ic_only.init(config, heads, None, None)),
+                    ("backbone", lambda: bts.prepare(config))):
+    with pytest.raises(UserError, match=f"the {role} in {workdir} has not finished training: its latest checkpoint "
+                                        f"is step {loaded.step}, and it has no report;"):
+      use()
+  json.dump({k: v for k, v in saved.items() if k != "step"}, open(report, "w"))  # written before reports named it
+  loaded.check_finished("teacher")

@@ -26,6 +26,7 @@ def teacher(config, model, spec, mesh) -> Teacher:
   if not path:
     raise UserError("scheme=erde needs --config.erde.teacher=WORKDIR, the workdir of a trained teacher run")
   run = load_run(path, mesh)
+  run.check_finished("teacher")
   run.spec.check_matches(spec.num_classes, spec.image_shape, "teacher", path)
   pairing = None if config.erde.pairing is None else tuple(config.erde.pairing)
   try:

@@ -56,6 +56,7 @@ def init(config, state, spec, mesh):
     raise UserError("scheme=ic_only trains the exits before the last, and this model has one exit; place some with "
                     "--config.model.exit_after, e.g. 1,2,3 for a ResNet-8")
   run = load_run(path, mesh)
+  run.check_finished("backbone")
   run.spec.check_matches(spec.num_classes, spec.image_shape, "backbone", path)
   variables = copy_backbone(run.variables, {"params": state.params, "batch_stats": state.batch_stats},
                             run.model.num_exits, num_exits, path)
