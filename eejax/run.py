@@ -41,15 +41,18 @@ RESUMES_WITH_ANY = workdirs.RUNS_ANY_WAY + ("train.epochs", "init_from", "eval."
 def check_resume(workdir: str, config) -> None:
   """A run resumes only with the settings it was started with that shape its training (BTS-EE's runs likewise):
   another batch size, schedule, optimizer, augmentation or loss would train the rest differently from its start,
-  and config.json would then record settings its first steps never had. Another train.epochs goes on to that
-  length, with a line: the schedule is recomputed for it from the saved step. A workdir without checkpoints
-  starts over."""
+  and config.json would then record settings its first steps never had. More train.epochs go on to that length,
+  with a line: the schedule is recomputed for it from the saved step; fewer are refused (a run past the new end
+  would be reported as the shorter run). A workdir without checkpoints starts over."""
   saved = os.path.join(workdir, "config.json")
   if not (checkpoint.steps(os.path.join(workdir, "checkpoints")) and os.path.exists(saved)):
     return
   before = _with_later_keys(workdirs.read_json(saved))
   what = workdirs.differences(json.loads(before.to_json_best_effort()), json.loads(config.to_json_best_effort()),
                               lambda key: workdirs.shapes_result(key, config.scheme, RESUMES_WITH_ANY))
+  if config.train.epochs < before.train.epochs:
+    what = "; ".join(filter(None, [f"train.epochs: {before.train.epochs} there, {config.train.epochs} here, and a "
+                                   f"run only grows longer", what]))
   if what:
     raise UserError(f"{workdir} holds a run started with other training settings ({what}). Nothing in it was "
                     f"changed: resume it with the settings in its config.json, or train on from its weights with "

@@ -159,7 +159,7 @@ def test_how_a_run_is_found_evaluated_saved_and_logged_may_change_when_it_resume
     run.check_resume(erde_workdir, erde)
 
 
-def test_a_run_resumed_to_another_length_says_so(tmp_path, capsys):
+def test_a_run_resumed_to_more_epochs_says_so_and_to_fewer_is_refused(tmp_path, capsys):
   workdir = _started(tmp_path / "w", cifar10.get_config("smoke"))
   run.check_resume(workdir, cifar10.get_config("smoke"))
   assert capsys.readouterr().out == ""
@@ -168,6 +168,11 @@ def test_a_run_resumed_to_another_length_says_so(tmp_path, capsys):
   run.check_resume(workdir, longer)
   assert capsys.readouterr().out == ("train.epochs 2 -> 5: this run goes on to 5 epochs from its last checkpoint, "
                                      "its learning rate following the schedule of that length from there\n")
+  shorter = cifar10.get_config("smoke")
+  shorter.train.epochs, shorter.train.batch_size = 1, 8  # it may be past the shorter end already
+  with pytest.raises(UserError, match=r"other training settings \(train.epochs: 2 there, 1 here, and a run only "
+                                      r"grows longer; train.batch_size: 16 there, 8 here\)"):
+    run.check_resume(workdir, shorter)
 
 
 def test_a_workdir_without_checkpoints_starts_over_with_any_settings(tmp_path):
