@@ -202,6 +202,9 @@ def _check_same_run(config, workdir: str) -> None:
   if not os.path.exists(path):
     return
   before = workdirs.read_json(path)
+  if before.get("scheme", config.scheme) != config.scheme:
+    raise UserError(f"{workdir} holds a {before['scheme']} run, not a BTS-EE one. Nothing in it was changed: give "
+                    f"this job its own --workdir")
   now = json.loads(config.to_json_best_effort())
   before.setdefault("bts", {})
   for key, value in LEGACY_BTS.items():  # a run saved before the setting existed used its old behaviour

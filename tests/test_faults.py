@@ -206,6 +206,10 @@ def test_another_model_dataset_or_recipe_is_refused_and_the_finished_run_stays_w
     args = smoke_args(tree, workdir, "", NO_INFERENCE, *extra)
     check_clean(run_main(args), 2, words)
     assert tree_digest(workdir) == before
+  bts = run_main(["--config", "configs/cifar10.py:bts", f"--workdir={workdir}", f"--config.bts.backbone={workdir}",
+                  f"--config.data.source=folder:{tree}", "--config.data.max_images=96", "--config.data.val_size=16"])
+  check_clean(bts, 2, f"{workdir} holds a joint run, not a BTS-EE one. Nothing in it was changed")
+  assert tree_digest(workdir) == before
   for a, b in zip(params(workdir), params_before):
     np.testing.assert_array_equal(a, b)
   out = export(workdir, tmp_path / "export")
