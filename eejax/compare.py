@@ -66,6 +66,9 @@ def load(workdir: str) -> dict:
                     "them anew") from None
   if not isinstance(report, dict) or not report.get("exits"):
     raise UserError(f"{path} is not an eejax run report (no per-exit accuracies)")
+  if config is not None and not isinstance(config, dict):
+    raise UserError(f"{workdir}/config.json is not an eejax config (not a JSON object); run its command again to "
+                    f"write it anew")
   return {**report, "config": config, "seed": None if config is None else config.get("seed"), "workdir": workdir}
 
 

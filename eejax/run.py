@@ -128,7 +128,8 @@ class Run:
     """A teacher or backbone is a finished run: its report.json is of the step loaded. One stopped part-way, or
     still training in another job, would otherwise teach from half-trained weights without a word."""
     path = os.path.join(self.workdir, "report.json")
-    reported = workdirs.read_json(path).get("step", self.step) if os.path.exists(path) else None  # older: no step
+    report = workdirs.read_json(path) if os.path.exists(path) else None
+    reported = report.get("step", self.step) if isinstance(report, dict) else None  # older reports: no step
     if reported != self.step:
       raise UserError(f"the {role} in {self.workdir} has not finished training: its latest checkpoint is step "
                       f"{self.step}, {'and it has no report' if reported is None else f'its report of step {reported}'}"

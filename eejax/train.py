@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eejax import checkpoint, collectives, data, evaluate, history, input_pipeline, run, schemes, sharding, signals, workdirs
+from eejax import (checkpoint, collectives, data, evaluate, history, input_pipeline, run, schemes, sharding, signals,
+                   workdirs)
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.state import TrainState, compile_ahead, init_state, make_optimizer, make_schedule, scan_chunk

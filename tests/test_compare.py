@@ -86,6 +86,10 @@ def test_mistakes_are_user_errors(tmp_path):
   (tmp_path / "bad" / "report.json").write_text("{\"exits\": [")
   with pytest.raises(UserError, match="damaged report.json"):
     compare.compare([compare.expand(str(tmp_path / "bad"))])
+  fake_run(str(tmp_path / "list"), 0, 0.8)
+  (tmp_path / "list" / "config.json").write_text("[1]")
+  with pytest.raises(UserError, match=r"list/config.json is not an eejax config \(not a JSON object\)"):
+    compare.compare([compare.expand(str(tmp_path / "list"))])
 
 
 def test_a_group_pools_one_run_over_seeds_and_each_seed_once(tmp_path):

@@ -223,3 +223,6 @@ def test_a_teacher_or_backbone_must_have_finished_training(smoke_run, tmp_path):
       use()
   json.dump({k: v for k, v in saved.items() if k != "step"}, open(report, "w"))  # written before reports named it
   loaded.check_finished("teacher")
+  json.dump([], open(report, "w"))  # not a report at all
+  with pytest.raises(UserError, match="and it has no report;"):
+    loaded.check_finished("teacher")
