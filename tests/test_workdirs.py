@@ -166,3 +166,15 @@ def test_logits_are_written_whole_and_a_damaged_file_is_one_line(tmp_path, monke
     workdirs.read_npz(path, ("other", "test_logits"))
   with pytest.raises(UserError, match="missing.npz is missing: a finished run writes it"):
     workdirs.read_npz(str(tmp_path / "missing.npz"))
+
+
+def test_which_settings_shape_a_runs_result():
+  shapes = workdirs.shapes_result
+  assert shapes("train.batch_size", "joint") and shapes("eval.budgets", "joint") and shapes("seed", "joint")
+  assert not shapes("eval.batch_size", "joint") and not shapes("checkpoint.every_steps", "joint")
+  assert not shapes("data.source", "joint") and shapes("data.crop_pad", "joint")
+  assert shapes("bts.epochs", "boosted") and not shapes("bts.epochs", "joint") and not shapes("bts.backbone", "boosted")
+  assert shapes("erde.temperature", "erde") and not shapes("erde.temperature", "mate") and not shapes("erde.teacher", "erde")
+  assert not shapes("train.epochs", "joint", free=("train.epochs",)) and shapes("train.epochs", "joint")
+  assert workdirs.differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}, "d": 4, "e": 0},
+                              lambda key: key != "d", words=("in R", "in S")) == "a.c: 2 in R, 5 in S"
