@@ -126,7 +126,8 @@ def test_a_group_pools_one_run_over_seeds_and_each_seed_once(tmp_path):
   for seed in (0, 1):  # runs written before config.json: nothing to compare, no seed to count
     fake_run(str(tmp_path / "old" / str(seed)), seed, 0.8)
     os.remove(tmp_path / "old" / str(seed) / "config.json")
-  assert [r["seed"] for r in compare.compare([compare.expand(f"o={tmp_path}/old/*")])["groups"][0]["runs"]] == [None] * 2
+  pooled = compare.compare([compare.expand(f"o={tmp_path}/old/*")])["groups"][0]["runs"]
+  assert [r["seed"] for r in pooled] == [None, None]
 
 
 def write_history(folder, steps, accuracies, epochs_per_step=0.2):

@@ -12,8 +12,8 @@ from conftest import make_tree, run_main, smoke_args
 from eejax import data, evaluate, input_pipeline, run, state, validate
 from eejax.errors import UserError
 
-# A run stopped part-way, written by an earlier release (tests/data/write_old_run.py; versions.json says which jax, flax and
-# orbax-checkpoint wrote it), with the logits it gave on its tree's test images then.
+# A run stopped part-way, written by an earlier release (tests/data/write_old_run.py; versions.json says which jax,
+# flax and orbax-checkpoint wrote it), with the logits it gave on its tree's test images then.
 OLD_RUN = os.path.join(os.path.dirname(__file__), "data", "old_run")
 
 
