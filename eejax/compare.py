@@ -76,9 +76,8 @@ def check_pooled(label: str, runs: list[dict]) -> None:
   """A group is one run over seeds: its runs' settings that bear on what they train and report must agree (how
   each job ran aside, `workdirs.RUNS_ANY_WAY`), and no seed may come twice: the same seed trains the same run, and
   pooling it twice would narrow the spread."""
-  configured = [r for r in runs if r["config"] is not None]
-  first = configured[0] if configured else None
-  for r in configured[1:]:
+  first, *others = [r for r in runs if r["config"] is not None] or [None]
+  for r in others:
     what = workdirs.differences(first["config"], r["config"],
                                 lambda key: key != "seed" and workdirs.shapes_result(key, r["config"].get("scheme")),
                                 words=(f"in {first['workdir']}", f"in {r['workdir']}"))

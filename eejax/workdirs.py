@@ -160,8 +160,9 @@ def _older_identity(workdir: str) -> dict | None:
 
 def differences(theirs: dict, mine: dict, compared=lambda key: True, words=("there", "here")) -> str:
   """'key: X there, Y here; ...' for the leaves (dotted keys) both trees hold that differ, at most four; '' if none."""
+  known = set(_keys(theirs))
   found = [f"{key}: {_show(theirs, key)} {words[0]}, {_show(mine, key)} {words[1]}" for key in _keys(mine)
-           if compared(key) and key in _keys(theirs) and _get(theirs, key) != _get(mine, key)]
+           if compared(key) and key in known and _get(theirs, key) != _get(mine, key)]
   return "; ".join(found[:4]) + ("; ..." if len(found) > 4 else "")
 
 

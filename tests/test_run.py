@@ -9,7 +9,7 @@ import pytest
 
 from configs import cifar10
 from conftest import make_tree, run_main, smoke_args
-from eejax import data, evaluate, input_pipeline, run, state, validate
+from eejax import data, evaluate, input_pipeline, run, state, validate, workdirs
 from eejax.errors import UserError
 
 # A run stopped part-way, written by an earlier release (tests/data/write_old_run.py; versions.json says which jax,
@@ -116,7 +116,7 @@ def test_an_older_config_json_gets_every_later_key_with_its_neutral_value(tmp_pa
 
 def _started(workdir, config, steps=(5,)) -> str:
   """A workdir as a run of `config` leaves it once it has saved `steps`."""
-  run.workdirs.save_config(str(workdir), config)
+  workdirs.save_config(str(workdir), config)
   for step in steps:
     os.makedirs(os.path.join(workdir, "checkpoints", str(step)))
   return str(workdir)
