@@ -21,7 +21,7 @@ from eejax.boosted import Features
 from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.models import MultiExitNet
-from eejax.run import Run, load_run, save_model as save_workdir
+from eejax.run import Run, check_frozen, load_run, save_model as save_workdir
 from eejax.writers import on_main_process, say
 
 MODES = ("boosted", "nonboosted")
@@ -225,6 +225,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   _check_same_run(config, workdir)
   bb = prepare(config)
   boosted.check_positions(bts.positions, bb.num_blocks)
+  models = os.path.join(workdir, "models")
+  check_frozen(workdir, "backbone", bb.run, resuming=os.path.isdir(models) and any(
+      os.path.exists(os.path.join(models, name, "row.json")) for name in os.listdir(models)))
   if on_main_process():  # every process of a multi-process job computes the same; process 0 writes
     workdirs.save_config(workdir, config)
   modes = MODES if bts.baseline else MODES[:1]

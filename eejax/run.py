@@ -11,6 +11,7 @@ training data, with a line saying so, and saved.
 """
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 
@@ -134,6 +135,35 @@ class Run:
       raise UserError(f"the {role} in {self.workdir} has not finished training: its latest checkpoint is step "
                       f"{self.step}, {'and it has no report' if reported is None else f'its report of step {reported}'}"
                       f"; run its command to the end first (or wait for the job training it)")
+
+
+def weights_sha256(variables) -> str:
+  """SHA-256 of a run's weights (every array with its path, dtype and shape): the same for a copy anywhere."""
+  h = hashlib.sha256()
+  for path, a in jax.tree_util.tree_flatten_with_path(sharding.to_host(variables))[0]:
+    h.update(f"{jax.tree_util.keystr(path)}{a.dtype}{a.shape}".encode())
+    h.update(np.ascontiguousarray(a).tobytes())
+  return h.hexdigest()
+
+
+def check_frozen(workdir: str, role: str, source: Run, resuming: bool) -> None:
+  """A run that learns from a frozen one (an ERDE teacher, a BTS-EE backbone) keeps it for its whole life.
+
+  WORKDIR/ROLE.json records the frozen run's weights when the run starts (or, for a run begun before it was
+  recorded, when it resumes); resuming with other weights, say a teacher trained again at the same path, would
+  train the rest on another network's outputs and report the mix as one run. A moved copy is the same run."""
+  path = os.path.join(workdir, f"{role}.json")
+  mine = {"workdir": os.path.abspath(source.workdir), "step": source.step,
+          "weights_sha256": weights_sha256(source.variables)}
+  theirs = workdirs.read_json(path) if resuming and os.path.exists(path) else None
+  if isinstance(theirs, dict) and theirs.get("weights_sha256") != mine["weights_sha256"]:
+    raise UserError(f"{workdir} was trained so far with the {role} in {theirs.get('workdir')} (step "
+                    f"{theirs.get('step')}), and the {role} in {source.workdir} (step {source.step}) holds other "
+                    f"weights. Nothing in it was changed: resume it with its own {role} ({role}.json), or train "
+                    f"with this one in a new --workdir")
+  if on_main_process() and not isinstance(theirs, dict):
+    os.makedirs(workdir, exist_ok=True)
+    workdirs.write_json(path, mine)
 
 
 def spec_of(config, ds: data.Dataset, ensemble_teachers: bool = False) -> RunSpec:

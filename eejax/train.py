@@ -166,6 +166,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   workdirs.check_identity(workdir, workdirs.identity(config, spec.model, ds.num_classes, workdirs.fingerprint(
       ds.train.images_NxHxWx3, ds.train.labels_N)))
   run.check_resume(workdir, config)
+  teacher = None if scheme.teacher is None else scheme.teacher(config, model, spec, mesh)
+  if teacher is not None:
+    run.check_frozen(workdir, "teacher", teacher.source,
+                     resuming=bool(checkpoint.steps(os.path.join(workdir, "checkpoints"))))
   if on_main_process():
     run.save_run(workdir, config, spec)
 
@@ -194,7 +198,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
               "labels": sharding.put_replicated(ds.train.labels_N, mesh),
               "mean": sharding.put_replicated(mean_C, mesh), "std": sharding.put_replicated(std_C, mesh)}
   keys = (data_key, train_key)
-  teacher = None if scheme.teacher is None else scheme.teacher(config, model, spec, mesh)
   frozen = None if teacher is None else teacher.variables
   fixed = frozenset(k for k in state.params if scheme.fixed is not None and scheme.fixed(k, model.num_exits))
   step_fn = functools.partial(train_step, model=model, tx=tx, loss_fn=loss_fn, batch_size=batch_size,

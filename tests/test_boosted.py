@@ -1,6 +1,7 @@
 """BTS-EE: batches from the images in play only, stage-by-stage exclusion, a frozen backbone, the CLI job."""
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -133,6 +134,31 @@ def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone
   assert rerun["rows"][0] == json.loads(json.dumps(report["rows"][0])) and len(rerun["rows"]) == 6
   changed = run_main(bts_args(tree, backbone, workdir, "--config.bts.epochs=3"))
   assert changed.returncode == 2 and "other bts settings (epochs)" in changed.stderr.splitlines()[-1]
+
+
+def test_bts_job_keeps_the_backbone_it_started_with(backbone_run, tmp_path):
+  from test_faults import tree_digest  # pylint: disable=g-import-not-at-top
+  root, tree, backbone = backbone_run
+  mine, workdir = str(shutil.copytree(backbone, tmp_path / "backbone")), str(tmp_path / "bts")
+  r = run_main(bts_args(tree, mine, workdir, "--config.bts.baseline=false", margins="0.0"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  recorded = json.load(open(os.path.join(workdir, "backbone.json")))
+  assert recorded["weights_sha256"] == run.weights_sha256(run.load_run(backbone).variables)
+  other = str(tmp_path / "other")  # the same command with another seed: the backbone trained again, say
+  r = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={other}", f"--config.data.source=folder:{tree}",
+                "--config.data.cache_dir=", "--config.data.max_images=0", "--config.data.val_size=24",
+                "--config.model.name=resnet20", "--config.train.epochs=3", "--config.seed=1"])
+  assert r.returncode == 0, r.stderr[-3000:]
+  shutil.rmtree(mine)
+  shutil.copytree(other, mine)
+  before = tree_digest(workdir)
+  again = run_main(bts_args(tree, mine, workdir, "--config.bts.baseline=false", margins="0.0,0.1"))
+  step = recorded["step"]
+  assert again.returncode == 2 and again.stderr.strip().splitlines()[-1] == (
+      f"eejax: error: {workdir} was trained so far with the backbone in {mine} (step {step}), and the backbone in "
+      f"{mine} (step {step}) holds other weights. Nothing in it was changed: resume it with its own backbone "
+      f"(backbone.json), or train with this one in a new --workdir"), again.stderr[-3000:]
+  assert tree_digest(workdir) == before and not os.path.exists(os.path.join(workdir, "models", "boosted_m0.1"))
 
 
 def test_bts_job_errors_are_one_line(backbone_run, tmp_path):

@@ -1,6 +1,7 @@
 """ERDE losses against hand-computed values, the head, and a teacher -> student run."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,7 @@ def test_erde_head_shapes_and_macs():
 
 def test_teacher_to_student_run(tiny_tree, tmp_path):
   from test_train import smoke_config  # pylint: disable=g-import-not-at-top
+  from test_faults import tree_digest  # pylint: disable=g-import-not-at-top
   from eejax import train  # pylint: disable=g-import-not-at-top
   teacher = str(tmp_path / "teacher")
   train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c"), **{"model.name": "resnet20"}), teacher)
@@ -109,6 +111,20 @@ def test_teacher_to_student_run(tiny_tree, tmp_path):
   assert n_leaves(saved["params"]) == n_leaves(student_vars["params"]) != n_leaves(teacher_vars["params"])
   lines = [json.loads(l) for l in open(os.path.join(student, "metrics.jsonl"), encoding="utf-8")]
   assert "train/teacher_error_exit1" in lines[0] and "train/kd_exit3" in lines[0]
+  # The student keeps its teacher: a copy elsewhere may teach it on, a teacher with other weights may not.
+  assert json.load(open(os.path.join(student, "teacher.json")))["weights_sha256"] == run.weights_sha256(teacher_vars)
+  moved = str(shutil.copytree(teacher, tmp_path / "moved"))
+  config.erde.teacher = moved
+  assert train.train_and_evaluate(config, student)["exits"] == result["exits"]  # finished: trains nothing
+  other = str(tmp_path / "other")
+  train.train_and_evaluate(smoke_config(tiny_tree, str(tmp_path / "c"), **{"model.name": "resnet20", "seed": 1}),
+                           other)
+  config.erde.teacher = other
+  before = tree_digest(student)
+  with pytest.raises(UserError, match=f"{student} was trained so far with the teacher in {teacher} \\(step 10\\), "
+                                      f"and the teacher in {other} \\(step 10\\) holds other weights"):
+    train.train_and_evaluate(config, student)
+  assert tree_digest(student) == before
   config.erde.teacher = ""
   with pytest.raises(UserError, match="needs --config.erde.teacher"):
     train.train_and_evaluate(config, str(tmp_path / "s2"))

@@ -1,4 +1,5 @@
 """The workdir format: a run saves its model and statistics, loads from them alone, and older runs still load."""
+import hashlib
 import json
 import os
 import shutil
@@ -226,3 +227,47 @@ def test_a_teacher_or_backbone_must_have_finished_training(smoke_run, tmp_path):
   json.dump([], open(report, "w"))  # not a report at all
   with pytest.raises(UserError, match="and it has no report;"):
     loaded.check_finished("teacher")
+
+
+def _weights(tmp_path, name: str, scale: float = 1.0, step: int = 10) -> run.Run:
+  """A stand-in for a loaded teacher or backbone: what `check_frozen` reads of a Run."""
+  variables = {"params": {"conv": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3) * scale}},
+               "batch_stats": {"bn": {"mean": np.zeros(3, np.float32)}}}
+  return run.Run(str(tmp_path / name), None, None, variables, None, step)
+
+
+def test_weights_sha256_is_of_every_array_its_path_dtype_and_shape():
+  kernel, mean = np.arange(6, dtype=np.float32).reshape(2, 3), np.zeros(3, np.float32)
+  reference = hashlib.sha256()  # by hand, in flattening order: batch_stats before params
+  for key, a in (("['batch_stats']['bn']['mean']", mean), ("['params']['conv']['kernel']", kernel)):
+    reference.update(f"{key}{a.dtype}{a.shape}".encode() + a.tobytes())
+  variables = {"params": {"conv": {"kernel": kernel}}, "batch_stats": {"bn": {"mean": mean}}}
+  assert run.weights_sha256(variables) == reference.hexdigest()
+  assert run.weights_sha256(jax.tree.map(jax.numpy.asarray, variables)) == reference.hexdigest()  # on the device
+  others = [{"params": {"conv": {"kernel": kernel.reshape(3, 2)}}, "batch_stats": variables["batch_stats"]},
+            {"params": {"conv": {"kernel": kernel.astype(np.float64)}}, "batch_stats": variables["batch_stats"]},
+            {"params": {"conv": {"bias": kernel}}, "batch_stats": variables["batch_stats"]},
+            {"params": variables["params"], "batch_stats": {"bn": {"mean": mean + 1e-7}}}]
+  assert len({run.weights_sha256(v) for v in others} | {reference.hexdigest()}) == 5
+
+
+def test_a_run_keeps_the_teacher_or_backbone_it_started_with(tmp_path):
+  workdir = str(tmp_path / "student")
+  teacher, retrained = _weights(tmp_path, "teacher"), _weights(tmp_path, "teacher", scale=1.001, step=12)
+  run.check_frozen(workdir, "teacher", teacher, resuming=False)  # a run starting: its teacher is recorded
+  path = os.path.join(workdir, "teacher.json")
+  recorded = json.load(open(path))
+  assert recorded == {"workdir": teacher.workdir, "step": 10, "weights_sha256": run.weights_sha256(teacher.variables)}
+  run.check_frozen(workdir, "teacher", _weights(tmp_path, "moved"), resuming=True)  # a copy elsewhere: the same
+  with pytest.raises(UserError) as e:
+    run.check_frozen(workdir, "teacher", retrained, resuming=True)
+  assert str(e.value) == (
+      f"{workdir} was trained so far with the teacher in {teacher.workdir} (step 10), and the teacher in "
+      f"{retrained.workdir} (step 12) holds other weights. Nothing in it was changed: resume it with its own "
+      f"teacher (teacher.json), or train with this one in a new --workdir")
+  assert json.load(open(path)) == recorded
+  run.check_frozen(workdir, "teacher", retrained, resuming=False)  # no checkpoint yet: the run starts over with it
+  assert json.load(open(path))["step"] == 12
+  os.remove(path)  # a run begun before teachers were recorded: its teacher from now on
+  run.check_frozen(workdir, "teacher", teacher, resuming=True)
+  assert json.load(open(path))["step"] == 10

@@ -24,9 +24,11 @@ class LossInputs(NamedTuple):
 
 
 class Teacher(NamedTuple):
-  """A frozen network run in the same step: forward(variables, x_BxHxWx3) -> teacher_logits_ExBxC. Never saved."""
+  """A frozen network run in the same step: forward(variables, x_BxHxWx3) -> teacher_logits_ExBxC. Never saved;
+  `source` (an `eejax.run.Run`) is the run it comes from, whose weights the student's workdir records."""
   forward: Callable
   variables: Any
+  source: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

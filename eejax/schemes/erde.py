@@ -2,7 +2,8 @@
 
 Guidez et al., arXiv 2510.04856; config.erde. The teacher is a finished eejax
 run (`config.erde.teacher`), frozen, run in the same step on the same batch,
-and never saved with the student.
+and never saved with the student: WORKDIR/teacher.json records the SHA-256 of
+its weights, and a resumed student must find the same (`eejax.run.check_frozen`).
 """
 import jax.numpy as jnp
 
@@ -39,7 +40,7 @@ def teacher(config, model, spec, mesh) -> Teacher:
   def forward(variables, x_BxHxWx3):
     logits_TxBxC, _ = run.model.apply(variables, x_BxHxWx3, train=False)
     return logits_TxBxC[jnp.asarray(pairs_E)]
-  return Teacher(forward, run.variables)
+  return Teacher(forward, run.variables, run)
 
 
 SCHEME = register(Scheme("erde", loss=loss, has_section=True, teacher=teacher))
