@@ -95,6 +95,8 @@ def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_si
   if images_NxHxWx3.dtype != np.uint8 or images_NxHxWx3.shape[1:] != tuple(run.spec.image_shape):
     raise UserError(f"images of shape {images_NxHxWx3.shape} and type {images_NxHxWx3.dtype}; this run takes uint8 "
                     f"Nx{'x'.join(map(str, run.spec.image_shape))} images, as the dataset stores them (0 to 255)")
+  if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+    raise UserError(f"batch_size={batch_size!r}: give a whole number of images of at least 1")
   mean_C, std_C = run.spec.stats
   cost_E = exit_macs(run.model, run.spec.image_shape).cumulative
   runner = inference.BatchedEarlyExit(run.model, run.variables, mean_C, std_C, cost_E,
@@ -108,7 +110,9 @@ def export_run(run: Run, out_dir: str, threshold_ExC=None, policy="max_prob", fo
 
   `threshold_ExC` (e.g. from `fit_thresholds`) is the setting the calibrated latency is measured at; without it,
   the run's setting for `policy` and `budget`. `calibration_images` training images calibrate "tflite_int8".
+  `formats` is a sequence of names, or one string of them separated by commas ("stablehlo,onnx").
   """
+  formats = formats.split(",") if isinstance(formats, str) else formats
   return exports.export_and_verify(run.workdir, out_dir, tuple(formats), budget, num_images, policy,
                                    threshold_ExC=threshold_ExC, run=run, calibration_images=calibration_images)
 

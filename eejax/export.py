@@ -136,6 +136,9 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   policy = policies.get(policy)
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats
+  if threshold_ExC is not None:  # the caller's, checked before anything is read or exported
+    threshold_ExC = np.asarray(inference.check_threshold(threshold_ExC, model.num_exits, model.num_classes),
+                               np.float32)
   images, labels_N = data.sample_split(run.config.data, num_images, "test", run.spec.class_names)
   calibration_NxHxWx3 = None  # read first, so a missing training split fails before any export
   if any(f in CALIBRATED for f in formats) and export_tflite.available() is None:
@@ -145,7 +148,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   if threshold_ExC is None:
     threshold_ExC, source = run_threshold(run, policy, budget)
   else:
-    threshold_ExC, source = np.asarray(threshold_ExC, np.float32), "the caller"
+    source = "the caller"
   image_shape = run.spec.image_shape
   macs = exit_macs(model, image_shape)
   os.makedirs(out_dir, exist_ok=True)

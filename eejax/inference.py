@@ -23,12 +23,20 @@ from eejax import input_pipeline, policies
 from eejax.errors import UserError
 
 
-def check_threshold(threshold_ExC, num_exits: int):
-  """The threshold as float32 (E, C), or a UserError naming the shape it has."""
+def check_threshold(threshold_ExC, num_exits: int, num_classes: int):
+  """The threshold itself, or a UserError: it must be (E, C), a row per exit and a column per class (an index past
+  its columns would be clamped on the device, reading another class's threshold), and hold no NaN before its last
+  row (a NaN passes no test: the exit would never answer, without a word). A traced threshold is checked for its
+  shape only."""
   shape = np.shape(threshold_ExC)
-  if len(shape) != 2 or shape[0] != num_exits:
-    raise UserError(f"a threshold of shape {shape}; expected threshold_ExC with E={num_exits} rows (one per exit, "
-                    f"a column per class): eejax.thresholds.per_exit makes one from per-exit values")
+  if shape != (num_exits, num_classes):
+    raise UserError(f"a threshold of shape {shape}; expected threshold_ExC of shape ({num_exits}, {num_classes}): a "
+                    f"row per exit, a column per class (eejax.thresholds.per_exit makes one from per-exit values)")
+  if not isinstance(threshold_ExC, jax.core.Tracer):
+    nan_E = np.isnan(np.asarray(threshold_ExC, np.float32)[:-1]).any(-1)
+    if nan_E.any():
+      raise UserError(f"threshold_ExC holds NaN at exit(s) {', '.join(str(e + 1) for e in np.flatnonzero(nan_E))}; "
+                      f"give a number for every exit before the last (+inf: the exit never answers)")
   return threshold_ExC
 
 
@@ -55,7 +63,7 @@ class BatchedEarlyExit:
 
   def __init__(self, model, variables, mean_C, std_C, cost_E, batch_size: int, smallest_bucket: int = 8,
                window_chunks: int = 8):
-    self.num_exits = model.num_exits
+    self.num_exits, self.num_classes = model.num_exits, model.num_classes
     self.window = window_chunks * batch_size  # images in flight at once: bounds the activations kept
     self.cost_E = np.asarray(cost_E, np.float64)
     self.batch_size = batch_size
@@ -70,7 +78,7 @@ class BatchedEarlyExit:
 
   def __call__(self, x_NxHxWx3, threshold_ExC, policy="max_prob"):
     """(pred_N, exit_N, cost_N) as numpy arrays, for any number N of images (a window at a time)."""
-    threshold_ExC = np.asarray(check_threshold(threshold_ExC, self.num_exits), np.float32)
+    threshold_ExC = np.asarray(check_threshold(threshold_ExC, self.num_exits, self.num_classes), np.float32)
     policy = policies.get(policy)
     outs = [self._window(x_NxHxWx3[i:i + self.window], threshold_ExC, policy)
             for i in range(0, x_NxHxWx3.shape[0], self.window)]
@@ -154,7 +162,7 @@ def early_exit_fn(model, variables, mean_C, std_C, policy="max_prob"):
                         lambda: from_exit(k + 1, h, run_1, pred_1, threshold_ExC))
 
   def run(x_1xHxWx3, threshold_ExC):
-    threshold_ExC = jnp.asarray(check_threshold(threshold_ExC, num_exits), jnp.float32)
+    threshold_ExC = jnp.asarray(check_threshold(threshold_ExC, num_exits, model.num_classes), jnp.float32)
     h = model.apply(variables, input_pipeline.normalize(x_1xHxWx3, mean_C, std_C), method=lambda m, x: m.stem(x))
     return from_exit(0, h, jnp.zeros(1, jnp.int32), jnp.full(1, -1), threshold_ExC)
 

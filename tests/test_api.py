@@ -56,7 +56,7 @@ def test_predict_is_the_simulated_policy_and_export_verifies(smoke_run):
   np.testing.assert_array_equal(pred_N, np.asarray(pred)[want_exit, np.arange(len(want_exit))])
   from eejax import export_onnx  # pylint: disable=g-import-not-at-top
   formats = ("stablehlo",) + (("onnx_stages",) if export_onnx.available() is None else ())
-  report = eejax.export_run(run, str(root / "export"), t, formats=formats, num_images=6)
+  report = eejax.export_run(run, str(root / "export"), t, formats=",".join(formats), num_images=6)  # or a tuple
   assert report["formats"]["stablehlo"]["status"] == "ok"
   assert json.load(open(root / "export" / "export_report.json"))["thresholds"] == "the caller"
   if "onnx_stages" in formats:  # the shipped driver, at the thresholds it was given, answers as eejax.predict
@@ -76,6 +76,14 @@ def test_a_call_the_run_cannot_answer_is_one_line(smoke_run):
     with pytest.raises(UserError, match="^" + message):
       eejax.fit_thresholds(run, **goal)
   images = np.zeros((2, 16, 16, 3), np.uint8)
+  for batch_size in (0, -8, 2.5):
+    with pytest.raises(UserError, match=f"^batch_size={batch_size}: give a whole number of images of at least 1$"):
+      eejax.predict(run, images, t, batch_size=batch_size)
+  unset = t.copy()
+  unset[1, 0] = np.nan
+  with pytest.raises(UserError, match=r"^threshold_ExC holds NaN at exit\(s\) 2;"):
+    eejax.export_run(run, os.path.join(workdir, "never"), unset)
+  assert not os.path.exists(os.path.join(workdir, "never"))
   for bad in (images[..., 0], np.zeros((2, 32, 32, 3), np.uint8), images.astype(np.float32) / 255):
     with pytest.raises(UserError, match=r"^images of shape .*; this run takes uint8 Nx16x16x3 images"):
       eejax.predict(run, bad, t)

@@ -104,5 +104,25 @@ def test_a_threshold_of_another_shape_is_one_user_error(setup):
   from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
   model, variables, images, mean, std, cost, _ = setup
   runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=8)
-  with pytest.raises(UserError, match=r"threshold_ExC with E=3 rows"):
-    runner(images[:8], np.float32([0.5, 0.5, 0.0]))
+  for bad in (np.float32([0.5, 0.5, 0.0]), np.full((3, 1), 0.5), np.full((3, 9), 0.5), np.full((2, 4), 0.5)):
+    with pytest.raises(UserError) as e:
+      runner(images[:8], bad)
+    assert str(e.value) == (f"a threshold of shape {bad.shape}; expected threshold_ExC of shape (3, 4): a row per "
+                            f"exit, a column per class (eejax.thresholds.per_exit makes one from per-exit values)")
+  single = inference.early_exit_fn(model, variables, mean, std)
+  with pytest.raises(UserError, match=r"^a threshold of shape \(3, 3\);"):  # checked while tracing, too
+    jax.jit(single)(images[:1], jnp.zeros((3, 3)))
+
+
+def test_a_threshold_holding_nan_before_its_last_row_is_one_user_error(setup):
+  from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
+  model, variables, images, mean, std, cost, _ = setup
+  runner = inference.BatchedEarlyExit(model, variables, mean, std, cost, batch_size=8)
+  t = np.full((3, 4), 0.5, np.float32)
+  t[2] = np.nan  # the last exit always answers: its row is never read
+  runner(images[:8], t)
+  t[0, 3] = t[1, 0] = np.nan  # would never pass, so those exits would never answer
+  with pytest.raises(UserError) as e:
+    runner(images[:8], t)
+  assert str(e.value) == ("threshold_ExC holds NaN at exit(s) 1, 2; give a number for every exit before the last "
+                          "(+inf: the exit never answers)")
