@@ -116,17 +116,54 @@ class OnnxStage:
     return h, logits_BxC
 
 
+CONFIG_KEYS = ("format", "stages", "policy", "threshold_ExC", "image_shape")
+
+
+def read_config(path: str) -> dict:
+  """DIR/cascade_FORMAT.json, or a ValueError that says what the file is not."""
+  with open(path, encoding="utf-8") as f:
+    try:
+      config = json.load(f)
+    except ValueError as e:
+      raise ValueError(f"{path} is not a cascade file (not JSON: {e}); give the DIR/cascade_FORMAT.json that "
+                       f"eejax.export wrote beside the stage models") from None
+  missing = [k for k in CONFIG_KEYS if k not in config] if isinstance(config, dict) else list(CONFIG_KEYS)
+  if missing:
+    raise ValueError(f"{path} is not a cascade file (it lacks {', '.join(missing)}); give the "
+                     f"DIR/cascade_FORMAT.json that eejax.export wrote beside the stage models")
+  return config
+
+
+def load_stages(config: dict, path: str) -> list:
+  """The stage models the cascade file names, from its folder, or a ValueError naming the one missing or damaged."""
+  folder = os.path.dirname(os.path.abspath(path))
+  tflite = str(config["format"]).startswith("tflite")
+  stage, kind = (TFLiteStage, "a TFLite") if tflite else (OnnxStage, "an ONNX")
+  stages = []
+  for k, name in enumerate(config["stages"]):
+    model = os.path.join(folder, name)
+    if not os.path.isfile(model):
+      raise ValueError(f"stage {k + 1} of {path}, {model}, is missing: keep the stage models beside the cascade "
+                       f"file, as eejax.export wrote them")
+    try:
+      stages.append(stage(model))
+    except ImportError:
+      raise
+    except Exception as e:  # each runtime raises its own types for a file it cannot read
+      first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+      raise ValueError(f"stage {k + 1} of {path}, {model}, cannot be loaded ({first}): it is damaged or not "
+                       f"{kind} model; copy it again from the export, or export again") from None
+  return stages
+
+
 class Cascade:
   """cascade(x_BxHxWx3 uint8, threshold_ExC=None) -> (logits_BxC of the exit that answered, exit_B 0-based)."""
 
   def __init__(self, config_path: str = None, *, stages=None, policy: str = "max_prob", threshold_ExC=None):
     self.image_shape, self.class_names = None, []
     if config_path is not None:
-      with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-      folder = os.path.dirname(os.path.abspath(config_path))
-      stage = TFLiteStage if config["format"].startswith("tflite") else OnnxStage
-      stages = [stage(os.path.join(folder, name)) for name in config["stages"]]
+      config = read_config(config_path)
+      stages = load_stages(config, config_path)
       policy = config["policy"]
       threshold_ExC = thresholds_from_json(config["threshold_ExC"], policy)
       self.image_shape = tuple(config["image_shape"])

@@ -87,6 +87,37 @@ def test_the_command_answers_chunk_by_chunk_says_how_far_it_is_and_stops_on_ctrl
   assert not calls and not out and err.startswith("cascade: error: ") and "floats.npy holds float64" in err
 
 
+def test_a_file_that_is_not_a_whole_cascade_is_one_line(tmp_path, capsys):
+  image = tmp_path / "x.npy"
+  np.save(image, np.zeros((4, 4, 3), np.uint8))
+  whole = {"format": "onnx_stages", "stages": ["stage_0.onnx", "stage_1.onnx"], "policy": "max_prob",
+           "threshold_ExC": [[0.5] * C, [None] * C], "image_shape": [4, 4, 3]}
+  (tmp_path / "report.md").write_text("# Export\n")
+  (tmp_path / "list.json").write_text("[1, 2]")
+  (tmp_path / "partial.json").write_text(json.dumps({k: v for k, v in whole.items() if k != "policy"}))
+  (tmp_path / "cascade.json").write_text(json.dumps(whole))  # its stages not copied beside it
+  cases = [("report.md", "report.md is not a cascade file (not JSON: Expecting value: line 1 column 1 (char 0)); "
+                         "give the DIR/cascade_FORMAT.json that eejax.export wrote beside the stage models"),
+           ("list.json", "list.json is not a cascade file (it lacks format, stages, policy, threshold_ExC, "
+                         "image_shape); give the DIR/cascade_FORMAT.json"),
+           ("partial.json", "partial.json is not a cascade file (it lacks policy);"),
+           ("cascade.json", f"cascade.json, {tmp_path / 'stage_0.onnx'}, is missing: keep the stage models beside "
+                            f"the cascade file, as eejax.export wrote them")]
+  for name, message in cases:
+    assert cascade_runtime.main(["cascade.py", str(tmp_path / name), str(image)]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and err.startswith("cascade: error: ") and message in err, err
+  if export_onnx.available() is None:  # a damaged stage needs the runtime to find out
+    (tmp_path / "stage_0.onnx").write_bytes(b"not a model")
+    assert cascade_runtime.main(["cascade.py", str(tmp_path / "cascade.json"), str(image)]) == 2
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1, err
+    assert err.startswith(f"cascade: error: stage 1 of {tmp_path / 'cascade.json'}, {tmp_path / 'stage_0.onnx'}, "
+                          f"cannot be loaded (") and err.endswith(
+                              "): it is damaged or not an ONNX model; copy it again from the export, or export "
+                              "again\n"), err
+
+
 def test_thresholds_read_back_as_eejax_reads_them():
   rows = [[0.5, None], [None, 0.25]]
   for policy in policies.POLICIES:
