@@ -34,18 +34,33 @@ def define_flags() -> None:
   flags.DEFINE_string("policy", "max_prob", "Exit policy.")
 
 
+def epsilons_of(epsilons: list, risks: list) -> tuple:
+  """--epsilons as numbers, or one line: a word there, or no tolerance or no risk, would certify nothing."""
+  if not epsilons:
+    fail("--epsilons is empty: give at least one risk tolerance (0.05 is 5%)", "eejax.certify")
+  if not risks:
+    fail(f"--risks is empty: give at least one risk ({', '.join(risk.RISKS)})", "eejax.certify")
+  try:
+    return tuple(float(e) for e in epsilons)
+  except ValueError:
+    fail(f"--epsilons={','.join(epsilons)}: give risk tolerances as fractions separated by commas (0.05 is 5%)",
+         "eejax.certify")
+
+
 def main(argv) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   if not f.workdir:
     fail("give --workdir=RUN", "eejax.certify")
+  epsilons = epsilons_of(f.epsilons, f.risks)
+
   def job():
     run = load_run(f.workdir)
     xla_cache.enable_for_run(run.config)  # before the searches compile (loading compiles two tiny programs)
     saved = workdirs.read_npz(os.path.join(f.workdir, "logits.npz"),
                               ("val_logits", "val_labels", "test_logits", "test_labels"))
-    cfg = ml_collections.ConfigDict({"risks": tuple(f.risks), "risk_epsilons": tuple(float(e) for e in f.epsilons),
+    cfg = ml_collections.ConfigDict({"risks": tuple(f.risks), "risk_epsilons": epsilons,
                                      "risk_delta": f.delta, "risk_family": f.family})
     return evaluate.risk_report((saved["val_logits"], saved["val_labels"]),
                                 (saved["test_logits"], saved["test_labels"]),

@@ -201,6 +201,8 @@ def check_request(formats, num_images: int, calibration_images: int, budget: flo
   """The formats, image counts and budget asked for, checked before anything is read."""
   calibration.check_goal(budget)
   unknown = [f for f in formats if f not in EXPORTERS]
+  if not formats:  # would export nothing, and write a report of nothing over the folder's
+    raise UserError(f"no export format given; give one or more of {', '.join(FORMATS)}")
   if unknown:
     raise UserError(f"unknown export format(s) {unknown}; valid: {', '.join(FORMATS)}")
   if num_images < 1 or (calibration_images < 1 and any(f in CALIBRATED for f in formats)):

@@ -138,6 +138,10 @@ def test_cli_errors_are_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}",
                         *bad.split()], cwd=REPO, capture_output=True, text=True, check=False)
     assert r.returncode == 2 and "must be at least 1" in r.stderr.splitlines()[-1], r.stderr
+  r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}",
+                      "--formats="], cwd=REPO, capture_output=True, text=True, check=False)
+  assert r.returncode == 2 and r.stderr.splitlines()[-1] == (  # it exported nothing, with status 0
+      f"eejax.export: error: no export format given; give one or more of {', '.join(export.FORMATS)}"), r.stderr
   for bad in ("--budget=0", "--budget=1.5"):
     r = subprocess.run([sys.executable, "-m", "eejax.export", f"--workdir={tmp_path}", f"--out={tmp_path / 'o'}",
                         bad], cwd=REPO, capture_output=True, text=True, check=False)

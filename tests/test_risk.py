@@ -95,7 +95,13 @@ def test_the_certify_command_on_a_finished_run(smoke_run, tmp_path):
   assert "Traceback" not in bad.stderr
   certified = open(f"{workdir}/certified.md").read()
   for flag, words in (("--epsilons=5", "risk tolerances 5 and delta 0.1: each must lie strictly between 0 and 1"),
-                      ("--delta=1.5", "risk tolerances 0.005, 0.01, 0.02, 0.05 and delta 1.5: each must")):  # were a math domain error, and a "guarantee"
+                      ("--delta=1.5", "risk tolerances 0.005, 0.01, 0.02, 0.05 and delta 1.5: each must"),
+                      # the three below were an internal error, and two empty reports written over this one
+                      ("--epsilons=abc,0.1", "--epsilons=abc,0.1: give risk tolerances as fractions separated by "
+                                             "commas (0.05 is 5%)"),
+                      ("--epsilons=", "--epsilons is empty: give at least one risk tolerance (0.05 is 5%)"),
+                      ("--risks=", "--risks is empty: give at least one risk (disagreement, accuracy_loss)")):
+    # the first two were a math domain error, and a "guarantee"
     bad = subprocess.run([sys.executable, "-m", "eejax.certify", f"--workdir={workdir}", flag], cwd=REPO,
                          capture_output=True, text=True, check=False, timeout=300)
     assert bad.returncode == 2 and bad.stderr.splitlines()[-1].startswith(f"eejax.certify: error: {words}")
