@@ -43,6 +43,8 @@ def expand(argument: str) -> tuple[str, list[str]]:
   label, sep, pattern = argument.partition("=")
   if not sep or os.sep in label:
     label, pattern = argument, argument
+  if not label:
+    raise UserError(f"{argument!r} gives its group no label: give LABEL=GLOB, e.g. joint='R/joint/seed*'")
   found = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isdir(p))
   if not found:
     raise UserError(f"{pattern!r} matches no folder: give LABEL=GLOB of finished runs, e.g. joint='R/joint/seed*'")
@@ -129,6 +131,11 @@ def welch(a, b) -> dict | None:
 
 def compare(groups: list[tuple[str, list[str]]], policy: str = "max_prob") -> dict:
   """Every group's runs, their figures and the summaries; see the module docstring."""
+  labels = [label for label, _ in groups]
+  twice = sorted({label for label in labels if labels.count(label) > 1})
+  if twice:  # two rows and two curves of one name, that no reader could tell apart
+    raise UserError(f"group {twice[0]!r} is given twice: give each group once, its glob matching all its runs "
+                    f"({twice[0]}='R/{twice[0]}/seed*'), or give the two their own labels")
   out = []
   for label, found in groups:
     runs = [load(w) for w in found]

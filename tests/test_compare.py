@@ -90,6 +90,14 @@ def test_mistakes_are_user_errors(tmp_path):
   (tmp_path / "list" / "config.json").write_text("[1]")
   with pytest.raises(UserError, match=r"list/config.json is not an eejax config \(not a JSON object\)"):
     compare.compare([compare.expand(str(tmp_path / "list"))])
+  with pytest.raises(UserError) as e:  # was a row with an empty name
+    compare.expand(f"={tmp_path}/m/0")
+  assert str(e.value) == f"'={tmp_path}/m/0' gives its group no label: give LABEL=GLOB, e.g. joint='R/joint/seed*'"
+  with pytest.raises(UserError) as e:  # was two rows and two curves named m
+    compare.compare([compare.expand(f"m={tmp_path}/m/0"), compare.expand(f"n={tmp_path}/bad"),
+                     compare.expand(f"m={tmp_path}/list")])
+  assert str(e.value) == ("group 'm' is given twice: give each group once, its glob matching all its runs "
+                          "(m='R/m/seed*'), or give the two their own labels")
 
 
 def test_a_group_pools_one_run_over_seeds_and_each_seed_once(tmp_path):
