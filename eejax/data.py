@@ -82,6 +82,10 @@ def load(source: str, *, val_size: int = 5000, val_seed: int = 0, image_size: in
     splits, class_names = _cached(lambda: _read_tfds(arg, tfds_data_dir, download, image_size), key, cache_dir)
   else:
     check_source(source)
+  if len(class_names) < 2:  # every image its one class: every exit at 100% from the first step
+    raise UserError(f"data.source={source!r} holds {len(class_names)} class(es) ({', '.join(class_names)}), and a "
+                    f"classifier needs two or more; for a class-per-folder tree give the folder whose train/ holds "
+                    f"one folder per class")
   if max_images:
     splits = {name: subset(split, max_images, val_seed) for name, split in splits.items()}
   if "val" in splits:

@@ -99,6 +99,12 @@ def test_folder_errors(tmp_path):
     data.load(f"folder:{root}", val_size=1, cache_dir="")
   with pytest.raises(UserError, match="expected one of cifar10, cifar100, svhn, tiny_imagenet, cinic10 .*'folder:PATH'"):
     data.load("cifar11", cache_dir="")
+  one = str(tmp_path / "one")  # trained to 100% at every exit from the first step, before
+  make_tree(one, per_class=(8, 2), size=8, classes=("cat",))
+  with pytest.raises(UserError) as e:
+    data.load(f"folder:{one}", val_size=2, cache_dir="")
+  assert str(e.value) == (f"data.source='folder:{one}' holds 1 class(es) (cat), and a classifier needs two or more; "
+                          f"for a class-per-folder tree give the folder whose train/ holds one folder per class")
 
 
 def test_tfds_mock_data_without_tensorflow():
