@@ -196,8 +196,9 @@ def write(result: dict, workdir: str) -> None:
   report.write_files(workdir, result, markdown(result), plot, default=_plain)
 
 
-def _check_same_run(config, workdir: str) -> None:
-  """A workdir resumes only the run it holds: the same backbone, data, positions and training settings."""
+def check_same_run(config, workdir: str, free=("margins", "baseline")) -> None:
+  """A workdir resumes only the run it holds: the same seed, backbone, data, positions and training settings; the
+  bts settings in `free` may change (a job adds margins, `launch/bts_grid.py` sets its own axes)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -209,20 +210,25 @@ def _check_same_run(config, workdir: str) -> None:
   before.setdefault("bts", {})
   for key, value in LEGACY_BTS.items():  # a run saved before the setting existed used its old behaviour
     before["bts"].setdefault(key, value)
+  names = [f"bts.{k}" for k in free]
+  allowed = f"only {', '.join(names[:-1])} and {names[-1]} may change on a rerun"
+  if before.get("seed", config.seed) != config.seed:  # the branches' initialisation and batch order
+    raise UserError(f"{workdir} holds a BTS-EE run of seed {before['seed']}, not {config.seed}; use a new --workdir "
+                    f"({allowed})")
   for section in ("bts", "data"):
-    old = {k: v for k, v in before.get(section, {}).items() if k not in ("margins", "baseline")}
-    new = {k: v for k, v in now[section].items() if k not in ("margins", "baseline")}
+    old = {k: v for k, v in before.get(section, {}).items() if k not in free}
+    new = {k: v for k, v in now[section].items() if k not in free}
     if old != new:
       changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       raise UserError(f"{workdir} holds a BTS-EE run with other {section} settings ({', '.join(changed)}); "
-                      f"use a new --workdir (only bts.margins and bts.baseline may change on a rerun)")
+                      f"use a new --workdir ({allowed})")
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """scheme=boosted: every margin in bts.margins, boosted and (bts.baseline) non-boosted; report in workdir."""
   bts = config.bts
   settings = boosted.Settings.from_config(bts, seed=config.seed)
-  _check_same_run(config, workdir)
+  check_same_run(config, workdir)
   bb = prepare(config)
   boosted.check_positions(bts.positions, bb.num_blocks)
   models = os.path.join(workdir, "models")

@@ -32,8 +32,8 @@ The small setting (this 2-core CPU, minutes): a ResNet-20 at half width on 12,00
     --config.data.max_images=12000 --config.data.val_size=2000 --config.bts.epochs=5
 """
 import functools
+import glob
 import itertools
-import json
 import os
 import sys
 import time
@@ -41,13 +41,14 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eejax import boosted, bts, latex
-from eejax.cli import fail, parse_flags
-from eejax.errors import UserError
+from eejax import boosted, bts, latex, workdirs
+from eejax.cli import fail, guarded, parse_flags
+from eejax.run import check_frozen
 
 POSITION_FRACTIONS = ((1 / 4, 1 / 2, 3 / 4), (1 / 2, 3 / 4), (1 / 4, 1 / 2), (1 / 3, 2 / 3))
 WIDTHS = (2, 4, 8, 16)
 MARGINS = (0.0, 0.02, 0.05, 0.1)
+GRID_AXES = ("positions", "head_width", "margins", "baseline")  # bts settings the grid sets itself
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A BTS-EE config, e.g. configs/cifar10.py:bts.",
                                           lock_config=True)
@@ -93,11 +94,23 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   if config is None or not workdir:
     fail("give --config=configs/FILE.py:bts and --workdir=DIR", "bts_grid")
-  try:
+  guarded(lambda: run_grid(config, workdir), "bts_grid", workdir)
+
+
+def run_grid(config, workdir: str) -> None:
+  """The grid in `workdir`, keeping the configurations a run of the same settings finished there."""
+  workdirs.check_path(workdir, "workdir", "--workdir")
+  with workdirs.lock(workdir):  # one grid at a time in a workdir
+    bts.check_same_run(config, workdir, free=GRID_AXES)  # the rows kept are of these settings
     bb = bts.prepare(config)
     sets = [boosted.check_positions(s, bb.num_blocks) for s in position_sets(bb.num_blocks)]
-  except UserError as e:
-    fail(str(e), "bts_grid")
+    check_frozen(workdir, "backbone", bb.run, resuming=bool(glob.glob(os.path.join(workdir, "rows", "*.json"))))
+    workdirs.save_config(workdir, config)
+    grid(config, workdir, bb, sets)
+
+
+def grid(config, workdir: str, bb: bts.Backbone, sets) -> None:
+  """Every configuration not in WORKDIR/rows/ yet, then grid.md, grid.json and grid.png."""
   settings = boosted.Settings.from_config(config.bts, seed=config.seed)
   device_train, memo = boosted.device_arrays(bb.train), {}
   os.makedirs(os.path.join(workdir, "rows"), exist_ok=True)
@@ -106,15 +119,13 @@ def main(argv):
   for i, (positions, width) in enumerate(configurations):
     path = os.path.join(workdir, "rows", f"p{'-'.join(map(str, positions))}_w{width}.json")
     if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        rows += json.load(f)
+      rows += workdirs.read_json(path)
       continue
     done = bts.run_configuration(bb, positions, width, MARGINS, bts.MODES, settings, device_train, memo,
                                  log=lambda s: None)
     for r in done:
       r.pop("stages", None)  # kept small: the per-stage log is in a single run's report
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(done, f)
+    workdirs.write_json(path, done, indent=None)  # whole or not at all: a stop mid-write leaves no half row file
     rows += done
     elapsed = time.perf_counter() - t0
     print(f"[{i + 1}/{len(configurations)}] positions {positions} width {width}: "
@@ -124,8 +135,7 @@ def main(argv):
   reference = bb.reference()
   report = {"method": "bts-ee grid", "backbone": bb.run.workdir, "backbone_name": bb.run.config.model.name,
             "reference": reference, "rows": rows, "pairs": bts.paired(rows), "command": command}
-  with open(os.path.join(workdir, "grid.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=1)
+  workdirs.write_json(os.path.join(workdir, "grid.json"), report)
   markdown = grid_markdown(rows, reference, command)
   latex.write_markdown(os.path.join(workdir, "grid.md"), markdown)
   bts.plot(report, os.path.join(workdir, "grid.png"))

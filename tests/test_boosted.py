@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -170,6 +171,35 @@ def test_bts_job_errors_are_one_line(backbone_run, tmp_path):
     r = run_main(bts_args(tree, backbone, str(tmp_path / "w"), *extra))
     assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_the_grid_keeps_only_rows_of_its_own_settings(backbone_run, tmp_path):
+  """A grid run again goes on from its rows; one with other settings, or another backbone, is refused."""
+  root, tree, backbone = backbone_run
+  workdir = str(tmp_path / "grid")
+
+  def grid(*extra):
+    args = [sys.executable, "launch/bts_grid.py", "--config", "configs/cifar10.py:bts", f"--workdir={workdir}",
+            *bts_args(tree, backbone, workdir, "--config.bts.epochs=1", *extra)[3:]]
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  first = grid()
+  assert first.returncode == 0 and first.stdout.count("[16/16]") == 1, first.stderr[-3000:]
+  report = json.load(open(os.path.join(workdir, "grid.json")))
+  assert json.load(open(os.path.join(workdir, "config.json")))["bts"]["epochs"] == 1
+  again = grid("--config.bts.positions=1,2", "--config.bts.head_width=3")  # the grid's own axes: not read
+  assert again.returncode == 0 and "[" not in again.stdout.split("# BTS-EE grid")[0], again.stdout[-2000:]
+  assert json.load(open(os.path.join(workdir, "grid.json")))["rows"] == report["rows"]
+  rows = os.path.join(workdir, "rows")
+  kept = {name: open(os.path.join(rows, name)).read() for name in os.listdir(rows)}
+  for extra, line in (
+      (["--config.bts.epochs=2"], f"{workdir} holds a BTS-EE run with other bts settings (epochs); use a new "
+                                  f"--workdir (only bts.positions, bts.head_width, bts.margins and bts.baseline may "
+                                  f"change on a rerun)"),
+      (["--config.seed=1"], f"{workdir} holds a BTS-EE run of seed 0, not 1; use a new --workdir"),
+      (["--config.data.val_size=30"], f"{workdir} holds a BTS-EE run with other data settings (val_size)")):
+    r = grid(*extra)  # each was run and its rows mixed with the first grid's
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"bts_grid: error: {line}"), r.stderr
+  assert {name: open(os.path.join(rows, name)).read() for name in os.listdir(rows)} == kept
 
 
 def test_grid_position_sets():
