@@ -4,7 +4,7 @@
   python launch/erde.py --scale gpu --config configs/cifar10.py --root workdirs/erde
 
 Runs (each an ordinary `python -m eejax.main` job in ROOT/<name>, resumed if
-interrupted, skipped if its report.json exists):
+interrupted, skipped if it finished with these settings, see launch/runs.py):
   teacher  preset erde_teacher (joint)
   student  preset erde_student: the student alone (joint)
   kd       preset erde_kd: KD from the teacher, no entropy term

@@ -5,10 +5,13 @@ import subprocess
 import sys
 import types
 
+import ml_collections
 from absl import flags
+from ml_collections import config_flags
 
 import steps
 from eejax import compare, latex
+from eejax import run as eejax_run
 from eejax.cli import parse_flags
 
 
@@ -53,14 +56,38 @@ def write_seed_table(root: str, command: str, groups) -> None:
   print(compare.write(compare.compare(groups), root, command))
 
 
+def job_config(config: str, overrides) -> ml_collections.ConfigDict:
+  """The config `python -m eejax.main --config CONFIG OVERRIDES` runs with, parsed as it parses it."""
+  argv, values = ["eejax.main", f"--config={config}", *overrides], flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def finished(workdir: str, config: str, overrides) -> bool:
+  """Whether `workdir` holds a finished run of this job: its report written, and its config.json that of the job
+  in all that shapes the result, in its length and where its data is (the job itself checks the data's
+  fingerprint). Any doubt runs the job, which goes on, evaluates again or refuses other settings with one line."""
+  if not os.path.exists(os.path.join(workdir, "report.json")):
+    return False
+  try:
+    wanted, saved = job_config(config, overrides), eejax_run.load_config(workdir)
+    if (saved.train.epochs, saved.data.source) != (wanted.train.epochs, wanted.data.source):
+      return False
+    eejax_run.check_resume(workdir, wanted)
+  except Exception:  # pylint: disable=broad-except  # a config the job would refuse, a damaged config.json
+    return False
+  return True
+
+
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
-  """Runs `python -m eejax.main` unless workdir/report.json exists; returns the report."""
+  """Runs `python -m eejax.main` unless workdir holds its finished run (`finished`); returns the report."""
   report = os.path.join(workdir, "report.json")
-  if os.path.exists(report):
+  overrides = [*([f"--config.data.source={data}"] if data else []), *extra]
+  if finished(workdir, config, overrides):
     print(f"[{name}] done already: {workdir}")
   else:
-    command = [sys.executable, "-m", "eejax.main", "--config", config, f"--workdir={workdir}",
-               *([f"--config.data.source={data}"] if data else []), *extra]
+    command = [sys.executable, "-m", "eejax.main", "--config", config, f"--workdir={workdir}", *overrides]
     print(f"[{name}] {' '.join(command)}", flush=True)
     code = subprocess.call(steps.with_parent(command))  # stopped with this launcher
     if code:

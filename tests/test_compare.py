@@ -199,3 +199,12 @@ def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):
            for w in ("mate", "mate_seed1")]
   np.testing.assert_allclose(pooled["groups"][2]["summary"]["final exit"]["mean"], np.mean(final))
   assert "--seeds 2" in pooled["command"] and "- mate: " in open(os.path.join(root, "compare.md")).read()
+  launch = lambda *more: subprocess.run(
+      [sys.executable, "launch/self_distillation.py", "--scale=cpu", f"--data=folder:{tree}", f"--root={root}",
+       "--seeds=2", "--", *TINY_RUN, *more], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+  again = launch()  # the same command: every run is finished, none runs again
+  assert again.returncode == 0 and again.stdout.count("done already") == 6, again.stdout[-3000:]
+  other = launch("--config.train.learning_rate=0.01")  # reported the first runs as these, before
+  assert other.returncode != 0 and "done already" not in other.stdout, other.stdout[-3000:]
+  assert ("holds a run started with other training settings (train.learning_rate: 0.2 there, 0.01 here)"
+          in other.stderr), other.stderr[-3000:]
