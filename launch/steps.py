@@ -3,8 +3,8 @@
 `run_steps(root, [(name, command), ...], env, deadline=...)` runs the commands
 in order, each in its own process group with its output in
 `root/logs/<name>.log`. A finished step leaves `root/steps/<name>.json`
-(command, exit status, seconds) and is skipped on the next call; a failed one
-is recorded and runs again next time. At the deadline, or when this process
+(command, exit status, seconds) and is skipped on the next call with the same
+command; a failed one is recorded and runs again next time. At the deadline, or when this process
 gets SIGTERM or Ctrl-C, the running step's process group gets SIGTERM (an eejax
 run then saves a checkpoint and exits; the launch scripts' runs resume from it)
 and the step is left for the next call, as are the steps after it.
@@ -36,9 +36,15 @@ def record(root: str, name: str) -> dict | None:
     return json.load(f)
 
 
-def finished(root: str, name: str) -> bool:
+def finished(root: str, name: str, command=None) -> bool:
+  """Whether the step finished with status 0 and, given a `command`, ran that command (the interpreter aside: the
+  same step run by another Python is the same step). A step recorded with another command runs again: its jobs
+  then go on, evaluate again or refuse other settings, where a name alone would keep the other command's results
+  under this one."""
   r = record(root, name)
-  return r is not None and r["status"] == 0
+  if r is None or r["status"] != 0:
+    return False
+  return command is None or list(r.get("command", []))[1:] == list(command)[1:]
 
 
 def tail(path: str, n: int) -> list[str]:
@@ -134,8 +140,8 @@ def run_steps(root: str, named_commands, env: dict, only=frozenset(), deadline: 
   left = []
   try:
     for name, command in named_commands:
-      if (only and name not in only) or finished(root, name):
-        continue
+      if (only and name not in only) or finished(root, name, None if callable(command) else command):
+        continue  # a callable's command may need the steps before it: known by its name alone
       if left or _stop["signum"] is not None or (deadline is not None and time.monotonic() >= deadline):
         left.append(name)
         continue

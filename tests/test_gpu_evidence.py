@@ -26,6 +26,13 @@ def test_steps_resume_rerun_failures_and_summarise(tmp_path):
                          dict(os.environ))
   assert counter.read_text() == "abbc"
   assert "## new: exit status 0" in (tmp_path / "summary.md").read_text()
+  # A finished step given another command runs again (it was skipped by its name); another interpreter is the same.
+  other_python = lambda word, code: ["/another/python", *append(word, code)[1:]]
+  gpu_evidence.run_steps(root, [("ok", other_python("a", 0)), ("bad", append("B", 0)), ("new", lambda: append("C", 0))],
+                         dict(os.environ))
+  assert counter.read_text() == "abbcB"
+  assert json.load(open(tmp_path / "steps" / "ok.json"))["command"][0] == sys.executable  # not run again
+  assert json.load(open(tmp_path / "steps" / "bad.json"))["command"] == append("B", 0)
 
 
 def test_the_main_job_takes_the_multi_exit_variant_best_on_validation(tmp_path):
