@@ -28,7 +28,7 @@ class Teacher(NamedTuple):
   `source` (an `eejax.run.Run`) is the run it comes from, whose weights the student's workdir records."""
   forward: Callable
   variables: Any
-  source: Any = None
+  source: Any
 
 
 @dataclasses.dataclass(frozen=True)
