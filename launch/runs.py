@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import steps
-from eejax import compare, latex
+from eejax import compare, latex, workdirs
 from eejax import run as eejax_run
 from eejax.cli import parse_flags
 
@@ -66,18 +66,18 @@ def job_config(config: str, overrides) -> ml_collections.ConfigDict:
 
 def finished(workdir: str, config: str, overrides) -> bool:
   """Whether `workdir` holds a finished run of this job: its report written, and its config.json that of the job
-  in all that shapes the result, in its length and where its data is (the job itself checks the data's
-  fingerprint). Any doubt runs the job, which goes on, evaluates again or refuses other settings with one line."""
+  in all that shapes the result and its report (`workdirs.shapes_result`: its length and evaluation included) and
+  where its data is (the job itself checks the data's fingerprint). Any doubt runs the job, which goes on,
+  evaluates again or refuses other settings with one line."""
   if not os.path.exists(os.path.join(workdir, "report.json")):
     return False
   try:
     wanted, saved = job_config(config, overrides), eejax_run.load_config(workdir)
-    if (saved.train.epochs, saved.data.source) != (wanted.train.epochs, wanted.data.source):
-      return False
-    eejax_run.check_resume(workdir, wanted)
   except Exception:  # pylint: disable=broad-except  # a config the job would refuse, a damaged config.json
     return False
-  return True
+  differ = workdirs.differences(json.loads(saved.to_json_best_effort()), json.loads(wanted.to_json_best_effort()),
+                                lambda key: workdirs.shapes_result(key, wanted.scheme))
+  return not differ and saved.data.source == wanted.data.source
 
 
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:

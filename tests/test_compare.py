@@ -208,3 +208,13 @@ def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):
   assert other.returncode != 0 and "done already" not in other.stdout, other.stdout[-3000:]
   assert ("holds a run started with other training settings (train.learning_rate: 0.2 there, 0.01 here)"
           in other.stderr), other.stderr[-3000:]
+  sys.path.insert(0, os.path.join(REPO, "launch"))
+  import runs  # pylint: disable=g-import-not-at-top
+  import self_distillation  # pylint: disable=g-import-not-at-top
+  overrides = [f"--config.data.source=folder:{tree}", *self_distillation.SCALES["cpu"]["extra"], *TINY_RUN]
+  config, joint = os.path.join(REPO, "configs", "cifar10.py:joint_cpu"), os.path.join(root, "joint")
+  assert runs.finished(joint, config, overrides)
+  assert runs.finished(joint, config, [*overrides, "--config.log.every_s=5", "--config.eval.batch_size=12"])
+  for changed in ("--config.eval.budgets=0.5", "--config.train.epochs=2", f"--config.data.source=folder:{root}"):
+    assert not runs.finished(joint, config, [*overrides, changed]), changed  # the job evaluates again, or refuses
+  assert not runs.finished(joint, config, [*overrides, "--config.nope=1"])  # the job says what is wrong
