@@ -178,8 +178,14 @@ class Cascade:
     logits_out, exit_B = [None] * n, np.full(n, len(self.stages) - 1)
     h, active = np.asarray(x_BxHxWx3), np.arange(n)
     run_B, prev_B = np.zeros(n, np.int32), np.full(n, -1)
+    if threshold_ExC.ndim != 2 or len(threshold_ExC) != len(self.stages):
+      raise ValueError(f"a threshold of shape {threshold_ExC.shape}; this cascade has {len(self.stages)} exits: "
+                       f"give threshold_ExC a row per exit and a column per class")
     for k, stage in enumerate(self.stages):
       h, logits_BxC = stage(h)
+      if threshold_ExC.shape[1] != logits_BxC.shape[-1]:  # numpy would raise, or a shorter row be read wrongly
+        raise ValueError(f"a threshold of shape {threshold_ExC.shape}; the model has {logits_BxC.shape[-1]} classes: "
+                         f"give threshold_ExC a row per exit and a column per class")
       if k < len(self.stages) - 1:
         score_B, pred_B, run_B = exit_score(self.policy, logits_BxC, run_B, prev_B)
         done = np.asarray(passes(self.policy, score_B, threshold_ExC[k][pred_B]))

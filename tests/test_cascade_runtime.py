@@ -41,6 +41,9 @@ def test_a_cascade_of_made_up_stages_decides_as_the_policy_and_runs_only_images_
   np.testing.assert_array_equal(logits_NxC.argmax(-1), want_pred_N)
   assert [n for _, n in seen] == [40] + [int(np.sum(want_exit_N >= k)) for k in range(1, E)][:len(seen) - 1]
   assert len(set(exit_N.tolist())) > 1
+  for bad in (threshold_ExC[:2], threshold_ExC[:, :2], threshold_ExC[0]):  # tracebacks from numpy, before
+    with pytest.raises(ValueError, match=rf"^a threshold of shape \({', '.join(map(str, bad.shape))},?\); "):
+      cascade(np.arange(40)[:, None], bad)
 
 
 def test_the_command_answers_chunk_by_chunk_says_how_far_it_is_and_stops_on_ctrl_c(tmp_path, monkeypatch, capsys):
