@@ -14,7 +14,9 @@ config's (config.bts), so any `--config.x=y` applies to all 128 runs.
 Writes WORKDIR/grid.md and grid.json (per configuration: test accuracy and
 MACs saved, boosted and non-boosted, and the differences) and grid.png
 (accuracy against mean MACs, both modes). Finished configurations are kept
-in WORKDIR/rows/ and skipped when the same command is run again.
+in WORKDIR/rows/ and skipped when the same command is run again; a grid of
+other settings (bar the axes above), or whose backbone now holds other
+weights (WORKDIR/backbone.json), is refused there with one line.
 
 The ResNet-18 grid (GPU): first the backbone, then the grid:
   python -m eejax.main --config configs/cifar10.py --workdir /tmp/r18 \
