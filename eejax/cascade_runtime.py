@@ -183,7 +183,7 @@ class Cascade:
                        f"give threshold_ExC a row per exit and a column per class")
     for k, stage in enumerate(self.stages):
       h, logits_BxC = stage(h)
-      if threshold_ExC.shape[1] != logits_BxC.shape[-1]:  # numpy would raise, or a shorter row be read wrongly
+      if threshold_ExC.shape[1] != logits_BxC.shape[-1]:  # else numpy raises once an image predicts a class past it
         raise ValueError(f"a threshold of shape {threshold_ExC.shape}; the model has {logits_BxC.shape[-1]} classes: "
                          f"give threshold_ExC a row per exit and a column per class")
       if k < len(self.stages) - 1:

@@ -3,11 +3,12 @@
 `run_steps(root, [(name, command), ...], env, deadline=...)` runs the commands
 in order, each in its own process group with its output in
 `root/logs/<name>.log`. A finished step leaves `root/steps/<name>.json`
-(command, exit status, seconds) and is skipped on the next call with the same
-command; a failed one is recorded and runs again next time. At the deadline, or when this process
-gets SIGTERM or Ctrl-C, the running step's process group gets SIGTERM (an eejax
-run then saves a checkpoint and exits; the launch scripts' runs resume from it)
-and the step is left for the next call, as are the steps after it.
+(command, exit status, seconds) and is skipped on the next call with the
+same command; a failed one is recorded and runs again next time. At the
+deadline, or when this process gets SIGTERM or Ctrl-C, the running step's
+process group gets SIGTERM (an eejax run then saves a checkpoint and exits;
+the launch scripts' runs resume from it) and the step is left for the next
+call, as are the steps after it.
 """
 import json
 import os
