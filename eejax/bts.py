@@ -8,7 +8,6 @@ model under `models/`. `launch/bts_grid.py` reuses `prepare` and
 `run_configuration` for the 64-configuration grid. See `eejax.boosted`.
 """
 import dataclasses
-import json
 import os
 import shutil
 import signal
@@ -206,7 +205,7 @@ def check_same_run(config, workdir: str, free=("margins", "baseline")) -> None:
   if before.get("scheme", config.scheme) != config.scheme:
     raise UserError(f"{workdir} holds a {before['scheme']} run, not a BTS-EE one. Nothing in it was changed: give "
                     f"this job its own --workdir")
-  now = json.loads(config.to_json_best_effort())
+  now = workdirs.as_tree(config)
   before.setdefault("bts", {})
   for key, value in LEGACY_BTS.items():  # a run saved before the setting existed used its old behaviour
     before["bts"].setdefault(key, value)

@@ -12,7 +12,6 @@ training data, with a line saying so, and saved.
 import dataclasses
 import functools
 import hashlib
-import json
 import os
 
 import jax
@@ -49,8 +48,7 @@ def check_resume(workdir: str, config) -> None:
   if not (checkpoint.steps(os.path.join(workdir, "checkpoints")) and os.path.exists(saved)):
     return
   before = _with_later_keys(workdirs.read_json(saved))
-  what = workdirs.differences(json.loads(before.to_json_best_effort()), json.loads(config.to_json_best_effort()),
-                              lambda key: workdirs.shapes_result(key, config.scheme, RESUMES_WITH_ANY))
+  what = setting_differences(before, config, RESUMES_WITH_ANY)
   if config.train.epochs < before.train.epochs:
     what = "; ".join(filter(None, [f"train.epochs: {before.train.epochs} there, {config.train.epochs} here, and a "
                                    f"run only grows longer", what]))
@@ -61,6 +59,13 @@ def check_resume(workdir: str, config) -> None:
   if before.train.epochs != config.train.epochs:
     say(f"train.epochs {before.train.epochs} -> {config.train.epochs}: this run goes on to {config.train.epochs} "
         f"epochs from its last checkpoint, its learning rate following the schedule of that length from there")
+
+
+def setting_differences(before, config, free: tuple = workdirs.RUNS_ANY_WAY) -> str:
+  """`workdirs.differences` of two configs on the settings that shape what `config`'s scheme trains and reports,
+  the prefixes in `free` aside."""
+  return workdirs.differences(workdirs.as_tree(before), workdirs.as_tree(config),
+                              lambda key: workdirs.shapes_result(key, config.scheme, free))
 
 
 def model_settings(model_cfg, ensemble_teachers: bool = False) -> dict:

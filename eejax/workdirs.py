@@ -195,10 +195,15 @@ def _show(tree: dict, key: str) -> str:
   return "null" if value is None else json.dumps(value)
 
 
+def as_tree(config) -> dict:
+  """A ConfigDict as the plain JSON tree config.json holds."""
+  return json.loads(config.to_json_best_effort())
+
+
 def save_config(workdir: str, config) -> None:
   """WORKDIR/config.json: the settings that made the run."""
   os.makedirs(workdir, exist_ok=True)
-  write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()), indent=2)
+  write_json(os.path.join(workdir, "config.json"), as_tree(config), indent=2)
 
 
 def read_json(path: str):

@@ -10,7 +10,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import steps
-from eejax import compare, latex, workdirs
+from eejax import compare, latex
 from eejax import run as eejax_run
 from eejax.cli import parse_flags
 
@@ -75,9 +75,7 @@ def finished(workdir: str, config: str, overrides) -> bool:
     wanted, saved = job_config(config, overrides), eejax_run.load_config(workdir)
   except Exception:  # pylint: disable=broad-except  # a config the job would refuse, a damaged config.json
     return False
-  differ = workdirs.differences(json.loads(saved.to_json_best_effort()), json.loads(wanted.to_json_best_effort()),
-                                lambda key: workdirs.shapes_result(key, wanted.scheme))
-  return not differ and saved.data.source == wanted.data.source
+  return not eejax_run.setting_differences(saved, wanted) and saved.data.source == wanted.data.source
 
 
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
