@@ -17,7 +17,7 @@ def markdown(report: dict) -> str:
   full = report["full_macs"]
   lines = [f"# {report['method']}: {report['model']} on {report['dataset']}", "",
            f"Test split, {report['splits']['test']} images. MACs are multiply-accumulates per image "
-           f"(FLOPs = 2 x MACs); full network: {full / 1e6:.2f} M MACs.", "",
+           f"(FLOPs = 2 x MACs); full network: {full / 1e6:.2f} M MACs.", "", *_untrained_lines(report),
            "| exit | accuracy (%) | MACs (M) | % of full |", "|---:|---:|---:|---:|"]
   for e in report["exits"]:
     lines.append(f"| {e['exit']} | {_pct(e['accuracy'])} | {e['macs'] / 1e6:.2f} | {100 * e['macs'] / full:.1f} |")
@@ -33,6 +33,12 @@ def markdown(report: dict) -> str:
     lines += ["", f"Training throughput: {report['train_images_per_s']:,.0f} images/s "
               f"(steady state, compilation excluded), {report.get('train_steps')} steps."]
   return "\n".join(lines) + "\n"
+
+
+def _untrained_lines(report: dict) -> list[str]:
+  if report.get("train_steps") != 0:
+    return []
+  return [f"Not trained here (train.epochs=0): the weights of `{report.get('init_from')}` as they are.", ""]
 
 
 def _threshold(t) -> str:

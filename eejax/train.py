@@ -281,7 +281,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     records = history.read(workdir)
     extra = {"train_images_per_s": images_per_s, "train_steps": total_steps, "history": history.summary(records),
-             "history_every_epochs": config.eval.every_epochs}
+             "history_every_epochs": config.eval.every_epochs, "init_from": config.init_from or None}
     if scheme.report is not None:
       extra.update(scheme.report(state.params))
     report = evaluate.evaluate_and_report(model, variables, ds, macs, config, workdir, mesh, spec.stats, extra=extra,

@@ -112,6 +112,9 @@ def check_numbers(config) -> None:
     value = (config[section[0]].get(name) if section[0] in config else None) if section else config.get(name)
     if value is not None and not all(_is_number(v) and ok(v) for v in _entries(value)):
       raise UserError(f"{key}={_shown(value)} must be {what}")
+  if config.train.epochs == 0 and not config.get("init_from"):
+    raise UserError("train.epochs=0 trains nothing, and the report would score a network that never learnt: give 1 "
+                    "or more epochs, or evaluate another run's weights with --config.init_from=WORKDIR")
   if config.model.exit_after is not None and not len(config.model.exit_after):
     raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
                     "(an exit after each stage)")

@@ -150,6 +150,14 @@ def test_init_from_checks_the_model(tiny_tree, tmp_path):
   train.train_and_evaluate(config, str(tmp_path / "b"))
   for a, b in zip(params_of(source, ["params"]), params_of(str(tmp_path / "b"), ["params"])):
     np.testing.assert_array_equal(a, b)  # lr 0: the parameters (not the BN statistics) are the source's
+  # Zero epochs from another run's weights score those weights as they are, and the report says so.
+  config = smoke_config(tiny_tree, str(tmp_path / "c"), **{"init_from": source, "train.epochs": 0})
+  got = train.train_and_evaluate(config, str(tmp_path / "e"))
+  want = json.load(open(os.path.join(source, "report.json"), encoding="utf-8"))
+  assert [e["accuracy"] for e in got["exits"]] == [e["accuracy"] for e in want["exits"]]
+  text = open(os.path.join(tmp_path / "e", "report.md"), encoding="utf-8").read()
+  assert f"Not trained here (train.epochs=0): the weights of `{source}` as they are." in text
+  assert "Not trained here" not in open(os.path.join(source, "report.md"), encoding="utf-8").read()
   config = smoke_config(tiny_tree, str(tmp_path / "c"), **{"init_from": source, "model.width": 0.5})
   with pytest.raises(UserError, match="holds a different model"):
     train.train_and_evaluate(config, str(tmp_path / "d"))

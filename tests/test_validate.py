@@ -68,6 +68,15 @@ def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
     validate.check_config(config)
 
 
+def test_zero_epochs_is_refused_unless_it_evaluates_another_runs_weights():
+  config = cifar10.get_config("smoke")
+  config.train.epochs = 0
+  with pytest.raises(UserError, match=r"^train.epochs=0 trains nothing, .* --config.init_from=WORKDIR$"):
+    validate.check_config(config)
+  config.init_from = "/runs/a"
+  validate.check_config(config)
+
+
 def test_every_preset_passes():
   for preset in (None, "cpu", "smoke", *cifar10.PRESETS):
     validate.check_config(cifar10.get_config(preset))
