@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax import policies, thresholds
-from eejax.errors import UserError
+from eejax.errors import UserError, is_number
 
 
 @functools.partial(jax.jit, static_argnames=("policy", "chunk"))
@@ -141,9 +141,9 @@ def fit_accuracy(score_ExB, pred_ExB, labels_B, cost_E, candidates, target: floa
 
 def check_goal(budget: float | None = None, target_accuracy: float | None = None) -> None:
   """A budget (a fraction of the full network's MACs) in (0, 1] and a target accuracy in [0, 1], else one line."""
-  if budget is not None and not 0 < budget <= 1:
+  if budget is not None and not (is_number(budget) and 0 < budget <= 1):
     raise UserError(f"budget={budget!r} must be a fraction of the full network's MACs, above 0 and at most 1")
-  if target_accuracy is not None and not 0 <= target_accuracy <= 1:
+  if target_accuracy is not None and not (is_number(target_accuracy) and 0 <= target_accuracy <= 1):
     raise UserError(f"target_accuracy={target_accuracy!r} must be a fraction between 0 and 1 (0.7 is 70%)")
 
 

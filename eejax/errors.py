@@ -1,8 +1,9 @@
-"""The one exception type for mistakes a user can fix.
+"""The one exception type for mistakes a user can fix, and the test for a number a user gave.
 
 `eejax.main` prints a `UserError` as a single line (no traceback) and exits
 with status 2. Everything else is a bug and keeps its traceback.
 """
+import numbers
 
 
 class UserError(Exception):
@@ -18,3 +19,8 @@ def first_line(e: BaseException, limit: int = 200) -> str:
 def unknown_name(kind: str, name: str, valid) -> UserError:
   """`UserError` for a name that is not in a registry, listing the valid names."""
   return UserError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(valid))}")
+
+
+def is_number(v) -> bool:
+  """A real number, numpy's too (NaN fails every range test by itself); a bool or a string is not one."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax import calibration, policies, thresholds
-from eejax.errors import UserError, unknown_name
+from eejax.errors import UserError, is_number, unknown_name
 
 RISKS = ("disagreement", "accuracy_loss")
 FAMILIES = ("global", "per_exit")
@@ -111,8 +111,9 @@ def certify_each(logits_ExNxC, labels_N, cost_E, epsilons, delta: float = 0.1, r
   policy = policies.get(policy)
   if family not in FAMILIES:
     raise unknown_name("risk family", family, FAMILIES)
-  if not 0 < delta < 1 or not all(0 < e < 1 for e in epsilons):
-    raise UserError(f"risk tolerances {', '.join(f'{e:g}' for e in epsilons)} and delta {delta:g}: each must lie "
+  if not all(is_number(v) and 0 < v < 1 for v in (delta, *epsilons)):
+    shown = [f"{v:g}" if is_number(v) else repr(v) for v in (*epsilons, delta)]
+    raise UserError(f"risk tolerances {', '.join(shown[:-1])} and delta {shown[-1]}: each must lie "
                     "strictly between 0 and 1 (fractions: 0.05 is 5%)")
   score_ExN, pred_ExN = jax.device_get(policy.scores(jnp.asarray(logits_ExNxC)))  # sliced and compared on the host
   labels_N = np.asarray(labels_N)

@@ -5,10 +5,8 @@ The modules below trust what passed here: a wrong name is one `UserError`
 listing the valid ones, a number out of range one saying what it must be,
 never a KeyError from deep inside a run or a run that trains on nonsense.
 """
-import numbers
-
 from eejax import cpm, data, losses, policies, risk, schemes, state
-from eejax.errors import UserError, unknown_name
+from eejax.errors import UserError, is_number, unknown_name
 from eejax.models import DTYPES, HEADS
 from eejax.models.resnet import check_image_size, get_arch
 
@@ -110,7 +108,7 @@ def check_numbers(config) -> None:
   for key, ok, what in NUMBERS:
     *section, name = key.split(".")  # "section.name", or "name" at the config's top
     value = (config[section[0]].get(name) if section[0] in config else None) if section else config.get(name)
-    if value is not None and not all(_is_number(v) and ok(v) for v in _entries(value)):
+    if value is not None and not all(is_number(v) and ok(v) for v in _entries(value)):
       raise UserError(f"{key}={_shown(value)} must be {what}")
   if config.train.epochs == 0 and not config.get("init_from"):
     raise UserError("train.epochs=0 trains nothing, and the report would score a network that never learnt: give 1 "
@@ -125,11 +123,6 @@ def check_numbers(config) -> None:
 
 def _entries(value) -> tuple:
   return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def _is_number(v) -> bool:
-  """A real number, numpy's too (NaN fails every test above by itself); a bool or a string is not one."""
-  return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def _shown(value) -> str:

@@ -88,9 +88,15 @@ def test_a_call_the_run_cannot_answer_is_one_line(smoke_run):
     with pytest.raises(UserError, match=r"^images of shape .*; this run takes uint8 Nx16x16x3 images"):
       eejax.predict(run, bad, t)
   for kwargs, message in [({"epsilon": 5.0}, "risk tolerances 5 and delta 0.1: each must lie strictly between"),
-                          ({"epsilon": 0.05, "delta": 1.5}, "risk tolerances 0.05 and delta 1.5")]:
+                          ({"epsilon": 0.05, "delta": 1.5}, "risk tolerances 0.05 and delta 1.5"),
+                          ({"epsilon": "0.05"}, "risk tolerances '0.05' and delta 0.1: each must"),
+                          ({"epsilon": 0.05, "delta": None}, "risk tolerances 0.05 and delta None: each must")]:
     with pytest.raises(UserError, match="^" + message):
       eejax.certify_thresholds(run, **kwargs)
+  for kwargs, message in [({"budget": "0.5"}, "budget='0.5' must be a fraction"),
+                          ({"target_accuracy": True}, "target_accuracy=True must be a fraction")]:
+    with pytest.raises(UserError, match="^" + message):
+      eejax.fit_thresholds(run, **kwargs)
 
 
 def test_predict_on_no_images_is_empty_and_an_unreachable_goal_says_so(smoke_run, capsys):
@@ -104,6 +110,10 @@ def test_predict_on_no_images_is_empty_and_an_unreachable_goal_says_so(smoke_run
     eejax.predict(run, np.zeros((0, 16, 16, 3), np.uint8), t[:1])
   capsys.readouterr()
   cheapest = eejax.fit_thresholds(run, budget=1e-6)
+  shown = capsys.readouterr().out  # the thresholds as numbers of 4 decimals, not float32's 0.11749999970197678
+  assert shown.startswith(f"max_prob thresholds {[round(float(v), 4) for v in cheapest[:-1, 0]]}: ")
+  assert all(len(v.split(".")[-1]) <= 4 for v in shown.split("[")[1].split("]")[0].split(", ")), shown
+  eejax.fit_thresholds(run, budget=1e-6)
   assert "no setting is within the budget of 0.0001%: this is the cheapest" in capsys.readouterr().out
   macs = exit_macs(run.model, (16, 16, 3)).cumulative
   saved = np.load(os.path.join(workdir, "logits.npz"))
