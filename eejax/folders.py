@@ -8,7 +8,8 @@ link, unreadable) is left out with one warning that counts and names them; a
 split with no readable image, a class of the test split that training never
 saw, or images lying directly in train/ stop with one line. A split folder without
 class folders but with a `val_annotations.txt` (file, class per line: Tiny
-ImageNet's val/) is labelled from it. `root/valid/` or `root/val/` (when not
+ImageNet's val/) is labelled from it; a line that is not file<TAB>class or
+names a class training never saw stops with one line. `root/valid/` or `root/val/` (when not
 the test split) is the validation split. It returns
 `({split: (images_NxHxWx3, labels_N)}, class_names)`; `eejax.data` wraps them.
 """
@@ -60,19 +61,31 @@ def images_under(folder: str) -> list[str]:
 
 
 def _annotated_split(root, split, class_names):
-  """(paths, labels) of a split labelled by val_annotations.txt (file<TAB>class...), or None."""
+  """(paths, labels) of a split labelled by val_annotations.txt (file<TAB>class..., a line per image), or None.
+
+  A line that is not file<TAB>class, or a class training never saw, stops with one line; a listed file that is not
+  there is left out with the warning of a file that cannot be read.
+  """
   annotations = os.path.join(root, split, "val_annotations.txt")
   if not os.path.exists(annotations):
     return None
   index = {name: i for i, name in enumerate(class_names)}
   by_name = {os.path.basename(p): p for p in images_under(os.path.join(root, split))}
   paths, labels = [], []
-  with open(annotations, encoding="utf-8") as f:
-    for line in f:
-      name, cls = line.split("\t")[:2]
-      if name in by_name and cls in index:
-        paths.append(by_name[name])
-        labels.append(index[cls])
+  with open(annotations, encoding="utf-8", errors="replace") as f:
+    for number, line in enumerate(f, 1):
+      fields = line.rstrip("\r\n").split("\t")
+      if not line.strip():
+        continue
+      where = f"{annotations}, line {number}"
+      if len(fields) < 2 or not fields[0] or not fields[1]:
+        raise UserError(f"{where}: {line.strip()[:80]!r} is not FILE<TAB>CLASS; fix the line, or unpack the "
+                        "dataset's archive again")
+      if fields[1] not in index:
+        raise UserError(f"{where}: class {fields[1]!r} is not in {root}/train: a class the model never trains on "
+                        "cannot be tested; add its training images or remove its lines")
+      paths.append(by_name.get(fields[0], os.path.join(root, split, "images", fields[0])))
+      labels.append(index[fields[1]])
   return paths, labels
 
 

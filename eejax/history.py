@@ -34,12 +34,12 @@ def validation_metrics(logits_ExNxC, labels_N, epoch: float) -> dict:
 
 
 def read(workdir: str) -> list[dict]:
-  """The records of WORKDIR/metrics.jsonl ([] without one); a line cut short by a crash is left out."""
+  """The records of WORKDIR/metrics.jsonl ([] without one); a line cut short or garbled by a crash is left out."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   records = []
-  with open(path, encoding="utf-8") as f:
+  with open(path, encoding="utf-8", errors="replace") as f:
     for line in f:
       try:
         record = json.loads(line)

@@ -115,8 +115,11 @@ def main(argv) -> None:
     for path in paths:
       if not path.endswith(".md"):
         raise UserError(f"{path}: not a Markdown file (.md)")
-      with open(path, encoding="utf-8") as f:
-        markdown = f.read()
+      try:
+        with open(path, encoding="utf-8") as f:
+          markdown = f.read()
+      except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): give a Markdown report") from None
       count = write_beside(path, markdown)
       print(f"{path}: {count} table(s)" + (f" -> {os.path.splitext(path)[0]}.tex" if count else ", nothing written"))
   cli.guarded(job, "eejax.latex")

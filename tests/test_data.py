@@ -136,7 +136,7 @@ def test_real_cifar10_tree(tmp_path):
   assert 50 < ds.train.images_NxHxWx3.mean() < 200
 
 
-def test_tiny_imagenet_layout(tmp_path):
+def test_tiny_imagenet_layout(tmp_path, capfd):
   """train/<wnid>/images/*.JPEG; val/images/*.JPEG labelled by val_annotations.txt; val is the test split."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   root = tmp_path / "tin"
@@ -156,6 +156,17 @@ def test_tiny_imagenet_layout(tmp_path):
   assert (len(ds.train), len(ds.val), len(ds.test)) == (4, 2, 3)
   assert ds.test.labels_N.tolist() == [1, 0, 1]
   assert ds.val_source.startswith("2 images carved")
+  # Blank lines and Windows line ends are read; a file listed but not there is left out with the usual warning.
+  annotations = root / "val" / "val_annotations.txt"
+  annotations.write_text("\r\n".join(lines + ["val_9.JPEG\tn01\t0\t0\t8\t8"]) + "\r\n\n")
+  ds = data.load(f"folder:{root}", test_split="val", val_size=2, cache_dir="")
+  assert ds.test.labels_N.tolist() == [1, 0, 1]
+  assert "1 of 4 files under" in capfd.readouterr().err
+  for bad, words in ((f"{lines[0]}\nval_1.JPEG n01\n", r"line 2: 'val_1.JPEG n01' is not FILE<TAB>CLASS"),
+                     (f"{lines[0]}\nval_1.JPEG\tn07\n", r"line 2: class 'n07' is not in .*/tin/train: a class")):
+    annotations.write_text(bad)
+    with pytest.raises(UserError, match=f"^{annotations}, {words}"):
+      data.load(f"folder:{root}", test_split="val", val_size=2, cache_dir="")
 
 
 def test_folder_path_under_home(tmp_path, monkeypatch):

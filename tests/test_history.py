@@ -40,6 +40,8 @@ def test_read_leaves_out_a_cut_line_and_series_keeps_the_value_written_last(tmp_
                         json.dumps({"step": 4, "train/loss": 1.5}) + "\n",  # a resumed run wrote step 4 again
                         json.dumps({"step": 3, "train/loss": 2.5}) + "\n",
                         '{"step": 6, "train/lo'])  # the process died mid-line
+  with open(tmp_path / "metrics.jsonl", "ab") as f:  # and a disk that lost power left a block of other bytes
+    f.write(b"\n\xff\xfe\x00\x9c garbage\n")
   records = history.read(str(tmp_path))
   assert len(records) == 4
   steps, values = history.series(records, "train/loss")

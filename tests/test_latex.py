@@ -103,3 +103,7 @@ def test_the_command_converts_reports_written_before_and_a_mistake_is_one_line(t
   r = run(tmp_path / "missing.md")
   assert r.returncode == 2 and r.stderr.strip().startswith("eejax.latex: error: No such file or directory")
   assert len(r.stderr.strip().splitlines()) == 1
+  (tmp_path / "binary.md").write_bytes(b"| a |\n|---|\n| \xff\xfe |\n")
+  r = run(tmp_path / "binary.md")
+  assert r.returncode == 2 and r.stderr.strip() == f"eejax.latex: error: {tmp_path}/binary.md is not UTF-8 text " \
+                                                    "(byte 14): give a Markdown report", r.stderr
