@@ -88,6 +88,9 @@ def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
     command = [sys.executable, "-m", "eejax.main", "--config", config, f"--workdir={workdir}", *overrides]
     print(f"[{name}] {' '.join(command)}", flush=True)
     code = subprocess.call(steps.with_parent(command))  # stopped with this launcher
+    if code == 2:  # a mistake, named on the job's own error line: rerunning as it is would stop the same way
+      sys.exit(f"[{name}] stopped with status 2: do what its error line above says, then run this command again "
+               "(finished runs are kept)")
     if code:
       sys.exit(f"[{name}] failed with status {code}; rerun the same command to resume")
   with open(report, encoding="utf-8") as f:

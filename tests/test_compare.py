@@ -208,6 +208,8 @@ def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):
   assert other.returncode != 0 and "done already" not in other.stdout, other.stdout[-3000:]
   assert ("holds a run started with other training settings (train.learning_rate: 0.2 there, 0.01 here)"
           in other.stderr), other.stderr[-3000:]
+  assert other.stderr.strip().splitlines()[-1] == ("[joint] stopped with status 2: do what its error line above "
+                                                   "says, then run this command again (finished runs are kept)")
   sys.path.insert(0, os.path.join(REPO, "launch"))
   import runs  # pylint: disable=g-import-not-at-top
   import self_distillation  # pylint: disable=g-import-not-at-top
