@@ -36,6 +36,7 @@ from eejax.cli import parse_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("throughput", "main", "bts", "erde", "self_distillation", "sdn")
+NEEDS = {"main_early_exit": ("main",), "main_export": ("main",), "bts_grid": ("main",)}  # steps on main's run
 
 # The GPU recipe for ResNet-18 with 4 exits: bfloat16 compute, batch 512, the learning rate scaled with it.
 GPU_RECIPE = ["--config.model.dtype=bfloat16", "--config.train.batch_size=512", "--config.train.learning_rate=0.4",
@@ -127,7 +128,8 @@ def write_summary(root: str, planned, hardware: str, command: str, left=()) -> N
       lines += [f"## {stage}", ""]
     r = steps.record(root, name)
     if r is None:
-      lines += [f"### {name}: not run yet", ""]
+      why = steps.blocked(root, name, NEEDS)
+      lines += [f"### {name}: not run yet{f' ({why})' if why else ''}", ""]
       continue
     lines += [f"### {name}: {'done' if r['status'] == 0 else 'failed, exit status ' + str(r['status'])}, "
               f"{r['seconds']:.0f} s", "", "`" + " ".join(_short(c) for c in r["command"]) + "`", ""]
@@ -173,14 +175,18 @@ def main(argv):
   deadline = steps.deadline(start, FLAGS.minutes)
   only = {name for stage, name, _, _ in planned if stage in FLAGS.only} if FLAGS.only else frozenset()
   summary = lambda left=(): write_summary(root, planned, hardware, command, left)
-  left = steps.run_steps(root, [(name, cmd) for _, name, cmd, _ in planned], env, only, deadline, summary)
+  left = steps.run_steps(root, [(name, cmd) for _, name, cmd, _ in planned], env, only, deadline, summary, NEEDS)
   summary(left)
   failed = [name for _, name, _, _ in planned if (not only or name in only) and
             (r := steps.record(root, name)) is not None and r["status"] != 0]
   print(f"summary: {os.path.join(root, 'summary.md')} ({time.monotonic() - start:.0f} s)")
   steps.end_if_left(left, FLAGS.minutes)
-  if failed:
-    sys.exit(f"failed: {', '.join(failed)} (logs in {root}/logs; the same command runs them again)")
+  skipped = [name for _, name, _, _ in planned if (not only or name in only) and steps.record(root, name) is None
+             and steps.blocked(root, name, NEEDS)]
+  if failed or skipped:
+    sys.exit(f"failed: {', '.join(failed) or 'none'}" + (f"; skipped for want of them: {', '.join(skipped)}"
+                                                         if skipped else "")
+             + f" (logs in {root}/logs; the same command runs them again)")
   print("every stage finished")
 
 

@@ -8,7 +8,8 @@ same command; a failed one is recorded and runs again next time. At the
 deadline, or when this process gets SIGTERM or Ctrl-C, the running step's
 process group gets SIGTERM (an eejax run then saves a checkpoint and exits;
 the launch scripts' runs resume from it) and the step is left for the next
-call, as are the steps after it.
+call, as are the steps after it. A step that needs another (`needs`) is
+skipped, with a line, while that one has not finished well.
 """
 import json
 import os
@@ -130,12 +131,22 @@ def catch_signals() -> dict:
   return {sig: signal.signal(sig, _record) for sig in (signal.SIGTERM, signal.SIGINT)}
 
 
+def blocked(root: str, name: str, needs: dict) -> str | None:
+  """Why step `name` cannot run yet: a step it needs (`needs[name]`) failed or has not run; None when it can."""
+  for other in needs.get(name, ()):
+    r = record(root, other)
+    if r is None or r["status"] != 0:
+      return f"needs {other}, which {'has not run' if r is None else 'failed'}"
+  return None
+
+
 def run_steps(root: str, named_commands, env: dict, only=frozenset(), deadline: float | None = None,
-              after_each=None) -> list[str]:
+              after_each=None, needs=None) -> list[str]:
   """Runs each (name, command or callable giving one) in order, skipping finished ones.
 
   Returns the names left undone (stopped, or not reached before the deadline or a signal); a failed step is
-  recorded, reported, and the next step runs. `after_each()` runs after every step (the summary).
+  recorded, reported, and the next step runs, bar those that need it (`needs`: {name: names}), which are skipped
+  with a line and run on a later call. `after_each()` runs after every step (the summary).
   """
   previous = catch_signals()
   left = []
@@ -145,6 +156,10 @@ def run_steps(root: str, named_commands, env: dict, only=frozenset(), deadline: 
         continue  # a callable's command may need the steps before it: known by its name alone
       if left or _stop["signum"] is not None or (deadline is not None and time.monotonic() >= deadline):
         left.append(name)
+        continue
+      why = blocked(root, name, needs or {})
+      if why:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: skipped, {why}", flush=True)
         continue
       command = command() if callable(command) else command
       if run_step(root, name, command, env, deadline) == "stopped":

@@ -70,3 +70,19 @@ def test_the_time_limit_leaves_the_running_step_time_to_save(capsys):
     raise AssertionError("end_if_left returned with steps left")
   assert capsys.readouterr().out == ("stopped at the 9-minute limit; left: main, bts; run the same command again "
                                      "to continue\n")
+
+
+def test_a_step_is_skipped_while_a_step_it_needs_has_failed_or_not_run(tmp_path, capsys):
+  calls = tmp_path / "calls.txt"
+  step = lambda word, code: [sys.executable, "-c", f"open({str(calls)!r}, 'a').write({word!r}); raise SystemExit({code})"]
+  needs = {"uses_a": ("a",), "uses_x": ("x",)}
+  left = steps.run_steps(str(tmp_path), [("a", step("a", 2)), ("uses_a", step("u", 0)), ("free", step("f", 0)),
+                                         ("uses_x", step("x", 0))], dict(os.environ), needs=needs)
+  assert left == [] and calls.read_text() == "af"  # uses_a waits for a; uses_x for x, which never ran
+  out = capsys.readouterr().out
+  assert "uses_a: skipped, needs a, which failed" in out and "uses_x: skipped, needs x, which has not run" in out
+  assert not os.path.exists(steps.record_path(str(tmp_path), "uses_a"))  # not recorded: it runs on a later call
+  assert steps.blocked(str(tmp_path), "uses_a", needs) == "needs a, which failed"
+  steps.run_steps(str(tmp_path), [("a", step("a", 0)), ("uses_a", step("u", 0)), ("free", step("f", 0))],
+                  dict(os.environ), needs=needs)
+  assert calls.read_text() == "afau" and steps.blocked(str(tmp_path), "uses_a", needs) is None
