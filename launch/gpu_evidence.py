@@ -186,6 +186,13 @@ def evidence_steps(args):
                           *size, "--config.data.max_images=2000"]
 
 
+# The steps on the main job's run wait for it: on a lease, failing each in turn on a workdir without a run costs
+# a start-up apiece and buries the one cause.
+ON_MAIN = ("parity_main", "early_exit", "early_exit_2500", "threshold_search_main", "export", "export_graphs", "bts",
+           "bts_grid")
+NEEDS = {name: ("main",) for name in ON_MAIN}
+
+
 def write_summary(root, names):
   lines = ["# Accelerator evidence: steps", ""]
   for name in names:
@@ -195,7 +202,8 @@ def write_summary(root, names):
                 "`" + " ".join(info["command"]) + "`", "", "```", *steps.tail(steps.log_path(root, name), 25),
                 "```", ""]
     else:
-      lines += [f"## {name}: not run", ""]
+      why = steps.blocked(root, name, NEEDS)
+      lines += [f"## {name}: not run{f' ({why})' if why else ''}", ""]
   with open(os.path.join(root, "summary.md"), "w", encoding="utf-8") as f:
     f.write("\n".join(lines))
 
@@ -237,7 +245,8 @@ def run_steps(root, named_commands, env, only=frozenset(), deadline=None):
 
   Returns the names left undone (the deadline or a signal came first)."""
   names = [n for n, _ in named_commands]
-  left = steps.run_steps(root, named_commands, env, only, deadline, after_each=lambda: write_summary(root, names))
+  left = steps.run_steps(root, named_commands, env, only, deadline, after_each=lambda: write_summary(root, names),
+                         needs=NEEDS)
   write_summary(root, names)
   return left
 

@@ -95,3 +95,6 @@ def test_the_accuracy_steps_come_first_and_every_name_is_unique():
   assert names[:len(first)] == first and ablated[0] == "ablate_single"
   assert {"ablate_init_pytorch", "ablate_float32"} <= set(first)
   assert len(set(names)) == len(names) and "train_step" in names and "bts_grid" in names
+  # The steps on the main job's run wait for it; each is a step of the plan (a misspelt name would never wait).
+  assert set(gpu_evidence.NEEDS) <= set(names) and all(names.index(n) > names.index("main") for n in gpu_evidence.NEEDS)
+  assert {"early_exit", "export", "bts_grid"} <= set(gpu_evidence.NEEDS) and "train_step" not in gpu_evidence.NEEDS
