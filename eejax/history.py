@@ -129,9 +129,15 @@ def plot(records, path: str, title: str = "") -> bool:
 def show(workdir: str, out: str | None = None) -> str:
   """The validation table of `workdir` so far, as Markdown; draws OUT/training.png (OUT: the workdir)."""
   from eejax import report  # pylint: disable=g-import-not-at-top
+  from eejax import workdirs  # pylint: disable=g-import-not-at-top
   from eejax.errors import UserError  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(workdir):
     raise UserError(f"{workdir!r} is not a folder: give --workdir of a run")
+  if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      raise workdirs.not_a_run(workdir)
+    raise UserError(f"{workdir} has no metrics.jsonl: its run has not logged yet, or was not trained by eejax.main "
+                    "(BTS-EE's branches, trained on a frozen backbone, keep no history; its report.md has the results)")
   records = read(workdir)
   rows = summary(records)
   if not rows:

@@ -205,7 +205,7 @@ def _write_spec(workdir: str, spec: RunSpec) -> None:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, "run.json"))):
-    raise UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give the --workdir of a run")
+    raise workdirs.not_a_run(workdir)
   return _with_later_keys(workdirs.read_json(path))
 
 

@@ -41,6 +41,17 @@ SECTION_SCHEMES = {"erde": "erde", "mate": "mate", "byot": "byot", "sdn": "sdn",
                    "bts": "boosted"}  # a config section read by one scheme alone
 
 
+def not_a_run(workdir: str) -> UserError:
+  """The line for a --workdir that holds no run; a BTS-EE job's folder names the runs inside it."""
+  models = os.path.join(workdir, "models")
+  inside = sorted(d for d in os.listdir(models) if os.path.exists(os.path.join(models, d, "run.json"))
+                  ) if os.path.isdir(models) else []
+  if inside:
+    return UserError(f"{workdir!r} is a BTS-EE job, whose models are runs of their own: give --workdir "
+                     f"{models}/NAME, NAME one of {', '.join(inside)}")
+  return UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give the --workdir of a run")
+
+
 def check_path(path: str, what: str, flag: str) -> None:
   """One line when `path` cannot be a folder this job writes: it is a file, or a folder it cannot write."""
   path = os.path.expanduser(path)

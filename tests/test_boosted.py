@@ -13,6 +13,7 @@ import pytest
 from conftest import REPO, make_tree, run_main
 from eejax import boosted, data, input_pipeline, policies, run, thresholds
 from eejax.boosted import Features, Settings
+from eejax.errors import UserError
 from eejax.models.heads import Conv1dHead
 
 
@@ -107,6 +108,10 @@ def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone
   after = run.load_run(backbone).variables  # the backbone run itself is untouched
   jax.tree.map(np.testing.assert_array_equal, before, after)
   branches = run.load_run(os.path.join(workdir, "models", "boosted_m0.1"))
+  with pytest.raises(UserError, match=rf"^'{workdir}' is a BTS-EE job, whose models are runs of their own: give "
+                                      rf"--workdir {workdir}/models/NAME, NAME one of boosted_m0, boosted_m0.1, "
+                                      r"nonboosted_m0, nonboosted_m0.1$"):
+    run.load_run(workdir)  # the job's own folder, given to export or a benchmark by mistake
   config, model, variables = branches.config, branches.model, branches.variables
   assert model.head == "conv1d" and tuple(model.exit_after) == (2, 5)
   for collection in ("params", "batch_stats"):  # stem, blocks and BN statistics: bit-identical to the backbone

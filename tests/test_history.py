@@ -105,6 +105,12 @@ def test_show_tells_how_a_run_is_going_and_a_mistake_is_one_line(tmp_path):
   assert "| 1 | 60.00 | 2.0 | 60.00 | 2.0 | 70.00 |" in text and (tmp_path / "out" / "training.png").exists()
   empty = tmp_path / "empty"
   empty.mkdir()
+  with pytest.raises(UserError, match=r"^'.*/empty' is not an eejax workdir \(no config.json and run.json\)"):
+    history.show(str(empty))
+  (empty / "config.json").write_text("{}")  # a run that has not logged yet, or BTS-EE's branches
+  with pytest.raises(UserError, match=r"/empty has no metrics.jsonl: its run has not logged yet, or was not trained"):
+    history.show(str(empty))
+  (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 2.0}) + "\n")
   with pytest.raises(UserError, match="no validation during training yet"):
     history.show(str(empty))
   r = subprocess.run([sys.executable, "-m", "eejax.history", f"--workdir={tmp_path / 'none'}"], cwd=REPO,
