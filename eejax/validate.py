@@ -5,16 +5,20 @@ The modules below trust what passed here: a wrong name is one `UserError`
 listing the valid ones, a number out of range one saying what it must be,
 never a KeyError from deep inside a run or a run that trains on nonsense.
 """
+import math
+
 from eejax import cpm, data, losses, policies, risk, schemes, state
 from eejax.errors import UserError, is_number, unknown_name
 from eejax.models import DTYPES, HEADS
-from eejax.models.resnet import check_image_size, get_arch
+from eejax.models.resnet import check_image_size, exit_points, get_arch
 
 
 def check_config(config) -> None:
   data.check_source(config.data.source)
   get_arch(config.model.name)
   check_numbers(config)
+  if config.model.exit_after is not None:
+    exit_points(get_arch(config.model.name), config.model.exit_after)  # block numbers the model has
   if config.data.image_size is not None:
     check_image_size(config.model.name, config.data.image_size)
   if config.model.head not in HEADS:
@@ -116,6 +120,13 @@ def check_numbers(config) -> None:
   if config.model.exit_after is not None and not len(config.model.exit_after):
     raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
                     "(an exit after each stage)")
+  # Block numbers: 3.5 was read as block 3, True as block 1, and 3,3 as one exit, without a word.
+  for key, value in (("model.exit_after", config.model.exit_after),
+                     ("bts.positions", config.bts.positions if "bts" in config else None)):
+    entries = _entries(value) if value is not None else ()
+    if not all(is_number(b) and math.isfinite(b) and b >= 1 and b == int(b) for b in entries) or (
+        key == "model.exit_after" and len(set(entries)) < len(entries)):
+      raise UserError(f"{key}={_shown(value)} must be distinct whole block numbers, e.g. 3,6,8")
   weights = config.train.exit_weights
   if weights is not None and len(weights) and not any(weights):
     raise UserError(f"train.exit_weights={_shown(weights)} gives every exit weight 0, so nothing would learn")

@@ -1,5 +1,6 @@
 """A config's names and numbers are checked where it enters, one line each (eejax.validate)."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -59,12 +60,20 @@ from eejax.errors import UserError
     ("compile_cache_max_gb", float("nan"), "compile_cache_max_gb=nan must be 0 (no limit) or more gigabytes"),
     ("seed", -1, "seed=-1 must be a whole number from 0 to 4294967295"),
     ("seed", 2 ** 32 + 5, "seed=4294967301 must be a whole number from 0 to 4294967295"),  # jax's key: seed 5's
+    # Block numbers: 3.5 was block 3, True block 1, 2,2,3 two exits, and "3,x" an internal error after decoding.
+    ("model.exit_after", (3.5,), "model.exit_after=(3.5,) must be distinct whole block numbers, e.g. 3,6,8"),
+    ("model.exit_after", (True,), "model.exit_after=(True,) must be distinct whole block numbers"),
+    ("model.exit_after", (2, 2, 3), "model.exit_after=(2, 2, 3) must be distinct whole block numbers"),
+    ("model.exit_after", ("3,x",), "model.exit_after=('3,x',) must be distinct whole block numbers"),
+    ("model.exit_after", (1, float("inf")), "model.exit_after=(1, inf) must be distinct whole block numbers"),
+    ("model.exit_after", (2, 9), "model.exit_after=[2, 9] must hold block numbers in 1..3"),  # resnet8: 3 blocks
+    ("bts.positions", (1.5,), "bts.positions=(1.5,) must be distinct whole block numbers"),
 ])
 def test_a_value_a_run_cannot_use_is_one_line(key, value, message):
   config = cifar10.get_config("smoke")
   *section, name = key.split(".")
   (config[section[0]] if section else config)[name] = value
-  with pytest.raises(UserError, match="^" + message.replace("(", r"\(").replace(")", r"\)")):
+  with pytest.raises(UserError, match="^" + re.escape(message)):
     validate.check_config(config)
 
 
