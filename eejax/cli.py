@@ -98,14 +98,26 @@ def _config_file_message(text: str) -> str:
 
 
 def config_value(config_flag, program: str = "eejax"):
-  """The parsed --config, or one line when its file could not be loaded (ml_collections defers that error)."""
+  """The parsed --config (`split_names` applied), or one line when its file could not be loaded (ml_collections
+  defers that error)."""
   try:
     value = config_flag.value
     if value is not None:
       value.keys()  # a config that failed to load raises only when used
+      split_names(value)
     return value
   except OSError:
     _config_missing(flags.FLAGS["config"].config_filename, program)
+
+
+def split_names(config) -> None:
+  """`--config.eval.policies=max_prob,entropy` as the two names it gives: ml_collections parses a comma-separated
+  override of a tuple as a Python literal, which takes numbers apart but leaves bare names one string."""
+  for key, value in config.items():
+    if hasattr(value, "items"):  # a section
+      split_names(value)
+    elif isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
+      config[key] = tuple(name.strip() for name in value[0].split(","))
 
 
 def _config_missing(path: str, program: str) -> None:

@@ -44,7 +44,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eejax import boosted, bts, latex, workdirs
-from eejax.cli import fail, guarded, parse_flags
+from eejax.cli import config_value, fail, guarded, parse_flags
 from eejax.run import check_frozen
 
 POSITION_FRACTIONS = ((1 / 4, 1 / 2, 3 / 4), (1 / 2, 3 / 4), (1 / 4, 1 / 2), (1 / 3, 2 / 3))
@@ -93,7 +93,7 @@ def grid_markdown(rows: list[dict], reference: dict, command: str) -> str:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every restore at INFO
-  config, workdir = _CONFIG.value, _WORKDIR.value
+  config, workdir = config_value(_CONFIG, "bts_grid"), _WORKDIR.value
   if config is None or not workdir:
     fail("give --config=configs/FILE.py:bts and --workdir=DIR", "bts_grid")
   guarded(lambda: run_grid(config, workdir), "bts_grid", workdir)

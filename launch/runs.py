@@ -12,7 +12,7 @@ from ml_collections import config_flags
 import steps
 from eejax import compare, latex
 from eejax import run as eejax_run
-from eejax.cli import parse_flags
+from eejax.cli import parse_flags, split_names
 
 
 def parse_args(doc: str, scales, name: str):
@@ -61,6 +61,7 @@ def job_config(config: str, overrides) -> ml_collections.ConfigDict:
   argv, values = ["eejax.main", f"--config={config}", *overrides], flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
   values(argv)
+  split_names(values.config)
   return values.config
 
 

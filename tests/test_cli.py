@@ -114,3 +114,20 @@ def test_python_m_eejax_lists_every_command_and_only_those():
   r = subprocess.run([sys.executable, "-m", "eejax", "train"], capture_output=True, text=True, check=False, timeout=60)
   assert r.returncode == 2 and r.stderr.startswith("eejax: error: run a command as python -m eejax.COMMAND (main, ")
   assert len(r.stderr.strip().splitlines()) == 1 and not r.stdout
+
+
+def test_a_comma_separated_list_of_names_overrides_a_tuple_of_names():
+  """ml_collections reads `--config.eval.policies=max_prob,entropy` as one name 'max_prob,entropy'."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  argv = ["eejax.main", f"--config={REPO}/configs/cifar10.py:smoke", "--config.eval.policies=entropy,patience",
+          "--config.eval.fit_policies=max_prob, entropy", "--config.eval.risks=disagreement",
+          "--config.eval.budgets=0.25,0.5", "--config.data.source=folder:/a,b"]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  config = cli.config_value(values["config"])
+  assert config.eval.policies == ("entropy", "patience") and config.eval.fit_policies == ("max_prob", "entropy")
+  assert config.eval.risks == ("disagreement",) and config.eval.budgets == (0.25, 0.5)
+  assert config.data.source == "folder:/a,b"  # a string setting keeps its commas
