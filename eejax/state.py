@@ -38,11 +38,22 @@ def make_schedule(train_cfg, steps_per_epoch: int) -> optax.Schedule:
     if warmup == 0:
       return optax.cosine_decay_schedule(train_cfg.learning_rate, max(total, 1))
     return optax.warmup_cosine_decay_schedule(0.0, train_cfg.learning_rate, warmup, max(total, warmup + 1))
-  boundaries = {int(e * steps_per_epoch): train_cfg.step_factor for e in train_cfg.step_epochs}
+  factors = {}  # step -> factor; an epoch listed twice, or two epochs on one step, step twice (a dict kept one)
+  for e in train_cfg.step_epochs:
+    b = int(e * steps_per_epoch) - warmup
+    factors[b] = factors.get(b, 1.0) * train_cfg.step_factor
   return optax.join_schedules(
       [optax.linear_schedule(0.0, train_cfg.learning_rate, max(warmup, 1)),
-       optax.piecewise_constant_schedule(train_cfg.learning_rate, {b - warmup: f for b, f in boundaries.items()})],
-      [warmup])
+       optax.piecewise_constant_schedule(train_cfg.learning_rate, factors)], [warmup])
+
+
+def schedule_warning(train_cfg) -> str | None:
+  """A line for train.step_epochs the run never reaches (a preset's steps under a shorter train.epochs)."""
+  late = [e for e in train_cfg.step_epochs if e >= train_cfg.epochs] if train_cfg.schedule == "step" else []
+  if not late:
+    return None
+  return (f"warning: the learning rate never steps at epoch(s) {', '.join(f'{e:g}' for e in late)} of "
+          f"train.step_epochs: the run ends after {train_cfg.epochs}; give earlier ones for a shorter run")
 
 
 def kernel_mask(params):

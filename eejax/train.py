@@ -9,6 +9,7 @@ the loop never tests its name.
 import functools
 import os
 import signal
+import sys
 import time
 from typing import Callable, NamedTuple
 
@@ -21,7 +22,8 @@ from eejax import (checkpoint, collectives, data, evaluate, history, input_pipel
                    workdirs)
 from eejax.errors import UserError
 from eejax.flops import exit_macs
-from eejax.state import TrainState, compile_ahead, init_state, make_optimizer, make_schedule, scan_chunk
+from eejax.state import (TrainState, compile_ahead, init_state, make_optimizer, make_schedule, scan_chunk,
+                          schedule_warning)
 from eejax.writers import MetricWriter, Progress, on_main_process, say
 
 
@@ -219,6 +221,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     per_call = max(1, config.train.steps_per_call)
     say(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
           f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
+    if schedule_warning(config.train):
+      say(schedule_warning(config.train), sys.stderr)
     pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
     tail = (total_steps - step) % per_call  # the last call's length where it is shorter, compiled ahead (or 0)
 

@@ -72,6 +72,24 @@ def test_a_warm_up_under_one_step_is_none_and_a_one_step_run_has_a_schedule():
                              [0.2, 0.2 * 0.5 * (1 + np.cos(np.pi * 10 / 40)), 0.0], atol=1e-7)
 
 
+def test_the_step_schedule_steps_once_for_each_listed_epoch_and_says_which_it_never_reaches():
+  config = cifar10.get_config("smoke")
+  config.train.update(epochs=10, warmup_epochs=1.0, learning_rate=1.0, schedule="step", step_factor=0.1,
+                      step_epochs=(4, 7, 7))  # 7 twice: two steps there (a dict of boundaries kept one)
+  schedule = state.make_schedule(config.train, 10)  # 100 steps, 10 of warm-up; epoch 4 steps from step 40 on
+  np.testing.assert_allclose([float(schedule(s)) for s in (5, 10, 39, 40, 69, 70, 99)],
+                             [0.5, 1.0, 1.0, 0.1, 0.1, 0.001, 0.001], rtol=1e-6)
+  config.train.step_epochs = (4.01, 4.02)  # two epochs on one step (10 steps an epoch): both step
+  np.testing.assert_allclose(float(state.make_schedule(config.train, 10)(40)), 0.01, rtol=1e-6)
+  assert state.schedule_warning(config.train) is None
+  config.train.update(epochs=5, step_epochs=(3, 5, 8.5))
+  assert state.schedule_warning(config.train) == (
+      "warning: the learning rate never steps at epoch(s) 5, 8.5 of train.step_epochs: the run ends after 5; give "
+      "earlier ones for a shorter run")
+  config.train.schedule = "cosine"
+  assert state.schedule_warning(config.train) is None
+
+
 def test_scan_chunk_of_one_step_has_no_loop_and_a_leading_axis():
   step = lambda c, x: (c + x, {"c": c})
   c, m = state.scan_chunk(step, 1, unroll=1)(np.float32(1.0), np.float32(2.0))
