@@ -11,14 +11,17 @@ ERDE step should cost at most 1.5x the sum of the other two. Training steps run
 Hardware printed.
 """
 import functools
+import os
 import platform
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import cifar10
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 from timing import seconds_per_call
 from eejax import cli, losses, sharding, train
 from eejax.run import build_model

@@ -21,12 +21,14 @@ import gzip
 import json
 import os
 import platform
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import cifar10
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 from timing import seconds_per_call
 from eejax import cli, input_pipeline, sharding, train
 from eejax.run import build_model

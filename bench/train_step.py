@@ -14,7 +14,9 @@ and must agree.
 import dataclasses
 import functools
 import json
+import os
 import platform
+import sys
 import time
 
 import jax
@@ -27,7 +29,8 @@ try:  # the peer; without PyTorch eejax is still measured, and the line says the
   import torch_peer
 except ImportError:
   torch = None
-from configs import cifar10
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 from eejax import cli, flops, sharding, train
 from eejax.models.resnet import ARCHS, get_arch
 from eejax.run import build_model

@@ -17,7 +17,9 @@ from conftest import REPO, run_main, smoke_args
 
 
 def bench(script, *args):
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "bench")]), PYTHONUNBUFFERED="1")
+  """`python bench/SCRIPT ARGS` from the repository root, as the README gives it: no PYTHONPATH (with the root on
+  it, a script that could not import configs/ by itself passed here and failed for its users)."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONUNBUFFERED": "1"}
   return subprocess.run([sys.executable, f"bench/{script}", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=600, check=False)
 
