@@ -18,7 +18,11 @@ Presets:
 The archive is downloaded on first use (eejax.datasets); offline, give a copy with
 --config.data.source=cifar100:/path/to/cifar-100-python.tar.gz.
 """
-from configs import cifar10
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 
 
 def get_config(arg: str | None = None):

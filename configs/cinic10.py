@@ -15,7 +15,11 @@ Presets (the paper's BTS-EE setting is ResNet-18 on CINIC-10):
   cpu, bts_cpu, smoke and the other presets of configs/cifar10.py also apply.
 Result: not measured (CINIC-10 is not on the development machines).
 """
-from configs import cifar10
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 
 
 def get_config(arg: str | None = None):

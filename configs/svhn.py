@@ -20,7 +20,11 @@ Presets:
 Both files are downloaded on first use (eejax.datasets; label 10 is the digit 0); offline, give a
 folder holding them with --config.data.source=svhn:/path/to/folder.
 """
-from configs import cifar10
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 
 
 def get_config(arg: str | None = None):

@@ -13,7 +13,11 @@ images). Presets: (none) joint, mate, byot. ResNet-18 at 64x64 keeps the CIFAR
 stem, so its feature maps are 4x larger than on CIFAR (about 2.2 G MACs).
 Result: not measured yet.
 """
-from configs import cifar10
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/, from any folder
+from configs import cifar10  # pylint: disable=wrong-import-position
 
 
 def get_config(arg: str | None = None):

@@ -62,6 +62,8 @@ def parse_flags(argv, program: str = "eejax"):
     _config_missing(_config_path(argv), program)
   except KeyboardInterrupt:
     interrupted(program)
+  except Exception as e:  # pylint: disable=broad-except  # the config file's own: an import, its syntax, get_config
+    _config_broken(_config_path(argv), e, program)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -108,6 +110,8 @@ def config_value(config_flag, program: str = "eejax"):
     return value
   except OSError:
     _config_missing(flags.FLAGS["config"].config_filename, program)
+  except Exception as e:  # pylint: disable=broad-except
+    _config_broken(flags.FLAGS["config"].config_filename.split(":")[0], e, program)
 
 
 def split_names(config) -> None:
@@ -118,6 +122,16 @@ def split_names(config) -> None:
       split_names(value)
     elif isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
       config[key] = tuple(name.strip() for name in value[0].split(","))
+
+
+def _config_broken(path: str, e: Exception, program: str) -> None:
+  """One line for a config file that raised while loading, with the line of that file where it did."""
+  line = e.lineno if isinstance(e, SyntaxError) else next(
+      (f.lineno for f in reversed(traceback.extract_tb(e.__traceback__))
+       if os.path.abspath(f.filename) == os.path.abspath(path)), None)
+  what = e.msg if isinstance(e, SyntaxError) else first_line(e)
+  fail(f"--config={path}: it could not be loaded ({e.__class__.__name__}: {what}"
+       + (f", line {line})" if line else ")"), program)
 
 
 def _config_missing(path: str, program: str) -> None:

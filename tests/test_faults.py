@@ -106,6 +106,25 @@ def test_bad_config_files_and_paths_are_one_line(tiny_tree, tmp_path):
   assert (tmp_path / "file").read_text() == "a file"
 
 
+def test_a_config_runs_from_any_folder_and_a_broken_one_is_one_line(tmp_path):
+  """configs/cifar100.py (and the others built on cifar10.py) imported `configs`, found only from the repository
+  root; from elsewhere the run was a ModuleNotFoundError traceback. A config file of one's own that cannot load
+  names its error and line."""
+  def main_from(folder, config, *extra):
+    return subprocess.run([sys.executable, "-m", "eejax.main", f"--config={config}", f"--workdir={tmp_path / 'w'}",
+                           *extra], cwd=folder, capture_output=True, text=True, timeout=120, check=False)
+  for name in ("cifar100", "cinic10", "svhn", "tiny_imagenet"):
+    check_clean(main_from(tmp_path, os.path.join(REPO, "configs", f"{name}.py"), "--config.data.source=folder:/n"),
+                2, "data folder '/n' not found")
+  for body, words in (("import no_such_module\n", "(ModuleNotFoundError: No module named 'no_such_module', line 1)"),
+                      ("def get_config(:\n", "(SyntaxError: invalid syntax, line 1)"),
+                      ("def get_config():\n  return 1 / 0\n", "(ZeroDivisionError: division by zero, line 2)")):
+    (tmp_path / "mine.py").write_text(body)
+    for extra in ((), ("--config.seed=1",)):  # loaded at once, or when first used
+      check_clean(main_from(tmp_path, str(tmp_path / "mine.py"), *extra), 2,
+                  f"--config={tmp_path / 'mine.py'}: it could not be loaded {words}")
+
+
 def _mount_tmpfs(path, size, read_only=False) -> bool:
   os.makedirs(path, exist_ok=True)
   options = f"size={size}" + (",ro" if read_only else "")
