@@ -13,6 +13,7 @@ nothing is decoded again); images are uint8 NxHxWx3 as the dataset stores them.
 """
 import os
 
+import ml_collections
 import numpy as np
 
 from eejax import (calibration, collectives, distributed, evaluate, export as exports, inference, policies, risk,
@@ -26,6 +27,12 @@ __all__ = ["Run", "certify_thresholds", "export_run", "fit_thresholds", "load_ru
 
 def train_and_evaluate(config, workdir: str) -> dict:
   """Checks the config's names, then runs its scheme's job (the training loop, or BTS-EE's); returns the report."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"config is a {type(config).__name__}; give an ml_collections.ConfigDict, e.g. "
+                    "configs.cifar10.get_config('cpu')")
+  if not isinstance(workdir, (str, os.PathLike)) or not os.fspath(workdir):
+    raise UserError(f"workdir={workdir!r}: give the path of a folder for the run")
+  workdir = os.fspath(workdir)
   validate.check_config(config)
   job = schemes.get(config.scheme).job
   if job is None:

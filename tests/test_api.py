@@ -127,6 +127,20 @@ def test_predict_on_no_images_is_empty_and_an_unreachable_goal_says_so(smoke_run
   assert ("no setting reaches 100%: this is the most accurate" in out) == ("validation accuracy 100.00%" not in out)
 
 
+def test_train_and_evaluate_takes_a_configdict_and_a_folder_or_says_what_it_takes(tmp_path):
+  from configs import cifar10  # pylint: disable=g-import-not-at-top
+  for config in ({"data": {}}, None, "configs/cifar10.py"):  # an AttributeError from deep inside, before
+    with pytest.raises(UserError, match=r"^config is a \w+; give an ml_collections.ConfigDict, e.g. configs.cifar10"):
+      eejax.train_and_evaluate(config, str(tmp_path / "w"))
+  config = cifar10.get_config("smoke")
+  config.data.source = f"folder:{tmp_path / 'none'}"
+  for workdir in (None, "", 5):
+    with pytest.raises(UserError, match=r"^workdir=.*: give the path of a folder for the run$"):
+      eejax.train_and_evaluate(config, workdir)
+  with pytest.raises(UserError, match="^data folder .* not found"):  # a pathlib.Path is a path: on to the data
+    eejax.train_and_evaluate(config, tmp_path / "w")
+
+
 def test_the_package_lists_its_api_before_importing_it():
   """`import eejax` stays light (the API loads on first use), yet dir() and tab completion name every call."""
   out = subprocess.run([sys.executable, "-c", "import sys, eejax; print(dir(eejax)); print('eejax.api' in sys.modules)"],
