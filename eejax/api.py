@@ -66,6 +66,7 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
   """threshold_ExC fitted on the run's validation split: the most accurate setting within `budget` (a fraction of
   the full network's MACs), or the cheapest reaching `target_accuracy`. `save` adds it to the run's thresholds.json.
   """
+  run = _a_run(run)
   calibration.check_goal(budget, target_accuracy)
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
@@ -87,6 +88,7 @@ def certify_thresholds(run: Run, epsilon: float, delta: float = 0.1, risk_name: 
                        policy="max_prob", family: str = "per_exit") -> dict:
   """The cheapest threshold_ExC whose risk on new images is at most `epsilon` with probability >= 1 - delta,
   certified on the run's validation split (`eejax.risk`: Learn then Test). Returns `risk.certify`'s dict."""
+  run = _a_run(run)
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
   out = risk.certify(logits_ExNxC, labels_N, macs.cumulative, epsilon, delta, risk_name, policy, family)
@@ -98,6 +100,7 @@ def certify_thresholds(run: Run, epsilon: float, delta: float = 0.1, risk_name: 
 
 def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_size: int = 256):
   """(pred_N, exit_N, cost_N): real early exit, images that answer are not computed further."""
+  run = _a_run(run)
   images_NxHxWx3 = np.asarray(images_NxHxWx3)
   if images_NxHxWx3.dtype != np.uint8 or images_NxHxWx3.shape[1:] != tuple(run.spec.image_shape):
     raise UserError(f"images of shape {images_NxHxWx3.shape} and type {images_NxHxWx3.dtype}; this run takes uint8 "
@@ -119,9 +122,18 @@ def export_run(run: Run, out_dir: str, threshold_ExC=None, policy="max_prob", fo
   the run's setting for `policy` and `budget`. `calibration_images` training images calibrate "tflite_int8".
   `formats` is a sequence of names, or one string of them separated by commas ("stablehlo,onnx").
   """
+  run = _a_run(run)
   formats = formats.split(",") if isinstance(formats, str) else formats
   return exports.export_and_verify(run.workdir, out_dir, tuple(formats), budget, num_images, policy,
                                    threshold_ExC=threshold_ExC, run=run, calibration_images=calibration_images)
+
+
+def _a_run(run) -> Run:
+  """`run` if it is a Run; a path or anything else is one line saying how to get one."""
+  if isinstance(run, Run):
+    return run
+  how = f"eejax.load_run({os.fspath(run)!r})" if isinstance(run, (str, os.PathLike)) else "eejax.load_run(WORKDIR)"
+  raise UserError(f"run is a {type(run).__name__}; give the Run that {how} returns")
 
 
 def report_markdown(workdir: str) -> str:

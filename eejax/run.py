@@ -203,6 +203,8 @@ def _write_spec(workdir: str, spec: RunSpec) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+  if not isinstance(workdir, (str, os.PathLike)):
+    raise UserError(f"workdir={workdir!r}: give the path of a run's folder")
   path = os.path.join(workdir, "config.json")
   if not (os.path.exists(path) and os.path.exists(os.path.join(workdir, "run.json"))):
     raise workdirs.not_a_run(workdir)

@@ -139,6 +139,16 @@ def test_train_and_evaluate_takes_a_configdict_and_a_folder_or_says_what_it_take
       eejax.train_and_evaluate(config, workdir)
   with pytest.raises(UserError, match="^data folder .* not found"):  # a pathlib.Path is a path: on to the data
     eejax.train_and_evaluate(config, tmp_path / "w")
+  # A run's folder where its Run is wanted: an AttributeError ('str' object has no attribute 'model'), before.
+  images, t = np.zeros((1, 16, 16, 3), np.uint8), np.zeros((3, 10), np.float32)
+  for call in (lambda r: eejax.fit_thresholds(r, budget=0.5), lambda r: eejax.certify_thresholds(r, 0.05),
+               lambda r: eejax.predict(r, images, t), lambda r: eejax.export_run(r, str(tmp_path / "x"))):
+    with pytest.raises(UserError, match=r"^run is a str; give the Run that eejax.load_run\('/runs/a'\) returns$"):
+      call("/runs/a")
+    with pytest.raises(UserError, match=r"^run is a NoneType; give the Run that eejax.load_run\(WORKDIR\) returns$"):
+      call(None)
+  with pytest.raises(UserError, match=r"^workdir=None: give the path of a run's folder$"):
+    eejax.load_run(None)
 
 
 def test_the_package_lists_its_api_before_importing_it():
