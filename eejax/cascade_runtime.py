@@ -101,7 +101,9 @@ def onnx_session(path: str):
     import onnxruntime  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError("an ONNX model needs onnxruntime: pip install onnxruntime") from None
-  return onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3  # errors only: a warning for each constant the converter left unused buried the output
+  return onnxruntime.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 class OnnxStage:
