@@ -157,7 +157,11 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   count = Count("the plain network in JAX: timing", 3 * len(images))
   plain_ms = export_verify.latency_ms(lambda x: count.tick(plain(x)), images)
   count.close()
-  report = {"workdir": workdir, "images": len(images), "policy": policy.name, "thresholds": source,
+  unfinished = run.unfinished()
+  if unfinished:  # a checkpoint is the user's to export, but never taken for the finished run without a word
+    log(f"warning: the run in {workdir} has not finished training ({unfinished}): exporting step {run.step}")
+  report = {"workdir": workdir, "step": run.step, "unfinished": unfinished, "images": len(images),
+            "policy": policy.name, "thresholds": source,
             "device": jax.devices()[0].device_kind,
             "exit_macs": list(macs.cumulative), "full_macs": macs.full,
             "plain_network_jax_latency_ms": plain_ms, "labelled": labels_N is not None, "formats": {}}
@@ -233,8 +237,10 @@ def accuracy(calibrated: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+  weights = f"Weights of step {report.get('step')}" + (
+      f" (**the run had not finished training**: {report['unfinished']})" if report.get("unfinished") else "")
   lines = [f"# Export of `{report['workdir']}`", "",
-           f"Batch 1 on {report['device']}, {report['images']} test images; policy `{report['policy']}`, "
+           f"{weights}. Batch 1 on {report['device']}, {report['images']} test images; policy `{report['policy']}`, "
            f"thresholds from {report['thresholds']}. "
            f"Plain network (no early exits) in JAX: {report['plain_network_jax_latency_ms']:.3f} ms, "
            f"{report['full_macs'] / 1e6:.2f} M MACs.", "",

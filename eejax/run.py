@@ -130,16 +130,24 @@ class Run:
   spec: RunSpec
   step: int | None = None  # the checkpoint step the variables come from
 
-  def check_finished(self, role: str) -> None:
-    """A teacher or backbone is a finished run: its report.json is of the step loaded. One stopped part-way, or
-    still training in another job, would otherwise teach from half-trained weights without a word."""
+  def unfinished(self) -> str | None:
+    """Why the variables are not those the run finished with (its report.json is of another step, or missing: a
+    run stopped part-way, or still training in another job), or None."""
     path = os.path.join(self.workdir, "report.json")
     report = workdirs.read_json(path) if os.path.exists(path) else None
     reported = report.get("step", self.step) if isinstance(report, dict) else None  # older reports: no step
-    if reported != self.step:
-      raise UserError(f"the {role} in {self.workdir} has not finished training: its latest checkpoint is step "
-                      f"{self.step}, {'and it has no report' if reported is None else f'its report of step {reported}'}"
-                      f"; run its command to the end first (or wait for the job training it)")
+    if reported == self.step:
+      return None
+    return (f"its latest checkpoint is step {self.step}, "
+            + ("and it has no report" if reported is None else f"its report of step {reported}"))
+
+  def check_finished(self, role: str) -> None:
+    """A teacher or backbone is a finished run: one stopped part-way, or still training in another job, would
+    otherwise teach from half-trained weights without a word."""
+    why = self.unfinished()
+    if why:
+      raise UserError(f"the {role} in {self.workdir} has not finished training: {why}; run its command to the end "
+                      "first (or wait for the job training it)")
 
 
 def weights_sha256(variables) -> str:

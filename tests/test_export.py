@@ -218,3 +218,25 @@ def test_onnx_forms_without_control_flow_verify_and_batch(tmp_path, fmt, policy)
   t_ExC = thresholds.per_exit([2, 2] if policy == "patience" else [0.3, 0.3], 3, 5, policy)
   timing = export_verify.batch_latency(runner, images, t_ExC, batch=8)
   assert timing["exits_match_batch_1"] and timing["ms_per_batch"] > 0
+
+
+def test_an_unfinished_run_exports_its_checkpoint_and_the_report_says_so(smoke_master, tmp_path):
+  """A run stopped part-way (or still training) has no report of its latest step: its export says which step it
+  holds and that the run had not finished, where before nothing told it from the finished run."""
+  from conftest import copy_run  # pylint: disable=g-import-not-at-top
+  _, workdir = copy_run(smoke_master, str(tmp_path))
+  lines = []
+  finished = export.export_and_verify(workdir, str(tmp_path / "a"), ("stablehlo",), num_images=4, log=lines.append)
+  step = finished["step"]
+  assert finished["unfinished"] is None and not any("warning" in l for l in lines)
+  assert f"Weights of step {step}. Batch 1" in (tmp_path / "a" / "export_report.md").read_text()
+  report = json.load(open(os.path.join(workdir, "report.json")))
+  report["step"] = step - 1  # the report of an earlier step: the run went on training after it
+  json.dump(report, open(os.path.join(workdir, "report.json"), "w"))
+  lines = []
+  partway = export.export_and_verify(workdir, str(tmp_path / "b"), ("stablehlo",), num_images=4, log=lines.append)
+  why = f"its latest checkpoint is step {step}, its report of step {step - 1}"
+  assert partway["unfinished"] == why and partway["step"] == step
+  assert lines[0] == f"warning: the run in {workdir} has not finished training ({why}): exporting step {step}"
+  assert (f"Weights of step {step} (**the run had not finished training**: {why}). Batch 1"
+          in (tmp_path / "b" / "export_report.md").read_text())
