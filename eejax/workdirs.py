@@ -241,8 +241,8 @@ def read_npz(path: str, names=()) -> dict:
     with np.load(path) as saved:
       arrays = {name: saved[name] for name in saved.files}
   except FileNotFoundError:
-    raise UserError(f"{path} is missing: a finished run writes it after training; run the training command again "
-                    f"(it evaluates the last checkpoint)") from None
+    raise UserError(f"{path} is missing: a finished run writes it after training; wait for the job training it, or "
+                    "run the training command again (it evaluates the last checkpoint)") from None
   except OSError as e:
     raise UserError(f"cannot read {path} ({e.strerror or e})") from None
   except Exception as e:  # pylint: disable=broad-except  # zipfile.BadZipFile, ValueError, EOFError: damaged

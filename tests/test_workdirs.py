@@ -164,7 +164,8 @@ def test_logits_are_written_whole_and_a_damaged_file_is_one_line(tmp_path, monke
   workdirs.write_npz(path, other=np.zeros(2))
   with pytest.raises(UserError, match="lacks test_logits: not the logits.npz of an eejax run"):
     workdirs.read_npz(path, ("other", "test_logits"))
-  with pytest.raises(UserError, match="missing.npz is missing: a finished run writes it"):
+  with pytest.raises(UserError, match="missing.npz is missing: a finished run writes it after training; wait for the "
+                                      "job training it, or run the training command again"):
     workdirs.read_npz(str(tmp_path / "missing.npz"))
 
 
