@@ -285,8 +285,10 @@ def main(argv) -> None:
     cli.fail("give one or more LABEL=GLOB of finished runs, e.g. joint='R/joint/seed*' mate='R/mate/seed*'",
              "eejax.compare")
   command = "python -m eejax.compare " + " ".join(argv[1:])
-  text = cli.guarded(lambda: write(compare([expand(a) for a in argv[1:]], f.policy), f.out, command),
-                     "eejax.compare", f.out)
+  def job():
+    workdirs.check_path(f.out, "comparison", "--out")  # before any report is read
+    return write(compare([expand(a) for a in argv[1:]], f.policy), f.out, command)
+  text = cli.guarded(job, "eejax.compare", f.out)
   print(text)
 
 

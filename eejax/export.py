@@ -133,6 +133,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   """Exports `workdir`'s model in every format, verifies each and times it; writes out_dir/export_report.json/.md.
   An int8 format calibrates on `calibration_images` training images."""
   check_request(formats, num_images, calibration_images, budget)
+  workdirs.check_path(out_dir, "export", "--out")  # before the run is loaded and its images read
   policy = policies.get(policy)
   run = run or load_run(workdir)
   model, variables, (mean_C, std_C) = run.model, run.variables, run.spec.stats

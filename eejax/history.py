@@ -145,6 +145,7 @@ def show(workdir: str, out: str | None = None) -> str:
                     "split every eval.every_epochs epochs (1 by default); wait for the first, or train with "
                     "eval.every_epochs > 0")
   out = out or workdir
+  workdirs.check_path(out, "figure", "--out")
   os.makedirs(out, exist_ok=True)
   plot(records, os.path.join(out, "training.png"), workdir)
   return "\n".join(report.history_table(rows) + ["", f"Figure: {os.path.join(out, 'training.png')}"])

@@ -180,6 +180,12 @@ def test_the_command_writes_the_table_and_the_figure_or_one_line(tmp_path):
   assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
       f"eejax.compare: error: '{tmp_path}/none*' matches no folder: give LABEL=GLOB of finished runs, "
       "e.g. joint='R/joint/seed*'"]
+  (tmp_path / "a_file").write_text("")
+  failed = subprocess.run([sys.executable, "-m", "eejax.compare", f"--out={tmp_path}/a_file", f"runs={tmp_path}/r/s*"],
+                          cwd=REPO, capture_output=True, text=True, check=False)
+  assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [  # was "File exists: ..."
+      f"eejax.compare: error: --out={tmp_path}/a_file is a file, not a folder: give the comparison a folder's path "
+      "(new or existing)"]
 
 
 def test_a_launcher_runs_every_scheme_over_seeds_and_pools_them(tmp_path):

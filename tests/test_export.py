@@ -10,6 +10,7 @@ import pytest
 
 
 from eejax import export, export_onnx, export_verify, policies, thresholds
+from eejax.errors import UserError
 from eejax.models import MultiExitNet
 from eejax.run import load_run
 
@@ -240,3 +241,9 @@ def test_an_unfinished_run_exports_its_checkpoint_and_the_report_says_so(smoke_m
   assert lines[0] == f"warning: the run in {workdir} has not finished training ({why}): exporting step {step}"
   assert (f"Weights of step {step} (**the run had not finished training**: {why}). Batch 1"
           in (tmp_path / "b" / "export_report.md").read_text())
+
+
+def test_an_out_that_is_a_file_is_one_line_before_the_run_is_read(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(UserError, match=r"^--out=.*/a_file is a file, not a folder: give the export a folder's path"):
+    export.export_and_verify(str(tmp_path / "no_run"), str(tmp_path / "a_file"), ("stablehlo",))

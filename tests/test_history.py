@@ -103,6 +103,9 @@ def test_show_tells_how_a_run_is_going_and_a_mistake_is_one_line(tmp_path):
   write(str(tmp_path), [json.dumps(r) + "\n" for r in records] + ['{"step": 12, "train/acc'])  # still writing
   text = history.show(str(tmp_path), str(tmp_path / "out"))
   assert "| 1 | 60.00 | 2.0 | 60.00 | 2.0 | 70.00 |" in text and (tmp_path / "out" / "training.png").exists()
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(UserError, match=r"^--out=.*/a_file is a file, not a folder: give the figure a folder's path"):
+    history.show(str(tmp_path), str(tmp_path / "a_file"))  # was "File exists: ..."
   empty = tmp_path / "empty"
   empty.mkdir()
   with pytest.raises(UserError, match=r"^'.*/empty' is not an eejax workdir \(no config.json and run.json\)"):
