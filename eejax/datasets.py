@@ -129,7 +129,8 @@ def files(spec: Builtin, local: str, cache_dir: str, mirror: str = "") -> dict[s
              for r in spec.files}
     for r in spec.files:
       if not os.path.isfile(paths[r.filename]):
-        raise UserError(f"data.source={spec.name}:{local}: {paths[r.filename]} not found; give the original "
+        missing = local if not os.path.exists(local) else paths[r.filename]  # not FILE/name of a FILE not there
+        raise UserError(f"data.source={spec.name}:{local}: {missing} not found; give the original "
                         f"{' and '.join(f.filename for f in spec.files)} (from {spec.homepage}), or a folder holding "
                         f"{'them' if len(spec.files) > 1 else 'it'}")
       download.verify(paths[r.filename], r.md5, f"data.source={spec.name}:")

@@ -213,8 +213,11 @@ def test_no_network_and_no_archive_is_one_line_naming_both_remedies(tmp_path):
   assert "\n" not in message and "no connection" in message
   assert "--config.data.source=cifar10:/path/to/cifar-10-python.tar.gz" in message
   assert "--config.data.source=folder:PATH" in message
-  with pytest.raises(UserError, match="cifar-10-python.tar.gz not found"):
-    data.load(f"cifar10:{tmp_path}", cache_dir="")
+  with pytest.raises(UserError, match=f"^data.source=cifar10:{tmp_path}: {tmp_path}/cifar-10-python.tar.gz not found"):
+    data.load(f"cifar10:{tmp_path}", cache_dir="")  # a folder without the file
+  gone = tmp_path / "c10.tar.gz"  # a file that is not there: named as given, not as gone/cifar-10-python.tar.gz
+  with pytest.raises(UserError, match=f"^data.source=cifar10:{gone}: {gone} not found; give the original"):
+    data.load(f"cifar10:{gone}", cache_dir="")
   (tmp_path / "cifar-10-python.tar.gz").write_bytes(b"not the archive")
   with pytest.raises(UserError, match="not the published c58f30108f718f92721af3b95e74349a"):
     data.load(f"cifar10:{tmp_path}", cache_dir="")
