@@ -196,8 +196,9 @@ def write(result: dict, workdir: str) -> None:
 
 
 def check_same_run(config, workdir: str, free=("margins", "baseline")) -> None:
-  """A workdir resumes only the run it holds: the same seed, backbone, data, positions and training settings; the
-  bts settings in `free` may change (a job adds margins, `launch/bts_grid.py` sets its own axes)."""
+  """A workdir resumes only the run it holds: the same seed, data, positions and training settings; the bts
+  settings in `free` may change (a job adds margins, `launch/bts_grid.py` sets its own axes), and so may the paths
+  of caches and of the backbone (its weights are checked by `run.check_frozen`)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -214,9 +215,12 @@ def check_same_run(config, workdir: str, free=("margins", "baseline")) -> None:
   if before.get("seed", config.seed) != config.seed:  # the branches' initialisation and batch order
     raise UserError(f"{workdir} holds a BTS-EE run of seed {before['seed']}, not {config.seed}; use a new --workdir "
                     f"({allowed})")
+  # How the job runs may change (caches, a backbone that moved: backbone.json checks its weights), but not the
+  # data's path: nothing else here tells one dataset from another of the same shape.
+  moved = {k for k in workdirs.RUNS_ANY_WAY if k != "data.source"}
   for section in ("bts", "data"):
-    old = {k: v for k, v in before.get(section, {}).items() if k not in free}
-    new = {k: v for k, v in now[section].items() if k not in free}
+    old = {k: v for k, v in before.get(section, {}).items() if k not in free and f"{section}.{k}" not in moved}
+    new = {k: v for k, v in now[section].items() if k not in free and f"{section}.{k}" not in moved}
     if old != new:
       changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
       raise UserError(f"{workdir} holds a BTS-EE run with other {section} settings ({', '.join(changed)}); "

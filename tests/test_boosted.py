@@ -150,6 +150,10 @@ def test_bts_job_keeps_the_backbone_it_started_with(backbone_run, tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   recorded = json.load(open(os.path.join(workdir, "backbone.json")))
   assert recorded["weights_sha256"] == run.weights_sha256(run.load_run(backbone).variables)
+  moved = str(shutil.copytree(mine, tmp_path / "moved"))  # the same backbone elsewhere, a data cache set: resumed
+  r = run_main(bts_args(tree, moved, workdir, "--config.bts.baseline=false", f"--config.data.cache_dir={tmp_path}/c",
+                        margins="0.0"))
+  assert r.returncode == 0 and "boosted_m0: finished before, kept" in r.stdout, r.stderr[-3000:]
   other = str(tmp_path / "other")  # the same command with another seed: the backbone trained again, say
   r = run_main(["--config", "configs/cifar10.py:smoke", f"--workdir={other}", f"--config.data.source=folder:{tree}",
                 "--config.data.cache_dir=", "--config.data.max_images=0", "--config.data.val_size=24",
