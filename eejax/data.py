@@ -134,7 +134,8 @@ def sample_split(data_cfg, n: int, split: str = "test", class_names=()):
     use = ("the run's evaluation split, where exports are verified" if split == "test" else
            "the run's training split, where an int8 export calibrates its activation ranges: restore it there, or "
            "leave tflite_int8 out of --formats")
-    raise UserError(f"no .jpg/.png images under {folder}: {use}")
+    raise UserError(f"no .jpg/.png images under {folder}: {use}; where the dataset moved, give its place now "
+                    "(eejax.export --data=folder:PATH)")
   picks = np.linspace(0, len(paths) - 1, min(n, len(paths))).round().astype(int)
   count = Count(f"decoding {folder}", len(picks))
   images = np.stack([count.tick(folders.decode(paths[i], data_cfg.image_size)) for i in picks])

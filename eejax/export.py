@@ -162,6 +162,7 @@ def export_and_verify(workdir: str, out_dir: str, formats=FORMATS, budget: float
   if unfinished:  # a checkpoint is the user's to export, but never taken for the finished run without a word
     log(f"warning: the run in {workdir} has not finished training ({unfinished}): exporting step {run.step}")
   report = {"workdir": workdir, "step": run.step, "unfinished": unfinished, "images": len(images),
+            "data": run.config.data.source,
             "policy": policy.name, "thresholds": source,
             "device": jax.devices()[0].device_kind,
             "exit_macs": list(macs.cumulative), "full_macs": macs.full,
@@ -241,7 +242,8 @@ def markdown(report: dict) -> str:
   weights = f"Weights of step {report.get('step')}" + (
       f" (**the run had not finished training**: {report['unfinished']})" if report.get("unfinished") else "")
   lines = [f"# Export of `{report['workdir']}`", "",
-           f"{weights}. Batch 1 on {report['device']}, {report['images']} test images; policy `{report['policy']}`, "
+           f"{weights}. Batch 1 on {report['device']}, {report['images']} test images of `{report.get('data')}`; "
+           f"policy `{report['policy']}`, "
            f"thresholds from {report['thresholds']}. "
            f"Plain network (no early exits) in JAX: {report['plain_network_jax_latency_ms']:.3f} ms, "
            f"{report['full_macs'] / 1e6:.2f} M MACs.", "",
@@ -276,6 +278,7 @@ def define_flags() -> None:
   flags.DEFINE_float("budget", 0.5, "The thresholds fitted for this fraction of the full network's MACs.")
   flags.DEFINE_integer("images", 200, "Evaluation-split images for verification and timing.")
   flags.DEFINE_integer("calibration_images", 200, "Training images that calibrate tflite_int8's activation ranges.")
+  flags.DEFINE_string("data", "", "data.source of the run's images where they moved since it trained ('': its own).")
 
 
 def main(argv) -> None:
@@ -287,6 +290,9 @@ def main(argv) -> None:
   def job():
     check_request(tuple(f.formats), f.images, f.calibration_images, f.budget)  # a wrong flag first, before the run
     run = load_run(f.workdir)
+    if f.data:  # the images verify and calibrate; the run's statistics come from run.json
+      data.check_source(f.data)
+      run.config.data.source = f.data
     xla_cache.enable_for_run(run.config)  # the programs of an export done before are loaded
     return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy, run=run,
                              calibration_images=f.calibration_images)

@@ -247,3 +247,22 @@ def test_an_out_that_is_a_file_is_one_line_before_the_run_is_read(tmp_path):
   (tmp_path / "a_file").write_text("")
   with pytest.raises(UserError, match=r"^--out=.*/a_file is a file, not a folder: give the export a folder's path"):
     export.export_and_verify(str(tmp_path / "no_run"), str(tmp_path / "a_file"), ("stablehlo",))
+
+
+def test_a_run_whose_dataset_moved_exports_with_data(smoke_master, tmp_path):
+  import shutil, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO, copy_run  # pylint: disable=g-import-not-at-top
+  tree, workdir = copy_run(smoke_master, str(tmp_path), own_tree=True)
+  moved = str(tmp_path / "moved")
+  shutil.move(tree, moved)
+  export_ = lambda out, *extra: subprocess.run(
+      [sys.executable, "-m", "eejax.export", f"--workdir={workdir}", f"--out={tmp_path / out}", "--formats=stablehlo",
+       "--images=4", *extra], cwd=REPO, capture_output=True, text=True, check=False, timeout=600)
+  r = export_("a")
+  assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+      "where the dataset moved, give its place now (eejax.export --data=folder:PATH)"), r.stderr[-2000:]
+  r = export_("b", f"--data=folder:{moved}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  report = json.load(open(tmp_path / "b" / "export_report.json"))
+  assert report["data"] == f"folder:{moved}" and report["formats"]["stablehlo"]["status"] == "ok"
+  assert f"4 test images of `folder:{moved}`" in (tmp_path / "b" / "export_report.md").read_text()
