@@ -73,7 +73,8 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
   threshold_ExC, fit = calibration.fit(logits_ExNxC, labels_N, macs.cumulative, policy,
                                        budget_macs=None if budget is None else budget * macs.full,
                                        target_accuracy=target_accuracy)
-  print(f"{policies.get(policy).name} thresholds {[round(float(t), 4) for t in threshold_ExC[:-1, 0]]}: validation accuracy "
+  shown = [round(float(t), 4) for t in threshold_ExC[:-1, 0]]  # not float32's 0.11749999970197678
+  print(f"{policies.get(policy).name} thresholds {shown}: validation accuracy "
         f"{calibration.fit_summary(fit, macs.full, budget, target_accuracy)}")
   if save:
     goal = {"budget": float(budget)} if budget is not None else {"target_accuracy": float(target_accuracy)}

@@ -74,7 +74,8 @@ def test_the_time_limit_leaves_the_running_step_time_to_save(capsys):
 
 def test_a_step_is_skipped_while_a_step_it_needs_has_failed_or_not_run(tmp_path, capsys):
   calls = tmp_path / "calls.txt"
-  step = lambda word, code: [sys.executable, "-c", f"open({str(calls)!r}, 'a').write({word!r}); raise SystemExit({code})"]
+  step = lambda word, code: [sys.executable, "-c",
+                             f"open({str(calls)!r}, 'a').write({word!r}); raise SystemExit({code})"]
   needs = {"uses_a": ("a",), "uses_x": ("x",)}
   left = steps.run_steps(str(tmp_path), [("a", step("a", 2)), ("uses_a", step("u", 0)), ("free", step("f", 0)),
                                          ("uses_x", step("x", 0))], dict(os.environ), needs=needs)
