@@ -47,9 +47,9 @@ def not_a_run(workdir: str) -> UserError:
   inside = sorted(d for d in os.listdir(models) if os.path.exists(os.path.join(models, d, "run.json"))
                   ) if os.path.isdir(models) else []
   if inside:
-    return UserError(f"{workdir!r} is a BTS-EE job, whose models are runs of their own: give --workdir "
+    return UserError(f"{workdir!r} is a BTS-EE job, whose models are runs of their own: give "
                      f"{models}/NAME, NAME one of {', '.join(inside)}")
-  return UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give the --workdir of a run")
+  return UserError(f"{workdir!r} is not an eejax workdir (no config.json and run.json); give a run's workdir")
 
 
 def check_path(path: str, what: str, flag: str) -> None:

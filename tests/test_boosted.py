@@ -109,7 +109,7 @@ def test_bts_job_keeps_the_backbone_bit_identical_and_its_models_reload(backbone
   jax.tree.map(np.testing.assert_array_equal, before, after)
   branches = run.load_run(os.path.join(workdir, "models", "boosted_m0.1"))
   with pytest.raises(UserError, match=rf"^'{workdir}' is a BTS-EE job, whose models are runs of their own: give "
-                                      rf"--workdir {workdir}/models/NAME, NAME one of boosted_m0, boosted_m0.1, "
+                                      rf"{workdir}/models/NAME, NAME one of boosted_m0, boosted_m0.1, "
                                       r"nonboosted_m0, nonboosted_m0.1$"):
     run.load_run(workdir)  # the job's own folder, given to export or a benchmark by mistake
   config, model, variables = branches.config, branches.model, branches.variables
