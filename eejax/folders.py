@@ -74,9 +74,9 @@ def _annotated_split(root, split, class_names):
   paths, labels = [], []
   with open(annotations, encoding="utf-8", errors="replace") as f:
     for number, line in enumerate(f, 1):
-      fields = line.rstrip("\r\n").split("\t")
       if not line.strip():
         continue
+      fields = line.rstrip("\r\n").split("\t")
       where = f"{annotations}, line {number}"
       if len(fields) < 2 or not fields[0] or not fields[1]:
         raise UserError(f"{where}: {line.strip()[:80]!r} is not FILE<TAB>CLASS; fix the line, or unpack the "

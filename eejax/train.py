@@ -221,8 +221,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     per_call = max(1, config.train.steps_per_call)
     say(f"training {config.model.name} ({model.num_exits} exits) on {len(ds.train)} images: {total_steps} steps "
           f"of {batch_size} ({config.train.epochs} epochs) on {mesh.size} {jax.devices()[0].platform} device(s)")
-    if schedule_warning(config.train):
-      say(schedule_warning(config.train), sys.stderr)
+    if warning := schedule_warning(config.train):
+      say(warning, sys.stderr)
     pending = None  # (first_step, metrics) of the chunk in flight, pulled after the next is dispatched
     tail = (total_steps - step) % per_call  # the last call's length where it is shorter, compiled ahead (or 0)
 

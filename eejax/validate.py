@@ -15,10 +15,10 @@ from eejax.models.resnet import check_image_size, exit_points, get_arch
 
 def check_config(config) -> None:
   data.check_source(config.data.source)
-  get_arch(config.model.name)
+  arch = get_arch(config.model.name)
   check_numbers(config)
   if config.model.exit_after is not None:
-    exit_points(get_arch(config.model.name), config.model.exit_after)  # block numbers the model has
+    exit_points(arch, config.model.exit_after)  # block numbers the model has
   if config.data.image_size is not None:
     check_image_size(config.model.name, config.data.image_size)
   if config.model.head not in HEADS:
@@ -121,11 +121,11 @@ def check_numbers(config) -> None:
     raise UserError("model.exit_after=() has no exit; give block numbers, e.g. 3,6,8, or leave it unset "
                     "(an exit after each stage)")
   # Block numbers: 3.5 was read as block 3, True as block 1, and 3,3 as one exit, without a word.
-  for key, value in (("model.exit_after", config.model.exit_after),
-                     ("bts.positions", config.bts.positions if "bts" in config else None)):
+  for key, value, distinct in (("model.exit_after", config.model.exit_after, True),
+                               ("bts.positions", config.bts.positions if "bts" in config else None, False)):
     entries = _entries(value) if value is not None else ()
-    if not all(is_number(b) and math.isfinite(b) and b >= 1 and b == int(b) for b in entries) or (
-        key == "model.exit_after" and len(set(entries)) < len(entries)):
+    whole = all(is_number(b) and math.isfinite(b) and b >= 1 and b == int(b) for b in entries)
+    if not whole or (distinct and len(set(entries)) < len(entries)):
       raise UserError(f"{key}={_shown(value)} must be distinct whole block numbers, e.g. 3,6,8")
   weights = config.train.exit_weights
   if weights is not None and len(weights) and not any(weights):
