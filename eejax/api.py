@@ -62,9 +62,10 @@ def _paths_problem(config, workdir: str) -> str | None:
 
 
 def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float | None = None,
-                   policy="max_prob", save: bool = False) -> np.ndarray:
+                   policy="max_prob", save: bool = False) -> thresholds.Fitted:
   """threshold_ExC fitted on the run's validation split: the most accurate setting within `budget` (a fraction of
   the full network's MACs), or the cheapest reaching `target_accuracy`. `save` adds it to the run's thresholds.json.
+  The array remembers `policy`: `predict` and `export_run` use it with that policy.
   """
   run = _a_run(run)
   calibration.check_goal(budget, target_accuracy)
@@ -82,26 +83,30 @@ def fit_thresholds(run: Run, budget: float | None = None, target_accuracy: float
                if not (e["policy"] == policies.get(policy).name and all(e.get(k) == v for k, v in goal.items()))]
     thresholds.save(run.workdir, entries + [thresholds.entry(policy, threshold_ExC, fitted_on="val", **goal,
                                                              step=run.step, val_accuracy=fit["val_accuracy"])])
-  return threshold_ExC
+  return thresholds.fitted(threshold_ExC, policy)
 
 
 def certify_thresholds(run: Run, epsilon: float, delta: float = 0.1, risk_name: str = "disagreement",
                        policy="max_prob", family: str = "per_exit") -> dict:
   """The cheapest threshold_ExC whose risk on new images is at most `epsilon` with probability >= 1 - delta,
-  certified on the run's validation split (`eejax.risk`: Learn then Test). Returns `risk.certify`'s dict."""
+  certified on the run's validation split (`eejax.risk`: Learn then Test). Returns `risk.certify`'s dict, whose
+  "threshold_ExC" remembers `policy` as `fit_thresholds`'s does."""
   run = _a_run(run)
   macs = exit_macs(run.model, run.spec.image_shape)
   logits_ExNxC, labels_N = evaluate.val_logits(run)
   out = risk.certify(logits_ExNxC, labels_N, macs.cumulative, epsilon, delta, risk_name, policy, family)
+  out["threshold_ExC"] = thresholds.fitted(out["threshold_ExC"], policy)
   print(f"{'certified' if out['certified'] else 'nothing certified'}: {risk_name} <= {100 * epsilon:g}% with "
         f"probability >= {100 * (1 - delta):g}%; validation risk {100 * out['risk']:.2f}%, "
         f"{100 * (1 - out['macs'] / macs.full):.1f}% of the MACs saved")
   return out
 
 
-def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_size: int = 256):
-  """(pred_N, exit_N, cost_N): real early exit, images that answer are not computed further."""
+def predict(run: Run, images_NxHxWx3, threshold_ExC, policy=None, batch_size: int = 256):
+  """(pred_N, exit_N, cost_N): real early exit, images that answer are not computed further. `policy`: the one
+  the thresholds were fitted for when left out (max_prob for a plain array)."""
   run = _a_run(run)
+  policy = thresholds.policy_for(threshold_ExC, policy)
   images_NxHxWx3 = np.asarray(images_NxHxWx3)
   if images_NxHxWx3.dtype != np.uint8 or images_NxHxWx3.shape[1:] != tuple(run.spec.image_shape):
     raise UserError(f"images of shape {images_NxHxWx3.shape} and type {images_NxHxWx3.dtype}; this run takes uint8 "
@@ -115,15 +120,17 @@ def predict(run: Run, images_NxHxWx3, threshold_ExC, policy="max_prob", batch_si
   return runner(images_NxHxWx3, threshold_ExC, policy)
 
 
-def export_run(run: Run, out_dir: str, threshold_ExC=None, policy="max_prob", formats=("stablehlo",),
+def export_run(run: Run, out_dir: str, threshold_ExC=None, policy=None, formats=("stablehlo",),
                budget: float = 0.5, num_images: int = 50, calibration_images: int = 200) -> dict:
   """Exports the run for batch-1 deployment and verifies every format; see `eejax.export`. Returns the report.
 
   `threshold_ExC` (e.g. from `fit_thresholds`) is the setting the calibrated latency is measured at; without it,
-  the run's setting for `policy` and `budget`. `calibration_images` training images calibrate "tflite_int8".
+  the run's setting for `policy` and `budget`. `policy`: the one `threshold_ExC` was fitted for when left out
+  (else max_prob). `calibration_images` training images calibrate "tflite_int8".
   `formats` is a sequence of names, or one string of them separated by commas ("stablehlo,onnx").
   """
   run = _a_run(run)
+  policy = thresholds.policy_for(threshold_ExC, policy)
   formats = formats.split(",") if isinstance(formats, str) else formats
   return exports.export_and_verify(run.workdir, out_dir, tuple(formats), budget, num_images, policy,
                                    threshold_ExC=threshold_ExC, run=run, calibration_images=calibration_images)

@@ -23,6 +23,34 @@ from eejax.errors import UserError
 FILE = "thresholds.json"
 
 
+class Fitted(np.ndarray):
+  """A threshold_ExC that knows its policy: what `eejax.fit_thresholds` and `certify_thresholds` return, so that
+  `predict` and `export_run` run it with that policy and refuse another (its numbers are in its policy's units)."""
+
+  def __array_finalize__(self, obj):
+    self.policy = getattr(obj, "policy", None)
+
+
+def fitted(threshold_ExC, policy) -> Fitted:
+  """threshold_ExC as float32, marked as fitted for `policy`."""
+  t = np.array(threshold_ExC, np.float32).view(Fitted)
+  t.policy = policies.get(policy).name
+  return t
+
+
+def policy_for(threshold_ExC, policy) -> str:
+  """The policy to run `threshold_ExC` with: `policy` when given, else the one it was fitted for, else max_prob.
+  A policy other than the one it was fitted for is a UserError: its numbers would be read in other units."""
+  own = getattr(threshold_ExC, "policy", None)
+  if policy is None:
+    return own or "max_prob"
+  name = policies.get(policy).name
+  if own is not None and own != name:
+    raise UserError(f"these thresholds were fitted for the {own} policy, and policy={name!r} would read them in "
+                    f"its own units: leave policy out (it follows the thresholds), or fit them with policy={name!r}")
+  return name
+
+
 def per_exit(threshold_E, num_exits: int, num_classes: int, policy) -> np.ndarray:
   """threshold_ExC from one value per early exit (E-1 or E values; a last value is not read)."""
   never = policies.get(policy).never

@@ -66,6 +66,27 @@ def test_predict_is_the_simulated_policy_and_export_verifies(smoke_run):
     np.testing.assert_array_equal(logits_NxC.argmax(-1), pred_N)
 
 
+def test_thresholds_run_with_the_policy_they_were_fitted_for(smoke_run, tmp_path):
+  _, _, workdir = smoke_run
+  run = eejax.load_run(workdir)
+  test = data.from_config(run.config.data).test
+  logits = jnp.asarray(np.load(os.path.join(workdir, "logits.npz"))["test_logits"])
+  t = eejax.fit_thresholds(run, budget=0.5, policy="entropy")  # units of entropy, not of probability
+  assert t.policy == "entropy" and t[:2].policy == "entropy"
+  score, pred = policies.scores(logits, "entropy")
+  want_exit = np.asarray(policies.first_exit(score, pred, np.asarray(t)[None], "entropy"))[0]
+  np.testing.assert_array_equal(eejax.predict(run, test.images_NxHxWx3, t)[1], want_exit)
+  score, pred = policies.scores(logits, "max_prob")  # a plain array is read as max_prob, as before
+  want_exit = np.asarray(policies.first_exit(score, pred, np.asarray(t)[None]))[0]
+  np.testing.assert_array_equal(eejax.predict(run, test.images_NxHxWx3, np.asarray(t))[1], want_exit)
+  with pytest.raises(UserError, match="fitted for the entropy policy, and policy='max_prob'"):
+    eejax.predict(run, test.images_NxHxWx3, t, policy="max_prob")
+  with pytest.raises(UserError, match="fitted for the entropy policy"):
+    eejax.export_run(run, str(tmp_path / "x"), t, policy="max_prob")
+  assert not (tmp_path / "x").exists()
+  assert eejax.certify_thresholds(run, 0.2, policy="entropy")["threshold_ExC"].policy == "entropy"
+
+
 def test_a_call_the_run_cannot_answer_is_one_line(smoke_run):
   _, _, workdir = smoke_run
   run = eejax.load_run(workdir)  # 16x16x3 images, 3 exits
