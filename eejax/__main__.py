@@ -13,7 +13,7 @@ COMMANDS = (
     ("compare", "finished runs side by side, pooled over seeds", "LABEL='R/label/seed*' ... [--out DIR]"),
     ("latex", "the tables of a Markdown report as LaTeX", "REPORT.md [...]"),
     ("cascade_runtime", "an exported cascade on images, without JAX (DIR/cascade.py is this file)",
-     "DIR/cascade_FORMAT.json IMAGE ..."),
+     "DIR/cascade_FORMAT.json IMAGE_NPY_OR_FOLDER ..."),
 )
 
 

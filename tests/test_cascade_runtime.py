@@ -83,6 +83,19 @@ def test_the_command_answers_chunk_by_chunk_says_how_far_it_is_and_stops_on_ctrl
   assert out.splitlines() == want[:256]
   assert err.strip() == "cascade: stopped (Ctrl-C) after 256 images; the lines above are their answers"
 
+  folder = tmp_path / "frames"  # a folder: its images and arrays in name order, subfolders too, nothing else
+  (folder / "b").mkdir(parents=True)
+  np.save(folder / "b" / "z.npy", images[3])
+  np.save(folder / "a.npy", images[:2])
+  (folder / "notes.txt").write_text("not an image")
+  assert cascade_runtime.main(["cascade.py", "c.json", str(folder), str(tmp_path / "one.npy")]) == 0
+  names = [line.split("\t")[0] for line in capsys.readouterr().out.splitlines()]
+  assert names == [f"{folder / 'a.npy'}[0]", f"{folder / 'a.npy'}[1]", str(folder / "b" / "z.npy"),
+                   str(tmp_path / "one.npy")]
+  (folder / "empty").mkdir()
+  assert cascade_runtime.main(["cascade.py", "c.json", str(folder / "empty")]) == 2
+  assert "empty is a folder without image files" in capsys.readouterr().err
+
   np.save(tmp_path / "floats.npy", images / 255.0)  # a wrong array anywhere: refused before the first answer
   calls.clear()
   assert cascade_runtime.main([*argv, str(tmp_path / "floats.npy")]) == 2
