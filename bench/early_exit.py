@@ -1,6 +1,7 @@
 """Real batched early exit against the full network, on whatever device is present.
 
   python bench/early_exit.py --workdir W            # a trained run: its val-fitted 50% thresholds, test images
+  python bench/early_exit.py --workdir W --data folder:PATH   # ... whose dataset has moved since it trained
   python bench/early_exit.py --model resnet18       # untrained, random images, thresholds at exit medians
 
 Prints images/s of the full network (every exit computed, batch after batch)
@@ -17,15 +18,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from eejax import cli, evaluate, inference, input_pipeline, policies, thresholds
+from eejax.errors import UserError
 from eejax.flops import exit_macs
 from eejax.models import MultiExitNet
 
 
-def from_workdir(workdir):
-  """A finished run, its test images and its max_prob thresholds fitted for half the MACs (no training images read)."""
+def from_workdir(workdir, source=""):
+  """A finished run, its test images (from `source` where given) and its max_prob thresholds fitted for half the
+  MACs (no training images read)."""
   from eejax import data, run  # pylint: disable=g-import-not-at-top
   r = run.load_run(workdir)
-  ds = data.from_config(r.config.data)
+  if source:  # the statistics that normalize the images are the run's own (run.json)
+    data.check_source(source)
+    r.config.data.source = source
+  try:
+    ds = data.from_config(r.config.data)
+  except UserError as e:
+    raise UserError(f"{e} (here: where the run's dataset moved since it trained, give --data=SOURCE)") from None
   entries = thresholds.load(workdir, r.model.num_exits, r.model.num_classes)
   threshold_ExC = thresholds.pick(entries, "max_prob", 0.5)["threshold_ExC"]
   mean, std = r.spec.stats
@@ -46,12 +55,13 @@ def untrained(name, n, num_classes=10):
 def main():
   parser = cli.ArgumentParser("bench/early_exit.py", description=__doc__.splitlines()[0])
   parser.add_argument("--workdir")
+  parser.add_argument("--data", default="", help="data.source of the run's images where they moved since it trained")
   parser.add_argument("--model", default="resnet18")
   parser.add_argument("--batch-size", type=cli.positive(int), default=1000)
   parser.add_argument("--images", type=cli.positive(int), default=10_000)
   parser.add_argument("--repeats", type=cli.positive(int), default=3)
   args = parser.parse_args()
-  model, variables, images, mean, std, threshold = (from_workdir(args.workdir) if args.workdir
+  model, variables, images, mean, std, threshold = (from_workdir(args.workdir, args.data) if args.workdir
                                                     else untrained(args.model, args.images))
   macs = exit_macs(model, images.shape[1:])
   runner = inference.BatchedEarlyExit(model, variables, mean, std, macs.cumulative, args.batch_size)

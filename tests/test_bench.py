@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, run_main, smoke_args
+from conftest import REPO, copy_run, run_main, smoke_args
 
 
 def bench(script, *args):
@@ -35,6 +35,19 @@ def test_early_exit_predicts_the_speedup_from_the_exits_it_took(smoke_run):
   predicted = report["full_macs"] / (taken_E @ cumulative_E / taken_E.sum())
   assert float(re.search(r"MACs-predicted speedup: ([\d.]+)x", r.stdout).group(1)) == pytest.approx(predicted, abs=0.006)
   assert "hardware: " in r.stdout and re.search(r"measured speedup\s*:\s*[\d.]+x", r.stdout)
+
+
+def test_early_exit_reads_a_moved_dataset_where_data_says(smoke_master, tmp_path):
+  tree, workdir = copy_run(smoke_master, str(tmp_path), own_tree=True)
+  os.rename(tree, str(tmp_path / "moved"))
+  r = bench("early_exit.py", "--workdir", workdir, "--batch-size", "8", "--repeats", "1")
+  assert r.returncode == 2 and r.stderr.startswith("bench/early_exit.py: error: "), r.stderr[-2000:]
+  assert "give --data=SOURCE" in r.stderr
+  r = bench("early_exit.py", "--workdir", workdir, "--batch-size", "8", "--repeats", "1",
+            "--data", f"folder:{tmp_path / 'moved'}")
+  assert r.returncode == 0, r.stderr[-2000:]
+  test_images = json.load(open(os.path.join(workdir, "report.json"), encoding="utf-8"))["splits"]["test"]
+  assert sum(json.loads(re.search(r"exits taken: (\[.*\])", r.stdout).group(1))) == test_images // 8 * 8
 
 
 def test_threshold_search_agrees_with_the_loops_on_a_runs_logits(smoke_run):
