@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 
-from absl import flags
+from absl import app, flags
 
 from eejax.errors import UserError, first_line
 
@@ -48,7 +48,11 @@ def end(status: int, at_once: bool = False) -> None:
 
 
 def parse_flags(argv, program: str = "eejax"):
-  """absl's parser, with flag and --config override mistakes as one line instead of a traceback."""
+  """absl's parser, with flag and --config override mistakes as one line instead of a traceback. --help (or -h,
+  which absl does not know) prints the command's flags, also where no `app.run` defined them (the launchers)."""
+  app.define_help_flags()  # once; app.run defines them too
+  cut = argv.index("--") if "--" in argv else len(argv)  # after `--`: a launcher's overrides for its runs
+  argv = [a if i >= cut or a != "-h" else "--help" for i, a in enumerate(argv)]
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:

@@ -69,7 +69,7 @@ def markdown(rows, command):
 
 
 def main():
-  args = runs.parse_args(__doc__, SCALES, "erde")
+  args = runs.parse_args(SCALES, "erde")
   scale = SCALES[args.scale]
   teacher = os.path.join(args.root, "teacher")
   rows, groups = [], []

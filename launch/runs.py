@@ -15,18 +15,21 @@ from eejax import run as eejax_run
 from eejax.cli import parse_flags, split_names
 
 
-def parse_args(doc: str, scales, name: str):
+def parse_args(scales, name: str):
   """The launch scripts' common flags (absl, as every eejax command line); --root defaults to workdirs/<name>_<scale>.
+  --help prints the script's docstring (absl reads it from __main__) and these flags.
 
   Anything after `--` is passed to every run as more --config.x=y overrides. Works from the repo root.
   """
-  flags.DEFINE_enum("scale", "cpu", sorted(scales), doc.splitlines()[0])
+  flags.DEFINE_enum("scale", "cpu", sorted(scales), "How big the runs are (the scales above).")
   flags.DEFINE_string("config", "configs/cifar10.py", "The config file of every run.")
   flags.DEFINE_string("data", "", "data.source of every run ('': the config's own, e.g. cifar10, downloaded).")
   flags.DEFINE_string("root", None, "Folder for the runs' workdirs and the table.")
   flags.DEFINE_integer("seeds", 1, "Runs of each variant, seeds 0 to N-1 (seed 0 in ROOT/<name>, seed S in "
                        "ROOT/<name>_seedS); above 1, ROOT/compare.md pools them (mean ± std, eejax.compare).",
                        lower_bound=1)
+  for flag in ("scale", "config", "data", "root", "seeds"):  # the script's own, so that --help lists them
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
   extra = parse_flags(sys.argv, program=name)[1:]
   f = flags.FLAGS
   root = f.root or os.path.join("workdirs", f"{name}_{f.scale}")

@@ -37,7 +37,7 @@ def markdown(rows, command):
 
 
 def main():
-  args = runs.parse_args(__doc__, SCALES, "sdn")
+  args = runs.parse_args(SCALES, "sdn")
   scale = SCALES[args.scale]
   groups = {name: [] for name in NAMES}  # name -> [(workdir, report)], seed 0 first
   for seed in range(args.seeds):

@@ -44,7 +44,7 @@ def markdown(rows, command):
 
 
 def main():
-  args = runs.parse_args(__doc__, SCALES, "self_distillation")
+  args = runs.parse_args(SCALES, "self_distillation")
   scale = SCALES[args.scale]
   rows, groups = [], []
   for name, preset in scale["presets"].items():

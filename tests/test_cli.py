@@ -131,3 +131,17 @@ def test_a_comma_separated_list_of_names_overrides_a_tuple_of_names():
   assert config.eval.policies == ("entropy", "patience") and config.eval.fit_policies == ("max_prob", "entropy")
   assert config.eval.risks == ("disagreement",) and config.eval.budgets == (0.25, 0.5)
   assert config.data.source == "folder:/a,b"  # a string setting keeps its commas
+
+
+@pytest.mark.parametrize("command, flag", [(["launch/erde.py", "--help"], "--seeds"),
+                                           (["launch/sdn.py", "-h"], "--scale"),
+                                           (["-m", "eejax.certify", "-h"], "--epsilons")])
+def test_help_lists_the_commands_flags(command, flag):
+  """--help, and -h that absl does not know, print the command's own text and flags (the launchers that parse
+  without absl's app.run had neither: 'Unknown command line flag')."""
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert r.returncode == 1 and "Unknown command line flag" not in r.stderr, r.stderr  # absl's status for --help
+  assert f"  {flag}: " in r.stdout and "Try --helpfull" in r.stdout, r.stdout
+
