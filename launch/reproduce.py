@@ -162,12 +162,10 @@ def main(argv):
   steps.catch_signals()  # a stop asked for during start-up is honoured too
   root = os.path.abspath(FLAGS.workdir)
   os.makedirs(root, exist_ok=True)
+  data = steps.absolute_source(FLAGS.data)  # from where the user is, before the move to the repository
   os.chdir(ROOT)
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "bench"),
                                                      os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-  data = FLAGS.data
-  if data.startswith("folder:"):
-    data = "folder:" + os.path.abspath(os.path.expanduser(data[len("folder:"):]))
   planned = list(plan(FLAGS.scale, data, root))
   command = "python launch/reproduce.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--minutes"))
   hardware = hardware_line(env)

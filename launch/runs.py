@@ -32,10 +32,13 @@ def parse_args(scales, name: str):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[flag])
   extra = parse_flags(sys.argv, program=name)[1:]
   f = flags.FLAGS
-  root = f.root or os.path.join("workdirs", f"{name}_{f.scale}")
-  os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  return types.SimpleNamespace(scale=f.scale, config=f.config, data=f.data, root=root, extra=list(extra),
-                               seeds=f.seeds)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.abspath(f.root) if f.root else os.path.join(repo, "workdirs", f"{name}_{f.scale}")
+  config = f.config  # a file here, else the repository's (configs/cifar10.py from anywhere)
+  config = os.path.abspath(config) if os.path.exists(config.partition(":")[0]) else config
+  data = steps.absolute_source(f.data)
+  os.chdir(repo)  # the paths given were made absolute first: they name places from where the user is
+  return types.SimpleNamespace(scale=f.scale, config=config, data=data, root=root, extra=list(extra), seeds=f.seeds)
 
 
 def command_line(script: str, args) -> str:
@@ -79,7 +82,8 @@ def finished(workdir: str, config: str, overrides) -> bool:
     wanted, saved = job_config(config, overrides), eejax_run.load_config(workdir)
   except Exception:  # pylint: disable=broad-except  # a config the job would refuse, a damaged config.json
     return False
-  return not eejax_run.setting_differences(saved, wanted) and saved.data.source == wanted.data.source
+  return not eejax_run.setting_differences(saved, wanted) and (  # a relative path read from the repository
+      steps.absolute_source(saved.data.source) == steps.absolute_source(wanted.data.source))
 
 
 def run(name: str, config: str, workdir: str, data: str, extra) -> dict:

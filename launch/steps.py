@@ -22,6 +22,15 @@ GRACE_S = 120.0  # how long a stopped step may take to save and exit before its 
 _stop = {"signum": None}  # set by SIGTERM / Ctrl-C; the loop in run_step passes it on to the running group
 
 
+def absolute_source(source: str) -> str:
+  """data.source with its path made absolute from the current folder, before a launcher moves to the repository
+  root to run its jobs: folder:PATH and NAME:PATH; tfds:NAME and a bare NAME stay as they are."""
+  kind, _, path = source.partition(":")
+  if not path or kind == "tfds":
+    return source
+  return f"{kind}:{os.path.abspath(os.path.expanduser(path))}"
+
+
 def record_path(root: str, name: str) -> str:
   return os.path.join(root, "steps", f"{name}.json")
 

@@ -15,11 +15,14 @@ STAGES = ("throughput", "main", "bts", "erde", "self_distillation", "sdn")
 
 
 def reproduce(root, tree, *extra, wait=True):
-  command = [sys.executable, "launch/reproduce.py", "--scale=smoke", f"--data=folder:{tree}", f"--workdir={root}",
-             *extra]
+  """The launcher run from the tree's folder, its paths relative to there, as a user types them in their own
+  folder (it works from the repository root; a relative --data was once read from there)."""
+  here = os.path.dirname(tree)
+  command = [sys.executable, os.path.join(REPO, "launch", "reproduce.py"), "--scale=smoke",
+             f"--data=folder:{os.path.relpath(tree, here)}", f"--workdir={os.path.relpath(root, here)}", *extra]
   if not wait:
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.Popen(command, cwd=here, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=900, check=False)
 
 
 def erde_rows(root):
@@ -45,6 +48,22 @@ def test_a_launchers_bad_flag_is_one_line_in_its_own_name(command, line, tmp_pat
                      capture_output=True, text=True, timeout=120, check=False)
   assert r.returncode == 2 and r.stderr.strip().startswith(line), r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.parametrize("launcher", ["erde.py", "self_distillation.py", "sdn.py"])
+def test_a_launchers_paths_are_read_from_where_it_is_run(launcher, tree, tmp_path):
+  """--root, --data and a --config file of one's own name places from the user's folder, not the repository's."""
+  (tmp_path / "mine.py").write_text(open(os.path.join(REPO, "configs", "cifar10.py")).read())
+  command = [sys.executable, os.path.join(REPO, "launch", launcher), "--root=runs", f"--data=folder:{tree}",
+             "--config=mine.py", "--", "--config.no_such_key=1"]  # the first job stops at once, naming its paths
+  r = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+  assert "bad --config override: no_such_key" in r.stderr, r.stderr
+  first = r.stdout.splitlines()[0]
+  assert f"--config {tmp_path / 'mine.py'}:" in first and f"--workdir={tmp_path / 'runs'}/" in first, first
+  assert f"--config.data.source=folder:{tree} " in first, first
+  r = subprocess.run([c.replace(f"folder:{tree}", "folder:" + os.path.relpath(tree, tmp_path)) for c in command],
+                     cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+  assert f"--config.data.source=folder:{tree} " in r.stdout.splitlines()[0], r.stdout
 
 
 def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):

@@ -185,3 +185,14 @@ def test_the_sdn_launcher_runs_all_four_and_tables_them(tmp_path):
                          capture_output=True, text=True, timeout=900, check=False)
   assert again.returncode == 0 and " -- " in table["command"], table["command"] + again.stderr[-2000:]
   assert json.load(open(os.path.join(root, "comparison.json")))["rows"] == table["rows"]
+  # The same data by a relative path, the runs' configs holding it so (as launchers wrote them before they made it
+  # absolute): the same finished runs, none trained again.
+  for name in ("cnn", "ic_only", "sdn", "joint"):
+    path = os.path.join(root, name, "config.json")
+    config = json.load(open(path))
+    config["data"]["source"] = f"folder:{os.path.relpath(tree, REPO)}"
+    json.dump(config, open(path, "w"))
+  again = subprocess.run([sys.executable, "launch/sdn.py", "--scale=cpu", f"--data=folder:{os.path.relpath(tree, REPO)}",
+                          f"--root={root}", "--", *TINY_RUN], cwd=REPO, capture_output=True, text=True, timeout=900,
+                         check=False)
+  assert again.returncode == 0 and again.stdout.count("done already") == 4, again.stdout[-3000:]
