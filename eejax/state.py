@@ -48,12 +48,18 @@ def make_schedule(train_cfg, steps_per_epoch: int) -> optax.Schedule:
 
 
 def schedule_warning(train_cfg) -> str | None:
-  """A line for train.step_epochs the run never reaches (a preset's steps under a shorter train.epochs)."""
+  """A line for each part of the schedule a run ends before (a preset's schedule under a shorter train.epochs): a
+  warm-up that lasts the whole run, train.step_epochs it never reaches; None where there is none."""
+  lines = []
+  if 0 < train_cfg.epochs <= train_cfg.warmup_epochs:
+    lines.append(f"warning: the warm-up lasts the whole run (train.warmup_epochs={train_cfg.warmup_epochs:g}, "
+                 f"train.epochs={train_cfg.epochs:g}): the learning rate rises to its peak at the end and never "
+                 "decays; give a shorter warm-up for a short run")
   late = [e for e in train_cfg.step_epochs if e >= train_cfg.epochs] if train_cfg.schedule == "step" else []
-  if not late:
-    return None
-  return (f"warning: the learning rate never steps at epoch(s) {', '.join(f'{e:g}' for e in late)} of "
-          f"train.step_epochs: the run ends after {train_cfg.epochs}; give earlier ones for a shorter run")
+  if late:
+    lines.append(f"warning: the learning rate never steps at epoch(s) {', '.join(f'{e:g}' for e in late)} of "
+                 f"train.step_epochs: the run ends after {train_cfg.epochs}; give earlier ones for a shorter run")
+  return "\n".join(lines) or None
 
 
 def kernel_mask(params):

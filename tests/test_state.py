@@ -88,6 +88,14 @@ def test_the_step_schedule_steps_once_for_each_listed_epoch_and_says_which_it_ne
       "earlier ones for a shorter run")
   config.train.schedule = "cosine"
   assert state.schedule_warning(config.train) is None
+  config.train.update(epochs=1, warmup_epochs=1.0)  # the preset's warm-up under --config.train.epochs=1
+  schedule = state.make_schedule(config.train, 10)
+  assert float(schedule(9)) == pytest.approx(0.9)  # the last step still warming up: no step at a lower rate
+  assert state.schedule_warning(config.train) == (
+      "warning: the warm-up lasts the whole run (train.warmup_epochs=1, train.epochs=1): the learning rate rises to "
+      "its peak at the end and never decays; give a shorter warm-up for a short run")
+  config.train.warmup_epochs = 0.5
+  assert state.schedule_warning(config.train) is None
 
 
 def test_scan_chunk_of_one_step_has_no_loop_and_a_leading_axis():
