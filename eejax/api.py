@@ -98,7 +98,7 @@ def certify_thresholds(run: Run, epsilon: float, delta: float = 0.1, risk_name: 
   out["threshold_ExC"] = thresholds.fitted(out["threshold_ExC"], policy)
   print(f"{'certified' if out['certified'] else 'nothing certified'}: {risk_name} <= {100 * epsilon:g}% with "
         f"probability >= {100 * (1 - delta):g}%; validation risk {100 * out['risk']:.2f}%, "
-        f"{100 * (1 - out['macs'] / macs.full):.1f}% of the MACs saved")
+        f"{100 * (1 - out['macs'] / macs.full):z.1f}% of the MACs saved")  # z: never "-0.0%"
   return out
 
 

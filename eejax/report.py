@@ -79,8 +79,8 @@ def certified_lines(report: dict) -> list[str]:
            "| budget-fitted: risk on test (%) | MACs saved, test (%) |", "|---|---:|---|---:|---:|---:|---:|---:|"]
   for r in rows:
     lines.append(f"| {r['risk']} | {100 * r['epsilon']:g} | {'yes' if r['certified'] else 'no'} "
-                 f"| {100 * r['val_macs_saved'] + 0.0:.1f} | {_pct(r['test_risk'])} | {100 * r['test_macs_saved'] + 0.0:.1f} "
-                 f"| {_pct(r['budget_fitted_test_risk'])} | {100 * r['budget_fitted_test_macs_saved'] + 0.0:.1f} |")
+                 f"| {100 * r['val_macs_saved']:z.1f} | {_pct(r['test_risk'])} | {100 * r['test_macs_saved']:z.1f} "
+                 f"| {_pct(r['budget_fitted_test_risk'])} | {100 * r['budget_fitted_test_macs_saved']:z.1f} |")
   return lines
 
 

@@ -66,6 +66,13 @@ def test_predict_is_the_simulated_policy_and_export_verifies(smoke_run):
     np.testing.assert_array_equal(logits_NxC.argmax(-1), pred_N)
 
 
+def test_nothing_certified_saves_nothing_and_says_so_without_a_minus(smoke_run, capsys):
+  run = eejax.load_run(smoke_run[2])
+  out = eejax.certify_thresholds(run, 1e-6)  # nothing certifies: every image to the last exit, heads and all
+  assert not out["certified"] and out["macs"] > exit_macs(run.model, (16, 16, 3)).full
+  assert capsys.readouterr().out.strip().endswith(", 0.0% of the MACs saved")  # not "-0.0%"
+
+
 def test_thresholds_run_with_the_policy_they_were_fitted_for(smoke_run, tmp_path):
   _, _, workdir = smoke_run
   run = eejax.load_run(workdir)

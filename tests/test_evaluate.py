@@ -88,6 +88,9 @@ def test_the_certified_section_holds_its_guarantee_on_test_and_is_written(tmp_pa
   md = open(tmp_path / "report.md", encoding="utf-8").read()
   assert "## Certified thresholds (Learn then Test, `max_prob`, global family)" in md
   assert sum(line.startswith("| disagreement |") for line in md.splitlines()) == 2
+  # Nothing certified: every image to the last exit, whose early heads cost a little more than the plain network.
+  nothing = {**rows[0], "certified": False, "val_macs_saved": -4e-5, "test_macs_saved": -4e-5}
+  assert "| no | 0.0 | " in report.certified_lines({"certified": [nothing]})[-1]  # never "-0.0"
 
 
 def test_in_batches_pads_the_last_batch_trims_it_and_counts_every_image(capsys):
