@@ -36,6 +36,10 @@ def check_config(config) -> None:
     raise unknown_name("train.init", config.train.init, state.INITS)
   if config.train.weight_decay_on not in state.DECAY_MASKS:
     raise unknown_name("train.weight_decay_on", config.train.weight_decay_on, state.DECAY_MASKS)
+  for key, example in (("policies", "max_prob,entropy"), ("budgets", "0.25,0.5,0.75")):
+    if not len(config.eval[key]):  # the report's tables would be empty, and no threshold fitted for a budget
+      raise UserError(f"eval.{key}=() leaves the report with nothing to show: give one or more, e.g. "
+                      f"--config.eval.{key}={example}")
   for name in (*config.eval.policies, *config.eval.fit_policies):
     policies.get(name)
   for name in config.eval.risks:

@@ -58,6 +58,9 @@ from eejax.errors import UserError
     ("sdn.max_weights", (0.5, -0.1), "sdn.max_weights=(0.5, -0.1) must be weights, each 0 or more"),
     ("compile_cache_max_gb", -1.0, "compile_cache_max_gb=-1.0 must be 0 (no limit) or more gigabytes"),
     ("compile_cache_max_gb", float("nan"), "compile_cache_max_gb=nan must be 0 (no limit) or more gigabytes"),
+    ("eval.budgets", (), "eval.budgets=() leaves the report with nothing to show: give one or more, e.g. "
+                         "--config.eval.budgets=0.25,0.5,0.75"),  # once a report of empty tables
+    ("eval.policies", (), "eval.policies=() leaves the report with nothing to show"),
     ("data.val_size", 0, "data.val_size=0 must be 1 or more training images held out"),  # once after decoding
     ("seed", -1, "seed=-1 must be a whole number from 0 to 4294967295"),
     ("seed", 2 ** 32 + 5, "seed=4294967301 must be a whole number from 0 to 4294967295"),  # jax's key: seed 5's
