@@ -2,8 +2,9 @@
 
 `guarded(job, program, workdir)` runs a command's work: a mistake the user can fix (`UserError`, a full disk, a
 path it may not write) is one line and status 2; a stop on a signal keeps its checkpoint and exits 128+signal;
-Ctrl-C anywhere else (start-up, evaluation) is one line and status 130; anything unforeseen is one short line
-plus the file that holds the whole traceback (status 1). Nothing here imports JAX, so `--help` stays fast.
+Ctrl-C or SIGTERM anywhere else (start-up, evaluation) is one line and status 130 or 143; anything unforeseen is
+one short line plus the file that holds the whole traceback (status 1). Nothing here imports JAX, so `--help`
+stays fast.
 """
 import argparse
 import contextlib
@@ -153,33 +154,47 @@ def _config_path(argv) -> str:
   return "?"
 
 
-def interrupted(program: str) -> None:
-  """One line and status 130, ending the process at once: JAX's threads may still be compiling or running, and
-  tearing the interpreter down under them can crash it. Every file eejax writes is whole or flushed by then."""
-  print(f"{program}: interrupted (Ctrl-C); every checkpoint and file already written stays whole: run the same "
-        f"command again to go on", file=sys.stderr)
-  end(130, at_once=True)
+def interrupted(program: str, signum: int = signal.SIGINT) -> None:
+  """One line and status 128 + signal, ending the process at once: JAX's threads may still be compiling or
+  running, and tearing the interpreter down under them can crash it. Every file eejax writes is whole or flushed
+  by then."""
+  how = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+  print(f"{program}: {how}; every checkpoint and file already written stays whole: run the same command again to "
+        f"go on", file=sys.stderr)
+  end(128 + signum, at_once=True)
+
+
+class Terminated(BaseException):
+  """SIGTERM outside the training loop (which saves and stops on it itself): the job ends as on Ctrl-C, with one
+  line, where SIGTERM's default ended it without a word."""
+
+
+def _raise_terminated(signum, frame):
+  del signum, frame
+  raise Terminated
 
 
 hard_exit = os._exit  # pylint: disable=protected-access
 
 
 def exit_on_interrupt(program: str) -> None:
-  """Until `guarded` runs the job, Ctrl-C is one line and status 130: for a command that imports JAX at its top,
-  where a KeyboardInterrupt would surface from inside an extension's import. A SIGINT ignored stays ignored."""
-  if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-    signal.signal(signal.SIGINT, _StartUp(program))
+  """Until `guarded` runs the job, Ctrl-C or SIGTERM is one line and status 128 + signal: for a command that
+  imports JAX at its top, where a KeyboardInterrupt would surface from inside an extension's import. A signal
+  ignored stays ignored."""
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    if signal.getsignal(sig) != signal.SIG_IGN:
+      signal.signal(sig, _StartUp(program))
 
 
 class _StartUp:
-  """The SIGINT handler of `exit_on_interrupt`."""
+  """The signal handler of `exit_on_interrupt`."""
 
   def __init__(self, program: str):
     self.program = program
 
   def __call__(self, signum, frame):
-    del signum, frame
-    interrupted(self.program)
+    del frame
+    interrupted(self.program, signum)
 
 
 def guarded(job, program: str = "eejax", workdir: str | None = None):
@@ -187,12 +202,18 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
   sys.unraisablehook = _resend_swallowed_interrupt
   if isinstance(signal.getsignal(signal.SIGINT), _StartUp):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here a KeyboardInterrupt, caught below
+  sigterm = signal.getsignal(signal.SIGTERM)
+  if sigterm in (signal.SIG_DFL, None) or isinstance(sigterm, _StartUp):
+    with contextlib.suppress(ValueError):  # only the main thread sets handlers
+      signal.signal(signal.SIGTERM, _raise_terminated)  # from here a Terminated, caught below
   try:
     return job()
   except UserError as e:
     fail(str(e), program)
   except KeyboardInterrupt:
     interrupted(program)
+  except Terminated:
+    interrupted(program, signal.SIGTERM)
   except OSError as e:
     if e.errno not in REMEDIES:
       _unforeseen(e, program, workdir)
@@ -208,26 +229,32 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
       from eejax import distributed  # pylint: disable=g-import-not-at-top
       distributed.lost_peer(e, workdir or ".")  # one line; never returns
     _unforeseen(e, program, workdir)
+  finally:  # a caller that goes on (a test, a notebook) gets its handler back
+    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+      signal.signal(signal.SIGTERM, sigterm)
 
 
 @contextlib.contextmanager
 def interrupt_after():
-  """Ctrl-C inside the block is held back and raised when it ends: importing JAX's C extensions is no place to
-  stop (an import cut there can crash the interpreter). A SIGINT that the shell ignores stays ignored."""
-  held = []
+  """Ctrl-C or SIGTERM inside the block is held back and raised when it ends: importing JAX's C extensions is no
+  place to stop (an import cut there can crash the interpreter). A signal that the shell ignores stays ignored."""
+  held, previous = [], {}
   try:
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
   except ValueError:  # not the main thread
     yield
     return
-  if previous == signal.SIG_IGN:
-    signal.signal(signal.SIGINT, previous)
+  for sig, handler in previous.items():
+    if handler == signal.SIG_IGN:
+      signal.signal(sig, handler)
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
     if held:
-      raise KeyboardInterrupt
+      raise KeyboardInterrupt if held[0] == signal.SIGINT else Terminated
 
 
 def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None:
@@ -235,8 +262,9 @@ def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None
 
   (JAX runs a callback on every collection, and start-up collects often.)
   """
-  if issubclass(unraisable.exc_type, KeyboardInterrupt):
-    threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+  if issubclass(unraisable.exc_type, (KeyboardInterrupt, Terminated)):
+    sig = signal.SIGINT if issubclass(unraisable.exc_type, KeyboardInterrupt) else signal.SIGTERM
+    threading.Timer(0.05, os.kill, (os.getpid(), sig)).start()
     return
   previous(unraisable)
 

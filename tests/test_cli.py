@@ -101,6 +101,23 @@ def test_ctrl_c_at_start_up_ends_at_once_and_the_job_gets_a_keyboard_interrupt(c
     signal.signal(signal.SIGINT, previous)
 
 
+def test_sigterm_outside_training_is_one_line_and_the_callers_handler_comes_back(capsys, monkeypatch):
+  previous = signal.getsignal(signal.SIGTERM)
+  try:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    def job():
+      os.kill(os.getpid(), signal.SIGTERM)  # its default ended the process without a word
+      time.sleep(5)
+    code, err = ends(job, capsys, monkeypatch=monkeypatch)
+    assert code == 143 and err == ("eejax: stopped by SIGTERM; every checkpoint and file already written stays "
+                                   "whole: run the same command again to go on")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ignored (nohup-like): still ignored in the job
+    assert cli.guarded(lambda: signal.getsignal(signal.SIGTERM)) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def test_python_m_eejax_lists_every_command_and_only_those():
   import glob, re, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   from eejax import __main__ as commands  # pylint: disable=g-import-not-at-top

@@ -315,10 +315,11 @@ def _maps():
     return ""
 
 
-def _interrupt_when(args, ready, tmp_path, module="eejax.main"):
+def _interrupt_when(args, ready, tmp_path, module="eejax.main", sig=signal.SIGINT):
   # Ctrl-C as a terminal delivers it: a shell may start this suite with SIGINT ignored, which children inherit,
   # so the command starts through an exec that restores it (the same process id).
   restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+             "signal.signal(signal.SIGTERM, signal.SIG_DFL); "
              "os.execv(sys.executable, [sys.executable, '-m', sys.argv[1], *sys.argv[2:]])")
   proc = subprocess.Popen([sys.executable, "-c", restore, module, *args], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=open(tmp_path / "err.txt", "w", encoding="utf-8"), text=True,
@@ -327,7 +328,7 @@ def _interrupt_when(args, ready, tmp_path, module="eejax.main"):
   deadline = time.time() + 120
   while not ready((tmp_path / "err.txt").read_text()) and time.time() < deadline:
     time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(sig)
   out, _ = proc.communicate(timeout=120)
   return subprocess.CompletedProcess(args, proc.returncode, out, (tmp_path / "err.txt").read_text())
 
@@ -342,6 +343,21 @@ def test_ctrl_c_in_start_up_or_evaluation_is_one_line_and_the_run_goes_on(tiny_t
   r = _interrupt_when(args, lambda err: "evaluating the test split" in err, tmp_path)
   check_clean(r, 130, "interrupted (Ctrl-C)")
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "10"))
+  again = run_main(args)
+  check_clean(again, 0, "")
+  assert "resuming from" in again.stdout and os.path.exists(os.path.join(workdir, "report.md"))
+
+
+def test_sigterm_outside_training_is_one_line_and_the_run_goes_on(tiny_tree, tmp_path):
+  """SIGTERM (a scheduler's, `timeout`'s) while JAX loads or the report is written ended the job without a word."""
+  workdir = str(tmp_path / "w")
+  args = smoke_args(tiny_tree, workdir, "", NO_INFERENCE)
+  for ready in (lambda err: "jaxlib" in _maps(), lambda err: "evaluating the test split" in err):
+    r = _interrupt_when(args, ready, tmp_path, sig=signal.SIGTERM)
+    check_clean(r, 143, "stopped by SIGTERM; every checkpoint and file already written stays whole")
+  r = _interrupt_when([f"--workdir={workdir}", f"--out={tmp_path / 'e'}"], lambda err: "jaxlib" in _maps(),
+                      tmp_path, "eejax.export", signal.SIGTERM)
+  check_clean(r, 143, "eejax.export: stopped by SIGTERM")
   again = run_main(args)
   check_clean(again, 0, "")
   assert "resuming from" in again.stdout and os.path.exists(os.path.join(workdir, "report.md"))
