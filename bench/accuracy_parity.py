@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -42,7 +41,7 @@ except ImportError:
   raise SystemExit("bench/accuracy_parity.py: error: the peer needs PyTorch: pip install -e '.[bench]'") from None
 import jax
 import optax
-from eejax import cli, data, run, state, train
+from eejax import cli, data, run, signals, state, train
 from eejax.errors import UserError
 from eejax.models.resnet import ARCHS
 
@@ -219,7 +218,9 @@ def eejax_report(workdir: str, eejax_args: list[str]) -> tuple[dict, str]:
                      "-- --config configs/cifar10.py:cpu")
   command = [sys.executable, "-m", "eejax.main", *eejax_args, f"--workdir={workdir}"]
   print("$ " + " ".join(command[1:]), flush=True)
-  status = subprocess.run(command, check=False).returncode
+  status, signum = signals.wait_for_job(command)  # Ctrl-C: the run saves its checkpoint, and this waits for it
+  if signum:
+    cli.interrupted("bench/accuracy_parity.py", signum)
   if status != 0:
     raise UserError(f"eejax's run stopped with exit status {status} (its own message is above); fix it and run "
                     "this command again: a stopped run resumes")

@@ -20,6 +20,7 @@ import traceback
 
 from absl import app, flags
 
+from eejax import signals
 from eejax.errors import UserError, first_line
 
 # What the user can do about each operating-system error they can cause and mend; any other is unforeseen.
@@ -164,16 +165,6 @@ def interrupted(program: str, signum: int = signal.SIGINT) -> None:
   end(128 + signum, at_once=True)
 
 
-class Terminated(BaseException):
-  """SIGTERM outside the training loop (which saves and stops on it itself): the job ends as on Ctrl-C, with one
-  line, where SIGTERM's default ended it without a word."""
-
-
-def _raise_terminated(signum, frame):
-  del signum, frame
-  raise Terminated
-
-
 hard_exit = os._exit  # pylint: disable=protected-access
 
 
@@ -205,14 +196,14 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
   sigterm = signal.getsignal(signal.SIGTERM)
   if sigterm in (signal.SIG_DFL, None) or isinstance(sigterm, _StartUp):
     with contextlib.suppress(ValueError):  # only the main thread sets handlers
-      signal.signal(signal.SIGTERM, _raise_terminated)  # from here a Terminated, caught below
+      signal.signal(signal.SIGTERM, signals.raise_terminated)  # from here a Terminated, caught below
   try:
     return job()
   except UserError as e:
     fail(str(e), program)
   except KeyboardInterrupt:
     interrupted(program)
-  except Terminated:
+  except signals.Terminated:
     interrupted(program, signal.SIGTERM)
   except OSError as e:
     if e.errno not in REMEDIES:
@@ -230,31 +221,8 @@ def guarded(job, program: str = "eejax", workdir: str | None = None):
       distributed.lost_peer(e, workdir or ".")  # one line; never returns
     _unforeseen(e, program, workdir)
   finally:  # a caller that goes on (a test, a notebook) gets its handler back
-    if signal.getsignal(signal.SIGTERM) is _raise_terminated:
+    if signal.getsignal(signal.SIGTERM) is signals.raise_terminated:
       signal.signal(signal.SIGTERM, sigterm)
-
-
-@contextlib.contextmanager
-def interrupt_after():
-  """Ctrl-C or SIGTERM inside the block is held back and raised when it ends: importing JAX's C extensions is no
-  place to stop (an import cut there can crash the interpreter). A signal that the shell ignores stays ignored."""
-  held, previous = [], {}
-  try:
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
-  except ValueError:  # not the main thread
-    yield
-    return
-  for sig, handler in previous.items():
-    if handler == signal.SIG_IGN:
-      signal.signal(sig, handler)
-  try:
-    yield
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
-    if held:
-      raise KeyboardInterrupt if held[0] == signal.SIGINT else Terminated
 
 
 def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None:
@@ -262,7 +230,7 @@ def _resend_swallowed_interrupt(unraisable, previous=sys.unraisablehook) -> None
 
   (JAX runs a callback on every collection, and start-up collects often.)
   """
-  if issubclass(unraisable.exc_type, (KeyboardInterrupt, Terminated)):
+  if issubclass(unraisable.exc_type, (KeyboardInterrupt, signals.Terminated)):
     sig = signal.SIGINT if issubclass(unraisable.exc_type, KeyboardInterrupt) else signal.SIGTERM
     threading.Timer(0.05, os.kill, (os.getpid(), sig)).start()
     return

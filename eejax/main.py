@@ -13,7 +13,8 @@ the environment (SLURM, Open MPI, TPU pods), or with --coordinator,
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from eejax.cli import config_value, fail, guarded, interrupt_after, parse_flags
+from eejax.cli import config_value, fail, guarded, parse_flags
+from eejax.signals import interrupt_after
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/cifar10.py:cpu.",
                                           lock_config=True)

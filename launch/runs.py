@@ -1,7 +1,7 @@
 """Helpers shared by the launch scripts: arguments, one resumable eejax job, table cells and files."""
 import json
 import os
-import subprocess
+import signal
 import sys
 import types
 
@@ -13,6 +13,7 @@ import steps
 from eejax import compare, latex
 from eejax import run as eejax_run
 from eejax.cli import parse_flags, split_names
+from eejax.signals import wait_for_job
 
 
 def parse_args(scales, name: str):
@@ -95,7 +96,11 @@ def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
   else:
     command = [sys.executable, "-m", "eejax.main", "--config", config, f"--workdir={workdir}", *overrides]
     print(f"[{name}] {' '.join(command)}", flush=True)
-    code = subprocess.call(steps.with_parent(command))  # stopped with this launcher
+    code, signum = wait_for_job(steps.with_parent(command))  # stopped with this launcher
+    if signum or code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+      print(f"[{name}] stopped by {signal.Signals(signum or code - 128).name} (exit status {code}): run the same "
+            "command again to resume it (finished runs are kept)", file=sys.stderr, flush=True)
+      sys.exit(128 + (signum or code - 128))
     if code == 2:  # a mistake, named on the job's own error line: rerunning as it is would stop the same way
       sys.exit(f"[{name}] stopped with status 2: do what its error line above says, then run this command again "
                "(finished runs are kept)")

@@ -66,6 +66,33 @@ def test_a_launchers_paths_are_read_from_where_it_is_run(launcher, tree, tmp_pat
   assert f"--config.data.source=folder:{tree} " in r.stdout.splitlines()[0], r.stdout
 
 
+def test_ctrl_c_on_a_launcher_lets_its_job_save_and_is_one_line(tree, tmp_path):
+  """A terminal's Ctrl-C reaches the launcher and its job: the job saves its checkpoint and stops, the launcher
+  waits for it and says so. (subprocess.call killed the job on the launcher's KeyboardInterrupt, losing its steps
+  since the last checkpoint, and the launcher ended with a traceback.)"""
+  restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "  # as a terminal starts it,
+             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")  # though this suite may ignore Ctrl-C
+  command = [sys.executable, "-c", restore, os.path.join(REPO, "launch", "erde.py"), f"--root={tmp_path / 'r'}",
+             f"--data=folder:{tree}", "--", "--config.model.name=resnet8", "--config.model.width=0.25",
+             "--config.data.max_images=0", "--config.data.val_size=16", "--config.train.batch_size=16",
+             "--config.train.epochs=200", "--config.train.steps_per_call=1", "--config.checkpoint.every_steps=100000"]
+  proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)  # a terminal's group of its own: the launcher and its job
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step "):  # training
+      os.killpg(proc.pid, signal.SIGINT)
+      break
+  out = "".join(lines) + proc.stdout.read()
+  assert proc.wait(timeout=300) == 130, out[-3000:]
+  assert "Traceback" not in out, out[-3000:]
+  assert out.strip().splitlines()[-1] == ("[teacher] stopped by SIGINT (exit status 130): run the same command "
+                                          "again to resume it (finished runs are kept)"), out[-3000:]
+  saved = os.listdir(tmp_path / "r" / "teacher" / "checkpoints")
+  assert len(saved) == 1 and 0 < int(saved[0]) < 1000, saved  # the stop's own checkpoint
+
+
 def test_every_stage_runs_and_writes_one_summary(tree, tmp_path):
   root = str(tmp_path / "r")
   r = reproduce(root, tree)

@@ -22,6 +22,8 @@ def test_second_ctrl_c_interrupts():
   with signals.StopSignal() as stop:
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.signum == signal.SIGINT
+    os.kill(os.getpid(), signal.SIGTERM)  # a launcher passing the stop on: the cause stays Ctrl-C
+    assert stop.signum == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
 
