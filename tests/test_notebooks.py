@@ -29,6 +29,10 @@ def test_notebooks_are_valid_thin_and_tpu_safe():
     assert "import tensorflow" not in code, path  # TensorFlow on a TPU runtime breaks JAX's TPU start
     assert "def " not in code and "class " not in code, path  # cells call the package; nothing is built here
     assert "devices()[" not in code, path  # no assumption about how many devices there are
+    # A training job runs through wait_for_job: interrupting the cell lets it save (subprocess.run killed it
+    # 0.25 s after the kernel's KeyboardInterrupt, losing its steps since the last checkpoint).
+    jobs = [c.source for c in nb.cells if c.cell_type == "code" and ("launch/" in c.source or "eejax.main" in c.source)]
+    assert all("wait_for_job(" in s and "subprocess.run" not in s for s in jobs), path
 
 
 def test_quickstart_runs_top_to_bottom_on_cpu(tmp_path):
