@@ -30,6 +30,14 @@ class Fitted(np.ndarray):
   def __array_finalize__(self, obj):
     self.policy = getattr(obj, "policy", None)
 
+  def __reduce__(self):  # a pickled copy (another process, a cache) keeps its policy too; np.save keeps numbers only
+    constructor, args, state = super().__reduce__()
+    return constructor, args, (state, self.policy)
+
+  def __setstate__(self, state):
+    array_state, self.policy = state
+    super().__setstate__(array_state)
+
 
 def fitted(threshold_ExC, policy) -> Fitted:
   """threshold_ExC as float32, marked as fitted for `policy`."""

@@ -55,3 +55,14 @@ def test_older_runs_forms_still_load(tmp_path):
   (bts / "thresholds.json").write_text(json.dumps({"policy": "max_prob", "per_class_threshold_BxC": [[0.5, None]]}))
   (entry,) = thresholds.load(str(bts), 2, 2)
   np.testing.assert_array_equal(entry["threshold_ExC"], np.float32([[0.5, np.inf], [np.inf, np.inf]]))
+
+
+def test_a_fitted_setting_keeps_its_policy_through_slices_arithmetic_and_pickle():
+  import pickle  # pylint: disable=g-import-not-at-top
+  t = thresholds.fitted(np.full((3, 4), 0.25), "entropy")
+  for copy in (t[:2], t * 0.9, pickle.loads(pickle.dumps(t))):
+    assert isinstance(copy, thresholds.Fitted) and copy.policy == "entropy"
+  np.testing.assert_array_equal(pickle.loads(pickle.dumps(t)), np.full((3, 4), 0.25, np.float32))
+  assert thresholds.policy_for(t, None) == "entropy" and thresholds.policy_for(np.asarray(t), None) == "max_prob"
+  with pytest.raises(UserError, match="fitted for the entropy policy, and policy='patience'"):
+    thresholds.policy_for(t, "patience")
