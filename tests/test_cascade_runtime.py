@@ -96,6 +96,9 @@ def test_the_command_answers_chunk_by_chunk_says_how_far_it_is_and_stops_on_ctrl
   assert cascade_runtime.main(["cascade.py", "c.json", str(folder / "empty")]) == 2
   assert "empty is a folder without image files" in capsys.readouterr().err
 
+  assert cascade_runtime.main(["cascade.py", "--help"]) == 0  # what it takes, not "no such file: '--help'"
+  assert "IMAGE_NPY_OR_FOLDER" in capsys.readouterr().out
+
   np.save(tmp_path / "floats.npy", images / 255.0)  # a wrong array anywhere: refused before the first answer
   calls.clear()
   assert cascade_runtime.main([*argv, str(tmp_path / "floats.npy")]) == 2
