@@ -20,7 +20,8 @@ def parse_args(scales, name: str):
   """The launch scripts' common flags (absl, as every eejax command line); --root defaults to workdirs/<name>_<scale>.
   --help prints the script's docstring (absl reads it from __main__) and these flags.
 
-  Anything after `--` is passed to every run as more --config.x=y overrides. Works from the repo root.
+  Anything after `--` is passed to every run as more --config.x=y overrides. Runs from any folder: the paths given
+  are read from there, and the jobs then run from the repository root.
   """
   flags.DEFINE_enum("scale", "cpu", sorted(scales), "How big the runs are (the scales above).")
   flags.DEFINE_string("config", "configs/cifar10.py", "The config file of every run.")

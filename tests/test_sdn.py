@@ -192,7 +192,7 @@ def test_the_sdn_launcher_runs_all_four_and_tables_them(tmp_path):
     config = json.load(open(path))
     config["data"]["source"] = f"folder:{os.path.relpath(tree, REPO)}"
     json.dump(config, open(path, "w"))
-  again = subprocess.run([sys.executable, "launch/sdn.py", "--scale=cpu", f"--data=folder:{os.path.relpath(tree, REPO)}",
-                          f"--root={root}", "--", *TINY_RUN], cwd=REPO, capture_output=True, text=True, timeout=900,
-                         check=False)
+  relative = f"--data=folder:{os.path.relpath(tree, REPO)}"
+  again = subprocess.run([sys.executable, "launch/sdn.py", "--scale=cpu", relative, f"--root={root}", "--", *TINY_RUN],
+                         cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
   assert again.returncode == 0 and again.stdout.count("done already") == 4, again.stdout[-3000:]
