@@ -137,7 +137,7 @@ def markdown(report: dict) -> str:
   for r in report["rows"]:
     shares = " / ".join(f"{100 * s:.0f}" for s in r["test"]["exit_share"])
     lines.append(f"| {','.join(map(str, r['positions']))} | {r['head_width']} | {r['margin']:g} | {r['mode']} | "
-                 f"{100 * r['accuracy']:.2f}% | {r['macs'] / 1e6:.2f} | {100 * r['macs_reduction']:.1f}% | {shares}% |")
+                 f"{100 * r['accuracy']:.2f}% | {r['macs'] / 1e6:.2f} | {100 * r['macs_reduction']:z.1f}% | {shares}% |")
   pairs = paired(report["rows"])
   if pairs:
     better = sum(p["accuracy_difference"] >= 0 and p["macs_reduction_difference"] >= 0 for p in pairs)
@@ -145,7 +145,7 @@ def markdown(report: dict) -> str:
               f"good on both in {better} of {len(pairs)} configurations.", "",
               "| positions | width | margin | accuracy diff | MACs-saved diff |", "|---|---|---|---|---|"]
     lines += [f"| {','.join(map(str, p['positions']))} | {p['head_width']} | {p['margin']:g} | "
-              f"{100 * p['accuracy_difference']:+.2f} | {100 * p['macs_reduction_difference']:+.1f} |" for p in pairs]
+              f"{100 * p['accuracy_difference']:+z.2f} | {100 * p['macs_reduction_difference']:+z.1f} |" for p in pairs]
   return "\n".join(lines) + "\n"
 
 

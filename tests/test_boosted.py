@@ -217,3 +217,17 @@ def test_grid_position_sets():
   import bts_grid  # pylint: disable=g-import-not-at-top
   assert bts_grid.position_sets(9) == [(2, 4, 7), (4, 7), (2, 4), (3, 6)]  # ResNet-20: 9 blocks
   assert bts_grid.position_sets(8) == [(2, 4, 6), (4, 6), (2, 4), (3, 5)]  # ResNet-18
+
+
+def test_the_grid_table_never_shows_minus_zero():
+  """A configuration whose branches answer nothing costs their heads' few MACs more than the backbone alone:
+  -0.002% saved is shown as 0.0, not -0.0 (and its difference as +0.0)."""
+  from eejax import bts  # pylint: disable=g-import-not-at-top
+  row = {"positions": [1, 2], "head_width": 8, "margin": 0.1, "accuracy": 0.5, "macs": 1e6,
+         "test": {"exit_share": [0.0, 0.0, 1.0]}}
+  report = {"reference": {"accuracy": 0.5, "macs": 1e6}, "backbone_name": "resnet8", "backbone": "/b",
+            "rows": [{**row, "mode": "boosted", "macs_reduction": -2e-5},
+                     {**row, "mode": "nonboosted", "macs_reduction": -1e-5}]}
+  md = bts.markdown(report)
+  assert "| 0.0% | 0 / 0 / 100% |" in md and "| +0.00 | +0.0 |" in md and "-0.0" not in md, md
+
