@@ -79,14 +79,14 @@ def grid_markdown(rows: list[dict], reference: dict, command: str) -> str:
            f"Backbone alone: {100 * reference['accuracy']:.2f}% test accuracy at {reference['macs'] / 1e6:.2f} M MACs. "
            f"{len(pairs)} configurations; boosted more accurate in {better_acc}, at least as good on both accuracy "
            f"and MACs saved in {better_both}; mean difference {mean('accuracy_difference'):+.2f} accuracy points, "
-           f"{mean('macs_reduction_difference'):+.2f} MACs-saved points.", "",
+           f"{mean('macs_reduction_difference'):+z.2f} MACs-saved points.", "",
            "| positions | width | margin | boosted acc | non-boosted acc | diff | boosted MACs saved | "
            "non-boosted MACs saved | diff |", "|---|---|---|---|---|---|---|---|---|"]
   for p in pairs:
     lines.append(f"| {','.join(map(str, p['positions']))} | {p['head_width']} | {p['margin']:g} | "
                  f"{100 * p['boosted_accuracy']:.2f} | {100 * p['nonboosted_accuracy']:.2f} | "
-                 f"{100 * p['accuracy_difference']:+.2f} | {100 * p['boosted_macs_reduction']:.1f} | "
-                 f"{100 * p['nonboosted_macs_reduction']:.1f} | {100 * p['macs_reduction_difference']:+.1f} |")
+                 f"{100 * p['accuracy_difference']:+.2f} | {100 * p['boosted_macs_reduction']:z.1f} | "
+                 f"{100 * p['nonboosted_macs_reduction']:z.1f} | {100 * p['macs_reduction_difference']:+z.1f} |")
   return "\n".join(lines) + "\n"
 
 
