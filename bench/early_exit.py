@@ -28,9 +28,8 @@ def from_workdir(workdir, source=""):
   MACs (no training images read)."""
   from eejax import data, run  # pylint: disable=g-import-not-at-top
   r = run.load_run(workdir)
-  if source:  # the statistics that normalize the images are the run's own (run.json)
-    data.check_source(source)
-    r.config.data.source = source
+  if source:
+    r.use_data(source)
   try:
     ds = data.from_config(r.config.data)
   except UserError as e:

@@ -227,11 +227,14 @@ def expand(paths) -> list[str]:
   too, in name order); a folder without any is a FileNotFoundError."""
   out = []
   for path in paths:
+    if not os.path.isdir(path):
+      out.append(path)
+      continue
     found = sorted(os.path.join(d, f) for d, _, files in os.walk(path) for f in files
                    if f.lower().endswith(IMAGE_FILES) and not f.startswith("."))
-    if os.path.isdir(path) and not found:
+    if not found:
       raise FileNotFoundError(f"{path} is a folder without image files ({' '.join(IMAGE_FILES)})")
-    out += found if os.path.isdir(path) else [path]
+    out += found
   return out
 
 

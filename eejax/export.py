@@ -290,9 +290,8 @@ def main(argv) -> None:
   def job():
     check_request(tuple(f.formats), f.images, f.calibration_images, f.budget)  # a wrong flag first, before the run
     run = load_run(f.workdir)
-    if f.data:  # the images verify and calibrate; the run's statistics come from run.json
-      data.check_source(f.data)
-      run.config.data.source = f.data
+    if f.data:  # the images verify and calibrate
+      run.use_data(f.data)
     xla_cache.enable_for_run(run.config)  # the programs of an export done before are loaded
     return export_and_verify(f.workdir, f.out, tuple(f.formats), f.budget, f.images, f.policy, run=run,
                              calibration_images=f.calibration_images)

@@ -141,6 +141,12 @@ class Run:
     return (f"its latest checkpoint is step {self.step}, "
             + ("and it has no report" if reported is None else f"its report of step {reported}"))
 
+  def use_data(self, source: str) -> None:
+    """Reads its images from `source`, where its dataset moved since it trained; its normalisation statistics stay
+    its own (run.json)."""
+    data.check_source(source)
+    self.config.data.source = source
+
   def check_finished(self, role: str) -> None:
     """A teacher or backbone is a finished run: one stopped part-way, or still training in another job, would
     otherwise teach from half-trained weights without a word."""

@@ -67,24 +67,30 @@ def raise_terminated(signum, frame):
 
 
 @contextlib.contextmanager
-def interrupt_after():
-  """Ctrl-C or SIGTERM inside the block is held back and raised when it ends: importing JAX's C extensions is no
-  place to stop (an import cut there can crash the interpreter). A signal that the shell ignores stays ignored."""
-  held, previous = [], {}
-  try:
+def _handled_by(handler):
+  """SIGINT and SIGTERM go to `handler` inside the block, and their handlers come back after it. A signal the
+  shell ignores stays ignored; outside the main thread nothing is installed."""
+  previous = {}
+  with contextlib.suppress(ValueError):  # only the main thread sets handlers
     for sig in (signal.SIGINT, signal.SIGTERM):
-      previous[sig] = signal.signal(sig, lambda signum, frame: held.append(signum))
-  except ValueError:  # not the main thread
-    yield
-    return
-  for sig, handler in previous.items():
-    if handler == signal.SIG_IGN:
-      signal.signal(sig, handler)
+      if signal.getsignal(sig) != signal.SIG_IGN:
+        previous[sig] = signal.signal(sig, handler)
   try:
     yield
   finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
+    for sig, old in previous.items():
+      signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def interrupt_after():
+  """Ctrl-C or SIGTERM inside the block is held back and raised when it ends: importing JAX's C extensions is no
+  place to stop (an import cut there can crash the interpreter)."""
+  held = []
+  try:
+    with _handled_by(lambda signum, frame: held.append(signum)):
+      yield
+  finally:
     if held:
       raise KeyboardInterrupt if held[0] == signal.SIGINT else Terminated
 
@@ -100,10 +106,5 @@ def wait_for_job(command: list[str]) -> tuple[int, int | None]:
     del frame
     got.append(signum)
     proc.send_signal(signal.SIGTERM)
-  previous = {sig: signal.signal(sig, relay) for sig in (signal.SIGINT, signal.SIGTERM)
-              if signal.getsignal(sig) != signal.SIG_IGN}  # one ignored (a job in the background) stays so
-  try:
+  with _handled_by(relay):
     return proc.wait(), (got[0] if got else None)
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)

@@ -98,10 +98,11 @@ def run(name: str, config: str, workdir: str, data: str, extra) -> dict:
     command = [sys.executable, "-m", "eejax.main", "--config", config, f"--workdir={workdir}", *overrides]
     print(f"[{name}] {' '.join(command)}", flush=True)
     code, signum = wait_for_job(steps.with_parent(command))  # stopped with this launcher
-    if signum or code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
-      print(f"[{name}] stopped by {signal.Signals(signum or code - 128).name} (exit status {code}): run the same "
-            "command again to resume it (finished runs are kept)", file=sys.stderr, flush=True)
-      sys.exit(128 + (signum or code - 128))
+    stop = signum or (code - 128 if code in (128 + signal.SIGINT, 128 + signal.SIGTERM) else None)
+    if stop:
+      print(f"[{name}] stopped by {signal.Signals(stop).name} (exit status {code}): run the same command again to "
+            "resume it (finished runs are kept)", file=sys.stderr, flush=True)
+      sys.exit(128 + stop)
     if code == 2:  # a mistake, named on the job's own error line: rerunning as it is would stop the same way
       sys.exit(f"[{name}] stopped with status 2: do what its error line above says, then run this command again "
                "(finished runs are kept)")
